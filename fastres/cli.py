@@ -1,0 +1,65 @@
+"""The `fastres` command: one subcommand per tool.
+
+Each subcommand lives in a module with `main(argv) -> int` (the same module runs as a
+script from `tools/`). Errors caused by input (`FastresError`) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line description)
+COMMANDS = {
+    "train": ("fastres.tools.train", "train a model from a preset (the main job)"),
+    "eval": ("fastres.tools.evaluate", "evaluate a checkpoint on the test set"),
+    "models": ("fastres.tools.models", "list registered models with params and FLOPs"),
+    "data": ("fastres.tools.data", "inspect (or download) a CIFAR data folder"),
+    "speedrun": ("fastres.tools.speedrun", "time a preset over several seeds"),
+    "profile": ("fastres.tools.profile", "throughput and step-time breakdown"),
+    "table": ("fastres.tools.results_table", "the reference article's results table"),
+    "bench-kernels": ("fastres.tools.bench_kernels", "fused BN-act and optimizer benchmarks"),
+    "bench-loaders": ("fastres.tools.bench_loaders", "data loader throughput"),
+    "device-check": ("fastres.tools.device_check", "one-shot GPU check script"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: fastres COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "`fastres COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from fastres.errors import FastresError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from fastres import __version__
+
+        print(f"fastres {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        from fastres.errors import did_you_mean
+
+        print(f"fastres: unknown command {name!r}{did_you_mean(name, COMMANDS)}\n\n{_usage()}",
+              file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except FastresError as e:
+        print(f"fastres {name}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"fastres {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,541 @@
+"""Run configuration: nested frozen dataclasses, named presets, overrides, one validator.
+
+A run is described by `Config(data, model, optim, schedule, run)`. Every field is declared
+once below with its type, default, unit and a help line; `validate()` is the only place
+that checks values; `resolve()` replaces the "auto" values with what the device calls for;
+the resolved config is what a run records and what `--resume` compares against.
+
+    cfg = preset("speedrun")                                   # a named recipe
+    cfg = override(cfg, ["optim.lr=0.2", "schedule.epochs=12"])  # `--set` on the CLI
+    cfg = resolve(cfg, device="cuda")                            # "auto" -> concrete values
+
+Only `tools/` and the CLI read argv; the library takes these objects.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import ConfigError, unknown_choice
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+def _f(default, help: str, *, choices=None, unit: str | None = None, low=None, high=None,
+       low_open: bool = False):
+    """A config field: default, a help line, and what `validate` checks."""
+    meta = dict(help=help, choices=choices, unit=unit, low=low, high=high, low_open=low_open)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _f("cifar10", "data set", choices=("cifar10", "cifar100"))
+    data_dir: str = _f("data", "folder holding cifar-10-batches-py/ (or the .tar.gz)")
+    download: bool = _f(False, "download the official archive into data_dir if missing")
+    loader: str = _f("tensor", "training data pipeline", choices=("tensor", "dali", "torch"))
+    batch_size: int = _f(512, "training batch size (see batch_scope)", unit="images", low=1)
+    batch_scope: str = _f("global", "whether batch_size counts all ranks or one rank",
+                          choices=("global", "per_rank"))
+    eval_batch_size: int = _f(1000, "evaluation batch size per rank", unit="images", low=1)
+    crop: str = _f("pad_crop", "spatial augmentation", choices=("pad_crop", "translate", "none"))
+    pad: int = _f(4, "padding for pad_crop / maximum shift for translate", unit="pixels", low=0)
+    pad_mode: str = _f("reflect", "how padding is filled", choices=("reflect", "zeros"))
+    flip: str = _f("random", "horizontal flip: random (p=0.5), alternate (each image flipped "
+                   "on every other epoch) or none", choices=("random", "alternate", "none"))
+    cutout: int = _f(0, "side of a random square zeroed in each image (0 = off)", unit="pixels",
+                     low=0)
+    mean: Optional[tuple[float, ...]] = _f(None, "per-channel mean in [0,1] (None = data set's)")
+    std: Optional[tuple[float, ...]] = _f(None, "per-channel std in [0,1] (None = data set's)")
+    workers: int = _f(4, "worker processes for the torch loader", low=0)
+    train_limit: int = _f(0, "use only the first N training images (0 = all)", low=0)
+    test_limit: int = _f(0, "use only the first N test images (0 = all)", low=0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f("resnet20", "registered model name (`fastres models` lists them)")
+    kwargs: dict = _f({}, "extra keyword arguments for create_model, as JSON")
+    zero_init_residual: bool = _f(False, "zero the last BN scale of each residual branch")
+    fused_kernels: bool = _f(False, "route BN(+add)+act through the fused Triton kernels")
+    bn_momentum: Optional[float] = _f(None, "BatchNorm running-stat momentum (None = model's)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = _f("sgd", "optimizer: sgd, adam, adamw, or muon (orthogonalised updates for "
+                   "conv filters, Nesterov SGD for the rest)",
+                   choices=("sgd", "adam", "adamw", "muon"))
+    impl: str = _f("auto", "implementation: auto, fused, foreach, for_loop (torch) or triton "
+                   "(fastres' fused SGD+EMA step)",
+                   choices=("auto", "fused", "foreach", "for_loop", "triton"))
+    lr: float = _f(0.1, "peak learning rate (as torch optimizers take it)", low=0.0)
+    momentum: float = _f(0.9, "SGD momentum (Adam: beta1 comes from betas)", low=0.0, high=1.0)
+    nesterov: bool = _f(False, "Nesterov momentum")
+    weight_decay: float = _f(5e-4, "weight decay", low=0.0)
+    decoupled_wd: bool = _f(False, "SGD: decay weights by weight_decay x schedule each step, "
+                            "independent of the learning rate (torch weight_decay = wd / lr)")
+    betas: tuple[float, float] = _f((0.9, 0.999), "Adam betas")
+    eps: float = _f(1e-8, "Adam epsilon", low=0.0, low_open=True)
+    decay_norm_and_bias: bool = _f(False, "apply weight decay to norm parameters and biases")
+    bias_lr_scale: float = _f(1.0, "learning-rate multiplier for norm parameters and biases",
+                              low=0.0)
+    head_lr_scale: float = _f(1.0, "learning-rate multiplier for the classifier head", low=0.0)
+    muon_lr: float = _f(0.24, "Muon learning rate for conv filters", low=0.0)
+    muon_momentum: float = _f(0.6, "Muon momentum", low=0.0, high=1.0)
+    muon_ns_steps: int = _f(3, "Newton-Schulz iterations for the Muon update", low=1)
+    whiten_bias_epochs: float = _f(3.0, "epochs the whitening-conv bias trains (speed-run net)",
+                                   unit="epochs", low=0.0)
+    label_smoothing: float = _f(0.0, "label smoothing", low=0.0, high=1.0)
+    loss_reduction: str = _f("mean", "batch loss: mean, or sum (the speed-run recipes)",
+                             choices=("mean", "sum"))
+    grad_clip: float = _f(0.0, "clip the global grad norm to this (0 = off)", low=0.0)
+    ema_decay: float = _f(0.0, "EMA decay per update (0 = off; the reference uses 0.999-0.9999)",
+                          low=0.0, high=1.0)
+    ema_every: int = _f(1, "update the EMA every N steps (decay applies per update)",
+                        unit="steps", low=1)
+    ema_warmup: bool = _f(True, "ramp the EMA decay as min(decay, (1+n)/(10+n))")
+    eval_weights: str = _f("auto", "weights to evaluate: raw, ema, or auto (ema when on)",
+                           choices=("auto", "raw", "ema"))
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    epochs: float = _f(10.0, "training length", unit="epochs", low=0.0, low_open=True)
+    steps: int = _f(0, "training length in optimizer steps (overrides epochs when > 0)", low=0)
+    lr_schedule: str = _f("linear", "learning-rate shape over the run",
+                          choices=("constant", "step", "cosine", "linear", "triangular",
+                                   "onecycle"))
+    warmup: float = _f(0.0, "linear warm-up from start_factor, as a fraction of all steps",
+                       low=0.0, high=1.0)
+    start_factor: float = _f(0.0, "LR factor at step 0 (warm-up and triangular/onecycle)",
+                             low=0.0)
+    peak: float = _f(0.25, "triangular/onecycle: where the peak lies, fraction of the run",
+                     low=0.0, high=1.0)
+    final_factor: float = _f(0.0, "LR factor at the last step (linear, cosine, triangular, "
+                             "onecycle)", low=0.0)
+    milestones: tuple[float, ...] = _f((0.5, 0.75), "step schedule: where the LR drops, as "
+                                       "fractions of the run")
+    gamma: float = _f(0.1, "step schedule: LR multiplier at each milestone", low=0.0)
+    cycle_momentum: bool = _f(False, "onecycle/triangular: cycle momentum inversely to the LR")
+    momentum_range: tuple[float, float] = _f((0.85, 0.95), "momentum (low, high) when cycling")
+    two_phase_epochs: float = _f(0.0, "last N epochs form phase 2: BatchNorm frozen (eval "
+                                 "statistics, frozen affine) and the LR halved", unit="epochs",
+                                 low=0.0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = _f(0, "random seed (weights, shuffling, augmentation)")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = _f("auto", "autocast dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, "
+                        "fp16 (with a grad scaler)", choices=("auto", "fp32", "bf16", "fp16"))
+    channels_last: bool = _f(True, "channels-last (NHWC) activations and weights")
+    compile: str = _f("auto", "torch.compile the model: auto (on for GPU), on, off",
+                      choices=("auto", "on", "off"))
+    compile_mode: str = _f("default", "torch.compile mode",
+                           choices=("default", "reduce-overhead", "max-autotune",
+                                    "max-autotune-no-cudagraphs"))
+    out_dir: str = _f("", "run directory (records, checkpoints); empty = no records")
+    eval_every: float = _f(1.0, "evaluate every N epochs (0 = only at the end)", unit="epochs",
+                           low=0.0)
+    checkpoint_every: int = _f(0, "checkpoint every N epochs (0 = only at the end)",
+                               unit="epochs", low=0)
+    tta: str = _f("none", "test-time augmentation for the final evaluation",
+                  choices=("none", "flip", "flip_translate"))
+    target_acc: float = _f(0.94, "accuracy the run is trying to reach (reported, not enforced)",
+                           low=0.0, high=1.0)
+    log_every: int = _f(0, "also log train loss every N steps (0 = per epoch; each log syncs)",
+                        unit="steps", low=0)
+    progress: str = _f("auto", "progress display: auto (bar on a terminal), bar, plain, none",
+                       choices=("auto", "bar", "plain", "none"))
+    sync_bn: bool = _f(False, "SyncBatchNorm across ranks (GPU only)")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+                  "schedule": ScheduleConfig, "run": RunConfig}
+
+
+# --------------------------------------------------------------------------- presets
+
+def _speedrun() -> Config:
+    # After Keller Jordan's airbench94_muon (94.0% mean in 2.59 s on an A100): a 3-group
+    # conv net with a frozen whitening stem, Muon on the conv filters, Nesterov SGD on the
+    # rest, label smoothing 0.2 on a summed loss, linear decay to zero, alternating flips,
+    # 2-pixel reflect translate, 8 epochs at batch 2000, flip+translate TTA.
+    batch = 2000
+    return Config(
+        data=DataConfig(batch_size=batch, eval_batch_size=2000, crop="translate", pad=2,
+                        pad_mode="reflect", flip="alternate"),
+        model=ModelConfig(name="airbench94"),
+        optim=OptimConfig(name="muon", lr=0.053, momentum=0.85, nesterov=True,
+                          weight_decay=2e-6 * batch, decoupled_wd=True,
+                          decay_norm_and_bias=True, head_lr_scale=0.67 / 0.053,
+                          muon_lr=0.24, muon_momentum=0.6, muon_ns_steps=3,
+                          whiten_bias_epochs=3.0, label_smoothing=0.2, loss_reduction="sum"),
+        schedule=ScheduleConfig(epochs=8.0, lr_schedule="linear", final_factor=0.0),
+        run=RunConfig(tta="flip_translate", eval_every=0.0, target_acc=0.94),
+    )
+
+
+def _resnet_paper() -> Config:
+    # He et al. 2016, section 4.2: batch 128, SGD lr 0.1 momentum 0.9 wd 1e-4, lr / 10 at
+    # 32k and 48k iterations, stop at 64k; 4-pixel zero pad + random crop + flip.
+    return Config(
+        data=DataConfig(batch_size=128, crop="pad_crop", pad=4, pad_mode="zeros", flip="random"),
+        model=ModelConfig(name="resnet20"),
+        optim=OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4,
+                          decay_norm_and_bias=True),
+        schedule=ScheduleConfig(steps=64000, lr_schedule="step", milestones=(0.5, 0.75),
+                                gamma=0.1),
+        run=RunConfig(target_acc=0.9125, eval_every=5.0),
+    )
+
+
+def _seed() -> Config:
+    # The reference article's recipe: Adam lr 1e-3 at batch 256, weight decay, EMA of the
+    # weights, and a second phase with BatchNorm frozen and the learning rate halved.
+    return Config(
+        data=DataConfig(batch_size=256, crop="pad_crop", pad=4, flip="random"),
+        model=ModelConfig(name="resnet20"),
+        optim=OptimConfig(name="adam", lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                          weight_decay=1e-4, ema_decay=0.999),
+        schedule=ScheduleConfig(epochs=60.0, lr_schedule="constant", two_phase_epochs=10.0),
+        run=RunConfig(target_acc=0.92),
+    )
+
+
+def _smoke() -> Config:
+    # A few seconds on a 2-core CPU: a tiny ResNet on 1024 images, 2 epochs.
+    return Config(
+        data=DataConfig(batch_size=128, eval_batch_size=256, train_limit=1024, test_limit=512,
+                        workers=0),
+        model=ModelConfig(name="resnet8"),
+        optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        schedule=ScheduleConfig(epochs=2.0, lr_schedule="linear", final_factor=0.1),
+        run=RunConfig(target_acc=0.3, eval_every=1.0),
+    )
+
+
+PRESETS = {
+    "speedrun": _speedrun,
+    "resnet-paper": _resnet_paper,
+    "seed": _seed,
+    "smoke": _smoke,
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise unknown_choice("preset", name, PRESETS)
+    return PRESETS[name]()
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+# --------------------------------------------------------------------------- overrides
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse_value(text: str, typ, where: str):
+    """Parse `text` as `typ` (the field's annotation); ConfigError on mismatch."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin is typing.Union:  # Optional[X]
+        if text.strip().lower() in ("none", "null"):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _parse_value(text, inner, where)
+    try:
+        if typ is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if typ is int:
+            value = float(text)
+            if value != int(value):
+                raise ValueError(text)
+            return int(value)
+        if typ is float:
+            return float(text)
+        if typ is str:
+            return text
+        if origin is tuple or typ is tuple:
+            items = json.loads(text) if text.strip().startswith("[") else \
+                [t for t in text.replace("(", "").replace(")", "").split(",") if t.strip()]
+            elem = args[0] if args else float
+            return tuple(_parse_value(str(v), elem, where) for v in items)
+        if typ is dict or origin is dict:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError(text)
+            return value
+    except (ValueError, json.JSONDecodeError):
+        pass
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{where}: cannot read {text!r} as {name}")
+
+
+def override(cfg: Config, assignments) -> Config:
+    """Apply `section.key=value` strings (the CLI's `--set`) to a config."""
+    for item in assignments:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        path, text = item.split("=", 1)
+        parts = path.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, "
+                              f"sections: {', '.join(SECTIONS)}")
+        section, key = parts
+        if section not in _SECTION_TYPES:
+            raise ConfigError(f"unknown config section {section!r}; choose from: "
+                              f"{', '.join(SECTIONS)}")
+        cls = _SECTION_TYPES[section]
+        hints = _hints(cls)
+        if key not in hints:
+            raise unknown_choice(f"key in section {section!r}:", key, hints)
+        value = _parse_value(text, hints[key], f"{section}.{key}")
+        cfg = replace(cfg, **{section: {key: value}})
+    return cfg
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """`replace(cfg, optim={"lr": 0.2})`: a copy with some fields of some sections changed."""
+    new = {}
+    for section, values in sections.items():
+        if section not in _SECTION_TYPES:
+            raise ConfigError(f"unknown config section {section!r}")
+        hints = _hints(_SECTION_TYPES[section])
+        for key in values:
+            if key not in hints:
+                raise unknown_choice(f"key in section {section!r}:", key, hints)
+        new[section] = dataclasses.replace(getattr(cfg, section), **values)
+    return dataclasses.replace(cfg, **new)
+
+
+# --------------------------------------------------------------------------- (de)serialise
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    """Inverse of `to_dict` (JSON round trip); unknown keys are an error."""
+    sections = {}
+    for section, values in d.items():
+        if section not in _SECTION_TYPES:
+            raise ConfigError(f"unknown config section {section!r}")
+        cls = _SECTION_TYPES[section]
+        hints = _hints(cls)
+        kw = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise unknown_choice(f"key in section {section!r}:", key, hints)
+            typ = hints[key]
+            if isinstance(value, list):
+                value = tuple(value)
+            if value is not None and (typ is float or
+                                      typing.get_args(typ)[:1] == (float,)) and \
+                    isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            kw[key] = value
+        sections[section] = cls(**kw)
+    return Config(**sections)
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every field: used by `fastres train --help-config`."""
+    rows = []
+    for section, cls in _SECTION_TYPES.items():
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_line = meta.get("help", "")
+            if meta.get("unit"):
+                help_line += f" [{meta['unit']}]"
+            if meta.get("choices"):
+                help_line += f" {{{'|'.join(meta['choices'])}}}"
+            typ = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
+            rows.append((f"{section}.{f.name}", typ, repr(default), help_line))
+    return rows
+
+
+# --------------------------------------------------------------------------- validation
+
+def _check_type(value, typ, where: str):
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin is typing.Union:
+        if value is None:
+            return
+        typ = [a for a in args if a is not type(None)][0]
+        origin, args = typing.get_origin(typ), typing.get_args(typ)
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        dict: lambda v: isinstance(v, dict),
+    }
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            raise ConfigError(f"{where}: expected a tuple, got {value!r}")
+        elem = args[0] if args else float
+        for v in value:
+            _check_type(v, elem, where)
+        if args and args[-1] is not Ellipsis and len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return
+    check = ok.get(origin or typ)
+    if check is not None and not check(value):
+        raise ConfigError(f"{where}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field's type and range and the combinations that cannot work.
+
+    Returns `cfg` unchanged, or raises ConfigError naming the field and the valid choices.
+    """
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"expected a fastres Config, got {type(cfg).__name__}")
+    for section, cls in _SECTION_TYPES.items():
+        sec = getattr(cfg, section)
+        if not isinstance(sec, cls):
+            raise ConfigError(f"config section {section!r} must be a {cls.__name__}")
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            where = f"{section}.{f.name}"
+            value = getattr(sec, f.name)
+            _check_type(value, hints[f.name], where)
+            meta = f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                raise unknown_choice(f"value for {where}:", str(value), meta["choices"])
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if not math.isfinite(value):
+                    raise ConfigError(f"{where} must be finite, got {value}")
+                low, high = meta.get("low"), meta.get("high")
+                if low is not None and (value < low or (meta.get("low_open") and value == low)):
+                    op = ">" if meta.get("low_open") else ">="
+                    raise ConfigError(f"{where} must be {op} {low}, got {value}")
+                if high is not None and value > high:
+                    raise ConfigError(f"{where} must be <= {high}, got {value}")
+
+    d, o, s, r = cfg.data, cfg.optim, cfg.schedule, cfg.run
+    for name in ("mean", "std"):
+        v = getattr(d, name)
+        if v is not None and len(v) != 3:
+            raise ConfigError(f"data.{name} needs 3 values (R, G, B), got {v}")
+    if d.std is not None and min(d.std) <= 0:
+        raise ConfigError(f"data.std must be positive, got {d.std}")
+    if d.crop == "none" and d.pad:
+        pass  # pad is simply unused without a crop
+    if d.crop == "pad_crop" and d.pad > 16:
+        raise ConfigError(f"data.pad={d.pad} is larger than half a 32x32 image")
+    if d.cutout > 32:
+        raise ConfigError(f"data.cutout={d.cutout} is larger than a 32x32 image")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two values in [0, 1), got {o.betas}")
+    if o.nesterov and o.name in ("sgd", "muon") and o.momentum == 0:
+        raise ConfigError("optim.nesterov needs optim.momentum > 0")
+    if o.impl == "triton" and o.name != "sgd":
+        raise ConfigError(f"optim.impl=triton is the fused SGD step; optim.name={o.name!r} "
+                          "has no Triton implementation (use auto, fused, foreach or for_loop)")
+    if o.impl == "fused" and o.name == "muon":
+        pass  # the SGD half of Muon runs fused; the Newton-Schulz half is matmuls
+    if o.decoupled_wd and o.name not in ("sgd", "muon"):
+        raise ConfigError("optim.decoupled_wd applies to SGD/Muon; use optim.name=adamw for "
+                          "decoupled decay with Adam")
+    if o.decoupled_wd and o.lr == 0 and o.weight_decay > 0:
+        raise ConfigError("optim.decoupled_wd with optim.lr=0 cannot express the decay")
+    if s.lr_schedule == "step":
+        if not s.milestones or any(not 0 < m < 1 for m in s.milestones) or \
+                list(s.milestones) != sorted(s.milestones):
+            raise ConfigError(f"schedule.milestones must be increasing fractions in (0, 1), "
+                              f"got {s.milestones}")
+    if len(s.momentum_range) != 2 or s.momentum_range[0] > s.momentum_range[1]:
+        raise ConfigError(f"schedule.momentum_range must be (low, high), got {s.momentum_range}")
+    if s.steps == 0 and s.two_phase_epochs >= s.epochs:
+        raise ConfigError(f"schedule.two_phase_epochs={s.two_phase_epochs} must be shorter "
+                          f"than the run ({s.epochs} epochs)")
+    if s.warmup > 0 and s.lr_schedule in ("triangular", "onecycle"):
+        raise ConfigError("schedule.warmup does not combine with triangular/onecycle, which "
+                          "warm up by themselves (set schedule.peak instead)")
+    dev = r.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"run.device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    if dev == "cpu" and r.precision == "fp16":
+        raise ConfigError("run.precision=fp16 needs a GPU (fp16 autocast with a grad scaler); "
+                          "use fp32 or bf16 on the CPU")
+    if dev == "cpu" and r.sync_bn:
+        raise ConfigError("run.sync_bn needs GPUs: torch's SyncBatchNorm runs on CUDA only")
+    if dev == "cpu" and d.loader == "tensor":
+        pass  # the tensor loader keeps the data set in CPU memory then
+    return cfg
+
+
+# --------------------------------------------------------------------------- resolution
+
+def resolve(cfg: Config, device: str) -> Config:
+    """Replace "auto" values for `device` ('cpu', 'cuda', 'cuda:N') and fill data defaults.
+
+    On a GPU: bf16 autocast and torch.compile. On a CPU: fp32 eager (measured on the 2-core
+    Zen 3 build machine: bf16 is ~11x slower than fp32 and compile gives no speed-up for
+    ResNet-20 training; see README).
+    """
+    on_gpu = device.startswith("cuda")
+    r = cfg.run
+    run = {"device": device}
+    if r.precision == "auto":
+        run["precision"] = "bf16" if on_gpu else "fp32"
+    if r.compile == "auto":
+        run["compile"] = "on" if on_gpu else "off"
+    d = cfg.data
+    data = {}
+    mean, std = (CIFAR100_MEAN, CIFAR100_STD) if d.dataset == "cifar100" else \
+        (CIFAR10_MEAN, CIFAR10_STD)
+    if d.mean is None:
+        data["mean"] = mean
+    if d.std is None:
+        data["std"] = std
+    o = cfg.optim
+    optim = {}
+    if o.impl == "auto":
+        optim["impl"] = "fused" if on_gpu else "foreach"
+    if o.eval_weights == "auto":
+        optim["eval_weights"] = "ema" if o.ema_decay > 0 else "raw"
+    out = replace(cfg, run=run, data=data, optim=optim)
+    validate(out)
+    if not on_gpu and out.run.precision == "fp16":
+        raise ConfigError("run.precision=fp16 needs a GPU; use fp32 or bf16 on the CPU")
+    if not on_gpu and out.run.sync_bn:
+        raise ConfigError("run.sync_bn needs GPUs: torch's SyncBatchNorm runs on CUDA only")
+    if out.optim.impl == "fused" and not on_gpu and o.impl != "auto":
+        pass  # torch's fused SGD/Adam run on CPU too (torch >= 2.4)
+    return out
