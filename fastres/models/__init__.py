@@ -1,0 +1,23 @@
+"""The model zoo: every network the project trains, built by name.
+
+    from fastres.models import create_model, list_models
+    model = create_model("resnet56", num_classes=10, shortcut="A")
+    model = create_model("resnet50", num_classes=1000)   # loads torchvision's state dict
+    model = create_model("airbench94", fused_kernels=True)
+
+Blocks build each BatchNorm(+residual add)+activation as one `norm_act_layer` module
+(`layers.BatchNormAct2d`, or `fastres.kernels.FusedBatchNormAct2d` with fused_kernels=True),
+so the fused Triton kernels change no model code and no state dict.
+"""
+from .layers import BatchNormAct2d, norm_act_factory
+from .registry import (ModelEntry, count_params, create_model, list_models, model_info,
+                       register_model)
+
+# Importing the model modules registers their entry points.
+from . import cifar_resnet, resnet, preact_resnet, vgg, googlenet, airbench  # noqa: E402,F401
+from .flops import count_flops, flops_row  # noqa: E402
+
+__all__ = [
+    "BatchNormAct2d", "ModelEntry", "count_flops", "count_params", "create_model",
+    "flops_row", "list_models", "model_info", "norm_act_factory", "register_model",
+]
