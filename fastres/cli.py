@@ -32,8 +32,6 @@ def _usage() -> str:
 
 
 def main(argv=None) -> int:
-    from fastres.errors import FastresError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -51,8 +49,19 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
+    return run_tool(name, module.main, rest)
+
+
+def run_tool(name: str, tool_main, argv=None) -> int:
+    """Run a tool's `main(argv)`, turning input errors into one line and exit status 2.
+
+    Tools call this from their `if __name__ == "__main__":` block too, so a script run as
+    `python tools/x.py` behaves like `fastres x`.
+    """
+    from fastres.errors import FastresError
+
     try:
-        return int(module.main(rest) or 0)
+        return int(tool_main(argv) or 0)
     except FastresError as e:
         print(f"fastres {name}: error: {e}", file=sys.stderr)
         return e.exit_code

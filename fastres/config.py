@@ -57,8 +57,8 @@ class DataConfig:
     mean: Optional[tuple[float, ...]] = _f(None, "per-channel mean in [0,1] (None = data set's)")
     std: Optional[tuple[float, ...]] = _f(None, "per-channel std in [0,1] (None = data set's)")
     workers: int = _f(4, "worker processes for the torch loader", low=0)
-    train_limit: int = _f(0, "use only the first N training images (0 = all)", low=0)
-    test_limit: int = _f(0, "use only the first N test images (0 = all)", low=0)
+    train_limit: int = _f(0, "train on a fixed random subset of N images (0 = all)", low=0)
+    test_limit: int = _f(0, "test on a fixed random subset of N images (0 = all)", low=0)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,88 @@
+"""Assemble a run from its config: data, loaders and model.
+
+`build(cfg)` is what `fastres train`, the speed-run tool and the tests share; a library user
+with their own model or data calls `train()` directly instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from fastres.config import Config, resolve
+from fastres.distributed import Dist, device_for, split_batch
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Built:
+    model: nn.Module
+    loaders: tuple
+    data_info: dict
+    num_classes: int
+
+
+def resolve_for(cfg: Config, dist: Dist = Dist()) -> Config:
+    """Resolve "auto" values for the device this process trains on."""
+    return resolve(cfg, device_for(dist, cfg.run.device))
+
+
+def subset(images: np.ndarray, labels: np.ndarray, limit: int):
+    """A fixed random subset of `limit` examples (seed 0, the same for every run), so a
+    limited test set covers all classes even when the files are sorted by class."""
+    if not limit or limit >= len(labels):
+        return images, labels
+    idx = np.sort(np.random.default_rng(0).permutation(len(labels))[:limit])
+    return images[idx], labels[idx]
+
+
+def load_data(cfg: Config):
+    from fastres.data import load_cifar
+
+    return load_cifar(cfg.data.data_dir, cfg.data.dataset, download=cfg.data.download)
+
+
+def build_loaders(cfg: Config, data, dist: Dist = Dist()):
+    from fastres.pipelines import build_loader
+    from fastres.pipelines.base import Augment
+
+    d, r = cfg.data, cfg.run
+    device = torch.device(r.device)
+    dtype = PRECISION_DTYPES[r.precision]
+    augment = Augment(crop=d.crop, pad=d.pad, pad_mode=d.pad_mode, flip=d.flip, cutout=d.cutout)
+    train_x, train_y = subset(data.train.images, data.train.labels, d.train_limit)
+    test_x, test_y = subset(data.test.images, data.test.labels, d.test_limit)
+    common = dict(device=device, dtype=dtype, mean=d.mean, std=d.std, rank=dist.rank,
+                  world_size=dist.world_size, seed=r.seed, workers=d.workers)
+    train = build_loader(d.loader, train_x, train_y, train=True,
+                         batch_size=split_batch(d.batch_size, d.batch_scope, dist),
+                         augment=augment, **common)
+    # Evaluation always uses the GPU-resident tensor loader: no augmentation to run, and
+    # the whole test set fits in memory; the loader choice is about training throughput.
+    test = build_loader("tensor", test_x, test_y, train=False,
+                        batch_size=d.eval_batch_size, **common)
+    return train, test
+
+
+def build_model(cfg: Config, num_classes: int) -> nn.Module:
+    from fastres.models import create_model
+
+    m = cfg.model
+    torch.manual_seed(cfg.run.seed)
+    return create_model(m.name, num_classes=num_classes, fused_kernels=m.fused_kernels,
+                        zero_init_residual=m.zero_init_residual, bn_momentum=m.bn_momentum,
+                        **m.kwargs)
+
+
+def build(cfg: Config, dist: Dist = Dist(), data=None) -> Built:
+    """Data (loaded unless given), loaders for this rank, and the model, seeded."""
+    if data is None:
+        data = load_data(cfg)
+    num_classes = len(data.classes)
+    model = build_model(cfg, num_classes)
+    loaders = build_loaders(cfg, data, dist)
+    info = data.info() if hasattr(data, "info") else {}
+    return Built(model=model, loaders=loaders, data_info=info, num_classes=num_classes)

@@ -1,0 +1,106 @@
+"""Exponential moving average of a model's weights.
+
+`ema = decay * ema + (1 - decay) * weights` every `every` steps, in fp32, over parameters and
+floating buffers (BatchNorm running statistics); integer buffers are copied. With `warmup`
+the decay ramps as min(decay, (1 + n) / (10 + n)) over the first updates n, so the average
+is not dominated by the random initialisation in short runs.
+
+Evaluation swaps the averaged weights into the live model (`with ema.swapped(model): ...`)
+instead of keeping a second model, so a compiled model is not compiled twice.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float, every: int = 1, warmup: bool = True):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.every = every
+        self.warmup = warmup
+        self.updates = 0
+        self.names, live = _float_tensors(model)
+        self.shadow = [t.detach().float().clone() for t in live]
+        self.int_names = [n for n, b in model.named_buffers() if not b.is_floating_point()]
+        self.int_shadow = {n: b.detach().clone() for n, b in model.named_buffers()
+                           if not b.is_floating_point()}
+
+    def current_decay(self) -> float:
+        if self.warmup:
+            return min(self.decay, (1 + self.updates) / (10 + self.updates))
+        return self.decay
+
+    def due(self, step: int) -> bool:
+        """Whether `update` should run after optimizer step `step` (0-based)."""
+        return (step + 1) % self.every == 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        _, live = _float_tensors(model)
+        d = self.current_decay()  # a host float: no device sync
+        live32 = [t.detach().float() if t.dtype != torch.float32 else t.detach() for t in live]
+        torch._foreach_lerp_(self.shadow, live32, 1.0 - d)
+        for name, b in model.named_buffers():
+            if name in self.int_shadow:
+                self.int_shadow[name].copy_(b)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        _, live = _float_tensors(model)
+        for dst, src in zip(live, self.shadow):
+            dst.copy_(src)
+        buffers = dict(model.named_buffers())
+        for name, value in self.int_shadow.items():
+            buffers[name].copy_(value)
+
+    @contextlib.contextmanager
+    def swapped(self, model: nn.Module):
+        """Run the body with the averaged weights in `model`, then put the live ones back."""
+        _, live = _float_tensors(model)
+        saved = [t.detach().clone() for t in live]
+        saved_int = {n: b.detach().clone() for n, b in model.named_buffers()
+                     if n in self.int_shadow}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for dst, src in zip(live, saved):
+                    dst.copy_(src)
+                buffers = dict(model.named_buffers())
+                for name, value in saved_int.items():
+                    buffers[name].copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "every": self.every, "updates": self.updates,
+                "names": list(self.names), "shadow": [t.clone() for t in self.shadow],
+                "int_shadow": {k: v.clone() for k, v in self.int_shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["names"]) != list(self.names):
+            raise ValueError("EMA state does not match this model's parameters")
+        self.updates = int(state["updates"])
+        with torch.no_grad():
+            for dst, src in zip(self.shadow, state["shadow"]):
+                dst.copy_(src)
+            for k, v in state["int_shadow"].items():
+                self.int_shadow[k].copy_(v)
+
+
+def _float_tensors(model: nn.Module):
+    """Names and tensors the EMA averages: all parameters, then floating buffers."""
+    names, tensors = [], []
+    for n, p in model.named_parameters():
+        names.append(n)
+        tensors.append(p)
+    for n, b in model.named_buffers():
+        if b.is_floating_point():
+            names.append(n)
+            tensors.append(b)
+    return names, tensors

@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+from fastres import config as C
+from fastres.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", C.list_presets())
+def test_presets_validate_and_resolve(name):
+    cfg = C.validate(C.preset(name))
+    cpu = C.resolve(cfg, "cpu")
+    assert cpu.run.precision == "fp32" and cpu.run.compile == "off"
+    assert cpu.data.mean == C.CIFAR10_MEAN and cpu.optim.impl == "foreach"
+    gpu = C.resolve(cfg, "cuda")
+    assert gpu.run.precision == "bf16" and gpu.run.compile == "on" and gpu.optim.impl == "fused"
+
+
+def test_paper_preset_is_he_et_al():
+    cfg = C.preset("resnet-paper")
+    assert (cfg.data.batch_size, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == \
+        (128, 0.1, 0.9, 1e-4)
+    assert cfg.schedule.steps == 64000 and cfg.schedule.milestones == (0.5, 0.75)
+    assert cfg.schedule.gamma == 0.1 and cfg.data.pad == 4 and cfg.data.flip == "random"
+
+
+def test_seed_preset_is_the_article():
+    cfg = C.preset("seed")
+    assert cfg.optim.name == "adam" and cfg.optim.lr == 1e-3 and cfg.data.batch_size == 256
+    assert cfg.optim.ema_decay > 0 and cfg.schedule.two_phase_epochs > 0
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ConfigError, match="unknown preset 'speedrn'.*did you mean 'speedrun'"):
+        C.preset("speedrn")
+
+
+def test_override_types():
+    cfg = C.override(C.preset("smoke"), [
+        "optim.lr=0.2", "schedule.epochs=3", "run.channels_last=false", "data.mean=0.5,0.5,0.5",
+        "optim.betas=[0.8, 0.99]", 'model.kwargs={"shortcut": "B"}', "model.bn_momentum=none",
+        "data.batch_size=256"])
+    assert cfg.optim.lr == 0.2 and cfg.schedule.epochs == 3.0 and cfg.run.channels_last is False
+    assert cfg.data.mean == (0.5, 0.5, 0.5) and cfg.optim.betas == (0.8, 0.99)
+    assert cfg.model.kwargs == {"shortcut": "B"} and cfg.model.bn_momentum is None
+    assert cfg.data.batch_size == 256 and isinstance(cfg.data.batch_size, int)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("optim.lrr=0.1", "unknown key in section 'optim': 'lrr'.*did you mean 'lr'"),
+    ("optimizer.lr=0.1", "unknown config section 'optimizer'"),
+    ("optim.lr", "expected section.key=value"),
+    ("data.batch_size=12.5", "cannot read '12.5' as int"),
+    ("run.channels_last=maybe", "cannot read 'maybe' as bool"),
+])
+def test_override_errors(item, message):
+    with pytest.raises(ConfigError, match=message):
+        C.override(C.preset("smoke"), [item])
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("optim", {"lr": -1.0}, "optim.lr must be >= 0"),
+    ("optim", {"name": "lamb"}, "unknown value for optim.name: 'lamb'"),
+    ("data", {"batch_size": 0}, "data.batch_size must be >= 1"),
+    ("data", {"mean": (0.5, 0.5)}, "needs 3 values"),
+    ("schedule", {"two_phase_epochs": 5.0, "epochs": 2.0}, "must be shorter"),
+    ("schedule", {"lr_schedule": "step", "milestones": (0.8, 0.4)}, "increasing fractions"),
+    ("run", {"device": "tpu"}, "run.device must be"),
+    ("run", {"device": "cpu", "precision": "fp16"}, "fp16 needs a GPU"),
+    ("run", {"device": "cpu", "sync_bn": True}, "SyncBatchNorm runs on CUDA only"),
+    ("optim", {"impl": "triton", "name": "adam"}, "no Triton implementation"),
+    ("optim", {"lr": float("nan")}, "must be finite"),
+])
+def test_validation_errors(section, values, message):
+    cfg = C.replace(C.preset("smoke"), **{section: values})
+    with pytest.raises(ConfigError, match=message):
+        C.validate(cfg)
+
+
+def test_json_round_trip():
+    cfg = C.resolve(C.preset("speedrun"), "cpu")
+    back = C.from_dict(json.loads(json.dumps(C.to_dict(cfg))))
+    assert back == cfg
+
+
+def test_from_dict_rejects_unknown_keys():
+    d = C.to_dict(C.preset("smoke"))
+    d["optim"]["learning_rate"] = 1.0
+    with pytest.raises(ConfigError, match="learning_rate"):
+        C.from_dict(d)
+
+
+def test_describe_covers_every_field():
+    keys = {row[0] for row in C.describe()}
+    assert "optim.lr" in keys and "schedule.two_phase_epochs" in keys and len(keys) > 60

@@ -1,0 +1,300 @@
+"""The training engine on small synthetic problems (CPU)."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastres import config as C
+from fastres.engine import EMA, Muon, build_optimizers, evaluate, param_roles, train, tta_logits
+from fastres.engine.optim import zeropower_newton_schulz
+from fastres.engine.records import load_checkpoint, read_metrics, save_checkpoint
+from fastres.engine.trainer import Interrupted
+from fastres.errors import CheckpointError, ConfigError, TrainingDiverged
+from fastres.models.layers import BatchNormAct2d
+
+
+class ToyLoader:
+    """A Loader-protocol stand-in: a fixed learnable data set, shuffled by (seed, epoch)."""
+
+    def __init__(self, x, y, batch_size, train=True, seed=0):
+        self.x, self.y, self.batch_size, self.train, self.seed = x, y, batch_size, train, seed
+        self.epoch = 0
+        self.num_examples = len(y)
+
+    def __len__(self):
+        n = len(self.y)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def sample(self, n):
+        return self.x[:n]
+
+    def __iter__(self):
+        if self.train:
+            g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+            order = torch.randperm(len(self.y), generator=g)
+        else:
+            order = torch.arange(len(self.y))
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.x[idx].contiguous(memory_format=torch.channels_last), self.y[idx]
+
+
+def toy_data(n=256, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, 3, 8, 8, generator=g) * 0.5
+    # Class c brightens channel c % 3 (classes 3.. darken it): learnable in a few steps.
+    sign = torch.where(y < 3, 1.5, -1.5).view(-1, 1, 1)
+    x[torch.arange(n), y % 3] += sign
+    return x, y
+
+
+class ToyNet(nn.Module):
+    def __init__(self, classes=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = BatchNormAct2d(8, act="relu")
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.bn(self.conv(x))).flatten(1))
+
+
+def toy_cfg(tmp_path=None, **sections):
+    cfg = C.preset("smoke")
+    cfg = C.replace(cfg, data={"batch_size": 32},
+                    optim={"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True,
+                           "weight_decay": 5e-4},
+                    schedule={"epochs": 4.0, "lr_schedule": "linear", "final_factor": 0.1},
+                    run={"out_dir": str(tmp_path) if tmp_path else "", "progress": "none",
+                         "eval_every": 1.0, "target_acc": 0.5})
+    cfg = C.replace(cfg, **sections)
+    return C.resolve(cfg, "cpu")
+
+
+def run(cfg, seed=0, n=256, resume=None, model=None, **kw):
+    torch.manual_seed(seed)
+    model = model or ToyNet()
+    x, y = toy_data(n)
+    xt, yt = toy_data(128, seed=1)
+    loaders = (ToyLoader(x, y, cfg.data.batch_size, seed=cfg.run.seed),
+               ToyLoader(xt, yt, 64, train=False))
+    return train(cfg, model, loaders, resume=resume, **kw)
+
+
+def test_one_run_learns_and_records(tmp_path):
+    res = run(toy_cfg(tmp_path))
+    losses = [m["train_loss"] for m in res.epochs]
+    assert len(res.epochs) == 4 and losses[-1] < losses[0]
+    assert res.final["top1"] > 0.8 and 0 < res.final["top5"] <= 1.0
+    assert res.final["steps"] == 4 * (256 // 32)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["optim"]["lr"] == 0.05 and cfg["run"]["device"] == "cpu"
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert {"torch", "git_sha", "device", "world_size"} <= set(env)
+    metrics = read_metrics(tmp_path)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+    assert "test_top1" in metrics[0] and metrics[-1]["img_per_s"] > 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["top1"] == res.final["top1"] and result["timed_s"] > 0
+    assert (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = run(toy_cfg(tmp_path / "full"))
+    part_cfg = toy_cfg(tmp_path / "part", run={"checkpoint_every": 1})
+    # Interrupt after two epochs by raising from the epoch callback; the checkpoint of
+    # epoch 2 is on disk.
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(m):
+        if m["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(part_cfg, on_epoch=stop_after_two)
+    state = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
+    assert state["epoch"] == 2 and state["step"] == 16
+    resumed = run(part_cfg, resume=state)
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [m["epoch"] for m in read_metrics(tmp_path / "part")] == [1, 2, 3, 4]
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(tmp_path):
+    cfg = toy_cfg(tmp_path)
+    full = run(toy_cfg(tmp_path / "full"))
+
+    def send_term(m):
+        if m["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted, match="continue with --resume"):
+        run(cfg, on_epoch=send_term, handle_signals=True)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 9 and state["epoch_step"] == 1  # one step into epoch 2
+    resumed = run(cfg, resume=state)
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_resume_rejects_a_different_config(tmp_path):
+    run(toy_cfg(tmp_path))
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    with pytest.raises(CheckpointError, match="optim.lr: checkpoint 0.05 vs now 0.1"):
+        run(toy_cfg(tmp_path, optim={"lr": 0.1}), resume=state)
+    state["world_size"] = 2
+    with pytest.raises(CheckpointError, match="written by 2 process"):
+        run(toy_cfg(tmp_path), resume=state)
+
+
+def test_checkpoints_are_atomic_and_errors_are_clear(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"step": 1})
+    assert load_checkpoint(path)["step"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a fastres checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_nan_loss_stops_with_the_step():
+    cfg = toy_cfg(optim={"lr": 1e30, "weight_decay": 0.0})
+    with pytest.raises(TrainingDiverged, match=r"at step \d+ \(epoch 1\)"):
+        run(cfg)
+
+
+def test_two_phase_freezes_batchnorm():
+    cfg = toy_cfg(schedule={"epochs": 4.0, "two_phase_epochs": 2.0, "lr_schedule": "constant"})
+    seen = {}
+
+    class Spy(ToyNet):
+        def forward(self, x):
+            seen.setdefault(self.bn.training, []).append(
+                (self.bn.weight.detach().clone(), self.bn.running_mean.clone()))
+            return super().forward(x)
+
+    model = Spy()
+    run(cfg, model=model)
+    # Phase 2 (steps 16..31) runs BN in eval mode: running stats and affine stay fixed.
+    frozen = [s for s in seen[False] if True]
+    train_mode = seen[True]
+    assert len(train_mode) == 16
+    w0, m0 = frozen[0]
+    phase2 = frozen[-16:]
+    assert all(torch.equal(w, phase2[0][0]) for w, _ in phase2)
+    assert all(torch.equal(m, phase2[0][1]) for _, m in phase2)
+    assert not torch.equal(train_mode[0][1], train_mode[-1][1])
+
+
+def test_ema_math():
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    ema = EMA(net, decay=0.9, warmup=False)
+    w0 = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    assert torch.allclose(ema.shadow[0], 0.9 * w0 + 0.1 * (w0 + 1.0))
+    with ema.swapped(net):
+        assert torch.allclose(net.weight, ema.shadow[0])
+    assert torch.allclose(net.weight, w0 + 1.0)
+    warm = EMA(net, decay=0.999)
+    assert warm.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+
+
+def test_ema_run_evaluates_averaged_weights(tmp_path):
+    cfg = toy_cfg(tmp_path, optim={"ema_decay": 0.9})
+    res = run(cfg)
+    assert res.final["eval_weights"] == "ema"
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["ema"]["updates"] == res.final["steps"]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "muon"])
+def test_optimizers_learn(name):
+    optim = {"name": name, "lr": 0.05 if name in ("sgd", "muon") else 3e-3}
+    if name == "muon":
+        optim.update(muon_lr=0.05, nesterov=True)
+    res = run(toy_cfg(optim=optim, schedule={"epochs": 3.0}))
+    assert res.epochs[-1]["train_loss"] < res.epochs[0]["train_loss"]
+
+
+def test_param_roles_and_groups():
+    net = ToyNet()
+    roles = param_roles(net)
+    assert roles == {"conv.weight": "filter", "bn.weight": "norm", "bn.bias": "norm",
+                     "fc.weight": "head", "fc.bias": "head"}
+    o = C.OptimConfig(lr=0.1, weight_decay=1e-3, bias_lr_scale=2.0, head_lr_scale=3.0,
+                      impl="foreach")
+    groups = {g["role"]: g for g in build_optimizers(net, o).param_groups}
+    assert groups["norm"]["lr"] == pytest.approx(0.2) and groups["norm"]["weight_decay"] == 0
+    assert groups["head"]["lr"] == pytest.approx(0.3)
+    assert groups["filter"]["weight_decay"] == 1e-3
+    o2 = C.OptimConfig(lr=0.1, weight_decay=1e-3, decoupled_wd=True, decay_norm_and_bias=True,
+                       impl="foreach")
+    g2 = {g["role"]: g for g in build_optimizers(net, o2).param_groups}
+    assert g2["filter"]["weight_decay"] == pytest.approx(1e-2)  # wd / lr
+
+
+def test_newton_schulz_orthogonalises():
+    torch.manual_seed(0)
+    g = torch.randn(16, 72)
+    x = zeropower_newton_schulz(g, steps=5, dtype=torch.float32)
+    s = torch.linalg.svdvals(x)
+    assert s.min() > 0.5 and s.max() < 1.5
+    muon = Muon([nn.Parameter(torch.randn(8, 4, 3, 3))], lr=0.1)
+    p = muon.param_groups[0]["params"][0]
+    p.grad = torch.randn_like(p)
+    muon.step()
+    assert p.norm().item() == pytest.approx(8 ** 0.5, rel=0.2)
+
+
+def test_tta_views():
+    class Left(nn.Module):  # logit 0 = mean of the left half, logit 1 = right half
+        def forward(self, x):
+            return torch.stack([x[..., :4].mean((1, 2, 3)), x[..., 4:].mean((1, 2, 3))], 1)
+
+    x = torch.randn(2, 3, 8, 8)
+    flip = tta_logits(Left(), x, "flip")
+    both = x.mean((1, 2, 3))
+    assert torch.allclose(flip[:, 0], flip[:, 1]) and torch.allclose(flip[:, 0], both, atol=1e-6)
+    ft = tta_logits(Left(), x, "flip_translate")
+    assert ft.shape == (2, 2) and torch.allclose(ft[:, 0], ft[:, 1], atol=1e-6)
+
+
+def test_evaluate_counts_top1_top5():
+    class Fixed(nn.Module):
+        def forward(self, x):
+            logits = -torch.arange(10.0).repeat(len(x), 1)  # ranks 3, 7, 0, 1, 2, ...
+            logits[:, 3] = 2.0
+            logits[:, 7] = 1.0
+            return logits
+
+    y = torch.tensor([3, 7, 1, 9])
+    loader = [(torch.zeros(4, 3, 2, 2), y)]
+    res = evaluate(Fixed(), loader)
+    assert res["top1"] == 0.25 and res["top5"] == 0.75 and res["n"] == 4
+
+
+def test_train_needs_a_resolved_config():
+    with pytest.raises(ConfigError, match="resolved config"):
+        run(C.preset("smoke"))
+
+
+def test_batch_larger_than_data_is_a_clear_error():
+    with pytest.raises(ConfigError, match="smaller than one batch"):
+        run(toy_cfg(data={"batch_size": 512}))
