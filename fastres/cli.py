@@ -52,6 +52,16 @@ def main(argv=None) -> int:
     return run_tool(name, module.main, rest)
 
 
+def _rank_tag() -> str:
+    """' [rank N/W]' under torchrun, so a failing rank's message says which it was."""
+    import os
+
+    world = os.environ.get("WORLD_SIZE")
+    if world and world != "1":
+        return f" [rank {os.environ.get('RANK', '?')}/{world}]"
+    return ""
+
+
 def run_tool(name: str, tool_main, argv=None) -> int:
     """Run a tool's `main(argv)`, turning input errors into one line and exit status 2.
 
@@ -63,7 +73,7 @@ def run_tool(name: str, tool_main, argv=None) -> int:
     try:
         return int(tool_main(argv) or 0)
     except FastresError as e:
-        print(f"fastres {name}: error: {e}", file=sys.stderr)
+        print(f"fastres {name}:{_rank_tag()} error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"fastres {name}: interrupted", file=sys.stderr)

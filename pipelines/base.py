@@ -9,6 +9,7 @@ partial batch; evaluation loaders make a full pass over their shard in order.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence, runtime_checkable
 
@@ -42,13 +43,24 @@ class Augment:
 
 @runtime_checkable
 class Loader(Protocol):
+    """What the trainer relies on (fastres.pipelines.build_loader returns one).
+
+    batch_size: images per batch on this rank. num_examples: images this rank yields per
+    epoch (after drop_last for training). set_epoch(e) fixes the next pass to epoch e; a
+    full pass without it advances the epoch by one. sample(n): the first n images of this
+    rank's data, normalised and unaugmented, in the loader's dtype and layout.
+    """
+
     batch_size: int
+    num_examples: int
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
 
     def __len__(self) -> int: ...
 
     def set_epoch(self, epoch: int) -> None: ...
+
+    def sample(self, n: int) -> Tensor: ...
 
 
 def shard_indices(n: int, rank: int, world_size: int, perm: Tensor | None = None) -> Tensor:
@@ -66,9 +78,293 @@ def normalize(images_u8: Tensor, mean: Sequence[float], std: Sequence[float],
               dtype: torch.dtype) -> Tensor:
     """uint8 NHWC -> normalised NCHW view in channels-last memory, in `dtype`.
 
-    mean and std are per channel in [0, 1] units.
+    mean and std are per channel in [0, 1] units. The same arithmetic as every loader's
+    batches (`augment.normalize_nhwc`: uint8 * 1/(255 std) - mean/std in float32, rounded
+    once to `dtype`), so values agree bit for bit.
     """
-    m = torch.tensor(mean, device=images_u8.device, dtype=torch.float32) * 255
-    s = torch.tensor(std, device=images_u8.device, dtype=torch.float32) * 255
-    x = (images_u8.float() - m) / s           # N, H, W, C
-    return x.to(dtype).permute(0, 3, 1, 2)     # N, C, H, W view with channels-last strides
+    from .augment import norm_constants, normalize_nhwc
+
+    scale, shift = norm_constants(mean, std, tuple(images_u8.shape[1:3]), images_u8.device)
+    x = normalize_nhwc(images_u8, scale, shift, dtype)   # N, H, W, C
+    return x.permute(0, 3, 1, 2)                         # N, C, H, W view, channels-last
+
+
+def eval_shard_indices(n: int, rank: int, world_size: int) -> Tensor:
+    """This rank's evaluation shard: every world_size-th example from `rank`, in order.
+
+    Unlike `shard_indices` nothing is dropped: shards may differ in size by one, and their
+    union is every example exactly once (the trainer all-reduces the correct counts).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    return torch.arange(rank, n, world_size)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit generator seed that depends on every part (seed, epoch, rank, stream ...).
+
+    splitmix64 over the parts, so neighbouring tuples such as (seed, epoch) and
+    (seed, epoch + 1) give unrelated streams; `seed + epoch` would make run 0 epoch 1 and
+    run 1 epoch 0 identical.
+    """
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+# Independent random streams drawn from one user seed (see `mix_seed`).
+STREAM_PERMUTATION = 1   # per (seed, epoch): the epoch's visiting order, shared by all ranks
+STREAM_AUGMENT = 2       # per (seed, epoch, rank): crop offsets, random flips, cutout centres
+STREAM_FLIP_BASE = 3     # per seed: which images the "alternate" flip flips in even epochs
+STREAM_BATCH = 4         # per (seed, epoch, rank, batch): the torch loader's transform RNG
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """The epoch's visiting order (a CPU int64 permutation of 0..n-1), equal on every rank.
+
+    Drawn on the host with a CPU generator so that it is the same for every loader and
+    every device type: a run resumed on another machine, or with another loader, sees the
+    same batches. It costs about a millisecond per 50,000 examples, once per epoch.
+    """
+    g = torch.Generator().manual_seed(mix_seed(seed, epoch, STREAM_PERMUTATION))
+    return torch.randperm(n, generator=g)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+CROPS = ("pad_crop", "translate", "none")
+PAD_MODES = ("reflect", "zeros")
+FLIPS = ("random", "alternate", "none")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_augment(aug: Augment, hw: tuple[int, int]) -> None:
+    """ConfigError for an Augment no loader can apply to (H, W) images."""
+    from fastres.errors import ConfigError, unknown_choice
+
+    if aug.crop not in CROPS:
+        raise unknown_choice("crop", aug.crop, CROPS)
+    if aug.pad_mode not in PAD_MODES:
+        raise unknown_choice("pad_mode", aug.pad_mode, PAD_MODES)
+    if aug.flip not in FLIPS:
+        raise unknown_choice("flip", aug.flip, FLIPS)
+    if not isinstance(aug.pad, int) or aug.pad < 0:
+        raise ConfigError(f"pad must be a whole number of pixels >= 0, got {aug.pad!r}")
+    if not isinstance(aug.cutout, int) or aug.cutout < 0:
+        raise ConfigError(f"cutout must be a whole number of pixels >= 0, got {aug.cutout!r}")
+    if aug.crop != "none" and aug.pad_mode == "reflect" and aug.pad >= min(hw):
+        raise ConfigError(f"reflect padding of {aug.pad} needs images larger than the pad, "
+                          f"got {hw[0]}x{hw[1]}; lower pad or use pad_mode=zeros")
+
+
+def crop_pad(aug: Augment) -> int:
+    """Padding the crop uses (0 when cropping is off). pad_crop and translate are one draw:
+    an offset uniform in [0, 2*pad] into the padded image, i.e. a shift in [-pad, pad]."""
+    return aug.pad if aug.crop != "none" else 0
+
+
+def flip_base(n: int, seed: int) -> Tensor:
+    """(n,) bool: the images the "alternate" flip flips in even epochs (odd epochs flip the
+    others). A function of the seed and the image index only, so every rank and every
+    loader agrees and each image is flipped in exactly every other epoch."""
+    g = torch.Generator().manual_seed(mix_seed(seed, STREAM_FLIP_BASE))
+    return torch.randint(0, 2, (n,), generator=g).bool()
+
+
+@dataclass
+class EpochPlan:
+    """One rank's epoch, decided up front on the host: which images, in which order, and
+    each one's augmentation. Fields an Augment does not use are None; all are int64.
+
+    indices: data-set indices in visiting order. flip: 1 where the image is mirrored.
+    dy, dx: crop offsets in [0, 2*pad] into the padded image, *after* the flip: an image
+    is crop(hflip?(pad(x)), dy, dx). (With flip-after-crop the offset would be 2*pad - dx;
+    the distribution is the same, and this order lets the tensor loader crop a stored
+    flipped copy with no per-batch arithmetic.) cut_y, cut_x: cutout centres.
+    Every loader consumes the same plan, so for the same (seed, epoch, rank) the tensor and
+    DALI loaders produce the same batches.
+    """
+
+    indices: Tensor
+    dy: Tensor | None = None
+    dx: Tensor | None = None
+    flip: Tensor | None = None
+    cut_y: Tensor | None = None
+    cut_x: Tensor | None = None
+
+    def fields(self) -> dict:
+        return {k: getattr(self, k) for k in ("indices", "dy", "dx", "flip", "cut_y", "cut_x")}
+
+    def to(self, device: torch.device) -> "EpochPlan":
+        """Copy to `device` once per epoch: the fields are stacked into one (k, n) int64
+        tensor so that a GPU gets one pinned, non-blocking copy (~2 MB for 50,000 images)
+        instead of one per field."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+        present = {k: v for k, v in self.fields().items() if v is not None}
+        packed = torch.stack(list(present.values())).pin_memory().to(device, non_blocking=True)
+        return EpochPlan(**dict(zip(present, packed.unbind(0))))
+
+    def batches(self, batch_size: int) -> Iterator["EpochPlan"]:
+        """Per-batch views, in order; the last one may be short (eval)."""
+        n = len(self.indices)
+        for start in range(0, n, batch_size):
+            sl = slice(start, min(start + batch_size, n))
+            yield EpochPlan(**{k: None if v is None else v[sl] for k, v in self.fields().items()})
+
+
+def plan_epoch(n: int, aug: Augment, *, train: bool, batch_size: int, rank: int,
+               world_size: int, seed: int, epoch: int, hw: tuple[int, int],
+               flips: Tensor | None = None, random_draws: bool = True) -> EpochPlan:
+    """This rank's plan for one epoch (all CPU tensors).
+
+    Train: the epoch's permutation (seed, epoch), this rank's slice of it (shard_indices),
+    cut to whole batches (drop_last); augmentation draws from a generator seeded by
+    (seed, epoch, rank). Eval: this rank's strided shard in order, no augmentation.
+    flips: `flip_base(n, seed)` when aug.flip == "alternate". random_draws=False skips
+    the crop, random-flip and cutout draws (the torch loader's transforms draw their own).
+    """
+    if not train:
+        return EpochPlan(indices=eval_shard_indices(n, rank, world_size))
+    idx = shard_indices(n, rank, world_size, epoch_permutation(n, seed, epoch))
+    idx = idx[: len(idx) // batch_size * batch_size]
+    plan = EpochPlan(indices=idx)
+    m = len(idx)
+    if aug.flip == "alternate":
+        if flips is None:
+            flips = flip_base(n, seed)
+        plan.flip = (flips[idx] ^ bool(epoch % 2)).long()
+    if not random_draws:
+        return plan
+    g = torch.Generator().manual_seed(mix_seed(seed, epoch, rank, STREAM_AUGMENT))
+    pad = crop_pad(aug)
+    if pad:
+        plan.dy = torch.randint(0, 2 * pad + 1, (m,), generator=g)
+        plan.dx = torch.randint(0, 2 * pad + 1, (m,), generator=g)
+    if aug.flip == "random":
+        plan.flip = torch.randint(0, 2, (m,), generator=g)
+    if aug.cutout:
+        plan.cut_y = torch.randint(0, hw[0], (m,), generator=g)
+        plan.cut_x = torch.randint(0, hw[1], (m,), generator=g)
+    return plan
+
+
+# --------------------------------------------------------------------------- loaders
+
+def check_data(images, labels) -> tuple[int, int, int, int]:
+    """DataError unless images are (N, H, W, C) uint8 (NHWC) and labels (N,) integers;
+    returns (N, H, W, C). Accepts numpy arrays and torch tensors."""
+    from fastres.errors import DataError
+
+    shape = tuple(images.shape)
+    dtype = str(getattr(images, "dtype", ""))
+    if len(shape) != 4 or dtype not in ("uint8", "torch.uint8"):
+        raise DataError(f"loaders take images as an (N, H, W, C) uint8 array (NHWC, like "
+                        f"CifarData.train.images), got shape {shape} dtype {dtype}")
+    if shape[-1] not in (1, 3, 4):
+        raise DataError(f"images of shape {shape} have {shape[-1]} channels in the last "
+                        f"dimension; loaders take NHWC (N, H, W, C) uint8 arrays, not NCHW")
+    lshape = tuple(labels.shape)
+    ldtype = str(getattr(labels, "dtype", ""))
+    if lshape != (shape[0],) or "int" not in ldtype:
+        raise DataError(f"expected ({shape[0]},) integer labels for {shape[0]} images, got "
+                        f"shape {lshape} dtype {ldtype}")
+    return shape
+
+
+class EpochLoader:
+    """What every loader shares: argument checks, sharding, epoch bookkeeping, plans and
+    `sample()`. Subclasses implement `__iter__` and `_sample_u8(indices)`.
+
+    Epochs: `set_epoch(e)` makes the next pass epoch e. A pass that runs to the end moves
+    the loader to the next epoch by itself, so a loop that never calls set_epoch still sees
+    a new shuffle each pass; a pass abandoned half way (break) does not advance. The pass
+    reads the epoch when it starts, so set_epoch during a pass changes only later passes.
+    """
+
+    def __init__(self, images, labels, *, train: bool, batch_size: int, device, dtype,
+                 mean: Sequence[float], std: Sequence[float], augment: Augment,
+                 rank: int, world_size: int, seed: int):
+        from fastres.errors import ConfigError
+
+        n, h, w, c = check_data(images, labels)
+        try:
+            whole = operator.index(batch_size)          # ints and numpy integers, not 2.0
+        except TypeError:
+            whole = 0
+        if whole < 1:
+            raise ConfigError(f"batch_size must be a positive whole number, got {batch_size!r}")
+        batch_size = whole
+        if dtype not in DTYPES:
+            raise ConfigError(f"loader dtype must be one of float32, bfloat16, float16; "
+                              f"got {dtype}")
+        if mean is None or std is None or len(mean) != c or len(std) != c:
+            raise ConfigError(f"mean and std need one value per channel ({c}), got "
+                              f"mean={mean!r} std={std!r}")
+        if any(s <= 0 for s in std):
+            raise ConfigError(f"std must be positive, got {tuple(std)}")
+        if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+            raise ConfigError(f"rank {rank!r} must lie in [0, world_size={world_size!r})")
+        self.train = bool(train)
+        self.augment = augment if self.train else Augment.none()
+        check_augment(self.augment, (h, w))
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.rank, self.world_size, self.seed = rank, world_size, int(seed)
+        self.num_images = n
+        self.image_shape = (h, w, c)
+        self.epoch = 0
+        self._flips = flip_base(n, self.seed) if self.augment.flip == "alternate" else None
+        # This rank's examples in data-set order: its share of every epoch has this size.
+        self._shard = (shard_indices(n, rank, world_size) if self.train
+                       else eval_shard_indices(n, rank, world_size))
+        per_rank = len(self._shard)
+        if self.train:
+            self._num_batches = per_rank // batch_size
+            self.num_examples = self._num_batches * batch_size
+        else:
+            self._num_batches = -(-per_rank // batch_size)
+            self.num_examples = per_rank
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    def plan(self, epoch: int, random_draws: bool = True) -> EpochPlan:
+        return plan_epoch(self.num_images, self.augment, train=self.train,
+                          batch_size=self.batch_size, rank=self.rank,
+                          world_size=self.world_size, seed=self.seed, epoch=epoch,
+                          hw=self.image_shape[:2], flips=self._flips, random_draws=random_draws)
+
+    def sample(self, n: int) -> Tensor:
+        """The first n images of this rank's data (data-set order, at most the shard),
+        normalised, unaugmented, in the loader's dtype, channels-last, on its device."""
+        if n < 1:
+            raise ValueError(f"sample needs n >= 1, got {n}")
+        u8 = self._sample_u8(self._shard[:n])
+        return normalize(u8.to(self.device), self.mean, self.std, self.dtype)
+
+    def _sample_u8(self, indices: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(train={self.train}, batch_size={self.batch_size}, "
+                f"batches={len(self)}, examples={self.num_examples}, device={self.device}, "
+                f"dtype={self.dtype}, rank={self.rank}/{self.world_size}, "
+                f"augment={self.augment})")

@@ -4,7 +4,7 @@
     fastres train --preset resnet-paper --model resnet56 --data-dir data --out runs/r56
     fastres train --preset seed --set optim.ema_decay=0.9999 --data-dir data --out runs/seed
     fastres train --preset smoke --data-dir data --out runs/smoke --resume
-    torchrun --nproc_per_node=4 -m fastres train --preset speedrun --data-dir data --out runs/ddp
+    torchrun --standalone --nproc_per_node=4 -m fastres train --preset speedrun --data-dir data --out runs/ddp
     fastres train --nproc 4 --preset speedrun ...     # launches the torchrun line above
 
 Flags override the preset; `--set section.key=value` reaches every config field
@@ -85,7 +85,8 @@ def _launch_torchrun(argv: list[str], nproc: int) -> int:
         if a.startswith("--nproc="):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}",
            "-m", "fastres", "train", *rest]
     print("launching:", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
@@ -108,7 +109,16 @@ def main(argv=None) -> int:
     dist = D.from_env(os.environ)
     resume_state = None
     base = None
-    if args.resume:
+    # Restarted by torchrun (--max-restarts) after a failure: continue from the last
+    # checkpoint when the first attempt wrote one.
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    resume = args.resume
+    if restarts > 0 and args.out and os.path.exists(
+            os.path.join(args.out, "checkpoints", "last.pt")):
+        resume = True
+        if dist.is_main:
+            print(f"torchrun restart {restarts}: resuming from {args.out}", flush=True)
+    if resume:
         from fastres.engine.records import load_checkpoint
 
         if not args.out:

@@ -1,0 +1,489 @@
+"""Semantics parity of the three loaders (tensor, DALI on its CPU operators, torch).
+
+The test images encode where each pixel came from: channel 0 holds the source row (+1)
+and bits 8-9 of the image index, channel 1 the source column (+1), channel 2 the low 8
+bits of the index; labels are index % 10. Un-normalising a batch therefore recovers, per
+image, which example it is, the crop offset, whether it was flipped, and every pixel's
+origin, so the tests check the augmentation itself rather than summary statistics. Zero
+padding shows up as (0, 0, 0) pixels, which the code never produces otherwise.
+
+Draws are seeded, so every statistical bound below is checked against one fixed sample:
+the bounds are 5 standard deviations wide and cannot flake.
+"""
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastres.errors import ConfigError, DataError
+from fastres.pipelines import Augment, Loader, available_loaders, build_loader, normalize
+from fastres.pipelines.base import flip_base, mix_seed, plan_epoch
+from fastres.pipelines.dali import DALI_MISSING, dali_available
+
+HAS_DALI = dali_available()
+LOADERS = [
+    "tensor",
+    pytest.param("dali", marks=pytest.mark.skipif(
+        not HAS_DALI, reason="nvidia.dali is not importable (pip install 'fastres[dali]')")),
+    "torch",
+]
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+H = W = 32
+
+
+def coded_images(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 32, 32, 3) uint8 images whose pixels encode (index, row, column); n <= 1024."""
+    assert n <= 1024
+    i = np.arange(n)[:, None, None]
+    r = np.arange(H)[None, :, None]
+    c = np.arange(W)[None, None, :]
+    ch0 = (r + 1) | (((i >> 8) & 3) << 6)
+    ch1 = c + 1
+    ch2 = i & 255
+    images = np.stack(np.broadcast_arrays(ch0, ch1, ch2), -1).astype(np.uint8)
+    return np.ascontiguousarray(images), np.arange(n, dtype=np.int64) % 10
+
+
+def make(name, images, labels, **kw):
+    kw.setdefault("train", True)
+    kw.setdefault("batch_size", 64)
+    kw.setdefault("device", "cpu")
+    kw.setdefault("mean", MEAN)
+    kw.setdefault("std", STD)
+    kw.setdefault("workers", 0 if name == "torch" else 1)
+    return build_loader(name, images, labels, **kw)
+
+
+def unnormalize(x: torch.Tensor, mean=MEAN, std=STD) -> np.ndarray:
+    """(B, C, H, W) normalised -> (B, H, W, C) uint8 (exact for float32 batches)."""
+    m = torch.tensor(mean, dtype=torch.float64) * 255
+    s = torch.tensor(std, dtype=torch.float64) * 255
+    u = x.double().permute(0, 2, 3, 1) * s + m
+    return u.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def decode(u: np.ndarray, pad: int):
+    """Per image: data-set index, crop offsets (dy, dx) in [0, 2 pad], flipped?"""
+    u = u.astype(np.int64)
+    centre = u[:, H // 2, W // 2]
+    index = ((centre[:, 0] >> 6) << 8) | centre[:, 2]
+    src_row = (u[:, H // 2, W // 2, 0] & 63) - 1
+    cols = u[:, H // 2, :, 1] - 1
+    flipped = cols[:, W // 2 + 1] < cols[:, W // 2 - 1]
+    dy = src_row - H // 2 + pad
+    dx = np.where(flipped, cols[:, W // 2] - (W // 2 - 1), cols[:, W // 2] - W // 2) + pad
+    return index, dy, dx, flipped
+
+
+def expected_view(image: np.ndarray, pad: int, mode: str, dy: int, dx: int, flipped: bool):
+    p = np.pad(image, ((pad, pad), (pad, pad), (0, 0)),
+               mode="reflect" if mode == "reflect" else "constant")
+    v = p[dy:dy + H, dx:dx + W]
+    return v[:, ::-1] if flipped else v
+
+
+def run_epochs(loader, epochs):
+    """{epoch: (indices, dy, dx, flipped, labels)} over whole passes, checking every image
+    pixel for pixel against its recovered crop/flip of the padded original."""
+    out = {}
+    for e in epochs:
+        loader.set_epoch(e)
+        parts = [[] for _ in range(5)]
+        for x, y in loader:
+            u = unnormalize(x)
+            pad = loader.augment.pad if loader.augment.crop != "none" else 0
+            idx, dy, dx, fl = decode(u, pad)
+            for k in range(len(u)):
+                want = expected_view(IMAGES[idx[k]], pad, loader.augment.pad_mode,
+                                     dy[k], dx[k], fl[k])
+                np.testing.assert_array_equal(u[k], want, err_msg=f"image {idx[k]} epoch {e}")
+            for part, v in zip(parts, (idx, dy, dx, fl, y.numpy())):
+                part.append(v)
+        out[e] = tuple(np.concatenate(p) for p in parts)
+    return out
+
+
+IMAGES, LABELS = coded_images(1024)
+
+
+def within(count, n, p, sigmas=5.0):
+    return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
+
+
+# --------------------------------------------------------------------------- augmentation
+
+@pytest.mark.parametrize("name", LOADERS)
+def test_crop_offsets_uniform_flips_half_labels_aligned(name):
+    images, labels = IMAGES[:512], LABELS[:512]
+    ld = make(name, images, labels, batch_size=128, augment=Augment(pad=4, flip="random"))
+    runs = run_epochs(ld, [0, 1])
+    idx, dy, dx, fl, y = (np.concatenate(v) for v in zip(*runs.values()))
+    n = len(idx)
+    assert n == 1024
+    np.testing.assert_array_equal(y, idx % 10)                      # labels follow images
+    for d in (dy, dx):
+        assert d.min() >= 0 and d.max() <= 8
+        counts = np.bincount(d, minlength=9)
+        assert all(within(c, n, 1 / 9) for c in counts), counts
+    assert len(set(zip(dy.tolist(), dx.tolist()))) == 81            # every offset pair occurs
+    assert within(fl.sum(), n, 0.5), fl.sum()
+
+
+@pytest.mark.parametrize("name", LOADERS)
+@pytest.mark.parametrize("mode", ["reflect", "zeros"])
+def test_padding_content(name, mode):
+    # run_epochs compares every pixel with numpy's reflect / zero padding of the original.
+    ld = make(name, IMAGES[:256], LABELS[:256], augment=Augment(pad=4, pad_mode=mode))
+    idx, dy, dx, fl, _ = run_epochs(ld, [0])[0]
+    corner = (dy == 0) | (dx == 0) | (dy == 8) | (dx == 8)
+    assert corner.any()                                          # padding was exercised
+    x, _ = next(iter(ld))
+    has_black = (unnormalize(x) == 0).all(-1).any()
+    assert has_black == (mode == "zeros")
+
+
+@pytest.mark.parametrize("name", LOADERS)
+def test_translate_is_pad_crop(name):
+    # "translate" shifts in [-pad, pad]: the same draw as pad_crop's offset in [0, 2 pad].
+    ld = make(name, IMAGES[:256], LABELS[:256], augment=Augment(crop="translate", pad=2))
+    _, dy, dx, _, _ = run_epochs(ld, [0])[0]
+    assert set(dy.tolist()) == set(range(5)) and set(dx.tolist()) == set(range(5))
+
+
+def test_translate_and_pad_crop_same_batches():
+    a = make("tensor", IMAGES[:128], LABELS[:128], augment=Augment(crop="translate", pad=2))
+    b = make("tensor", IMAGES[:128], LABELS[:128], augment=Augment(crop="pad_crop", pad=2))
+    for (xa, _), (xb, _) in zip(a, b):
+        assert torch.equal(xa, xb)
+
+
+@pytest.mark.parametrize("name", LOADERS)
+def test_alternate_flip_alternates_per_image(name):
+    n, epochs = 256, range(4)
+    flips = {e: np.zeros(n, int) - 1 for e in epochs}
+    for rank in range(2):                       # images move between ranks across epochs
+        ld = make(name, IMAGES[:n], LABELS[:n], augment=Augment(crop="none", flip="alternate"),
+                  rank=rank, world_size=2)
+        for e, (idx, _, _, fl, _) in run_epochs(ld, epochs).items():
+            assert (flips[e][idx] == -1).all()
+            flips[e][idx] = fl
+    assert all((f >= 0).all() for f in flips.values())         # every image, every epoch
+    for e in epochs:
+        np.testing.assert_array_equal(flips[e], flips[0] ^ (e % 2))
+    assert within(flips[0].sum(), n, 0.5)
+
+
+@pytest.mark.parametrize("name", LOADERS)
+@pytest.mark.parametrize("size", [8, 5])
+def test_cutout_square_zero_after_normalisation(name, size):
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)   # no uint8 value normalises to 0
+    n = 512
+    ld = make(name, IMAGES[:n], LABELS[:n], batch_size=128, mean=mean, std=std,
+              augment=Augment(crop="none", flip="none", cutout=size))
+    centres = []
+    for x, y in ld:
+        zero = (x == 0).all(1).numpy()                              # B, H, W
+        assert ((x == 0).any(1).numpy() == zero).all()              # all channels together
+        u = unnormalize(x, mean, std)
+        for k in range(len(x)):
+            rows, cols = zero[k].any(1), zero[k].any(0)
+            assert (np.outer(rows, cols) == zero[k]).all()          # one rectangle
+            r0, r1 = rows.argmax(), H - rows[::-1].argmax()
+            c0, c1 = cols.argmax(), W - cols[::-1].argmax()
+            assert r1 - r0 <= size and c1 - c0 <= size
+            if 0 < r0 and r1 < H:
+                assert r1 - r0 == size
+            if 0 < c0 and c1 < W:
+                assert c1 - c0 == size
+            cy = r0 + size // 2 if r0 > 0 else r1 - size + size // 2
+            cx = c0 + size // 2 if c0 > 0 else c1 - size + size // 2
+            centres.append((cy, cx))
+            # Everything else is the untouched image.
+            py, px = (0, 0) if not zero[k, 0, 0] else (H - 1, W - 1)
+            i = ((int(u[k, py, px, 0]) >> 6) << 8) | int(u[k, py, px, 2])
+            assert y[k] == i % 10
+            keep = ~zero[k]
+            np.testing.assert_array_equal(u[k][keep], IMAGES[i][keep])
+    cy, cx = np.array(centres).T
+    assert cy.min() == 0 and cy.max() == H - 1 and cx.min() == 0 and cx.max() == W - 1
+    for c in (cy, cx):
+        assert all(within(k, len(c), 1 / H) for k in np.bincount(c, minlength=H))
+
+
+@pytest.mark.parametrize("name", LOADERS)
+def test_normalisation_uses_mean_std(name):
+    mean, std = (0.3, 0.5, 0.7), (0.2, 0.25, 0.3)
+    ld = make(name, IMAGES[:100], LABELS[:100], train=False, mean=mean, std=std)
+    x = torch.cat([b for b, _ in ld])
+    ref = (torch.from_numpy(IMAGES[:100]).double() / 255 - torch.tensor(mean)) / torch.tensor(std)
+    torch.testing.assert_close(x.double(), ref.permute(0, 3, 1, 2), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- epochs, shards
+
+def _centre_index(u):
+    c = u[:, H // 2, W // 2].astype(np.int64)
+    return ((c[:, 0] >> 6) << 8) | c[:, 2]
+
+
+@pytest.mark.parametrize("name", LOADERS)
+@pytest.mark.parametrize("world_size,n,batch", [(2, 600, 50), (3, 600, 50), (3, 610, 50)])
+def test_train_shards_disjoint_complete_drop_last(name, world_size, n, batch):
+    per_rank = n // world_size
+    seen = []
+    for rank in range(world_size):
+        ld = make(name, IMAGES[:n], LABELS[:n], batch_size=batch, rank=rank,
+                  world_size=world_size, seed=7)
+        assert len(ld) == per_rank // batch
+        assert ld.num_examples == per_rank // batch * batch
+        sizes, idx = [], []
+        for x, y in ld:
+            sizes.append(len(x))
+            i = _centre_index(unnormalize(x))
+            np.testing.assert_array_equal(y.numpy(), i % 10)
+            idx.append(i)
+        assert sizes == [batch] * len(ld)                         # drop_last
+        idx = np.concatenate(idx)
+        assert len(set(idx.tolist())) == len(idx)                 # each example once
+        seen.append(set(idx.tolist()))
+    union = set().union(*seen)
+    assert sum(map(len, seen)) == len(union)                      # disjoint
+    if n % world_size == 0 and per_rank % batch == 0:
+        assert union == set(range(n))                             # complete
+
+
+@pytest.mark.parametrize("name", LOADERS)
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_eval_full_pass_in_order(name, world_size):
+    n, batch = 610, 64
+    seen = []
+    for rank in range(world_size):
+        ld = make(name, IMAGES[:n], LABELS[:n], train=False, batch_size=batch, rank=rank,
+                  world_size=world_size, augment=Augment(flip="alternate", cutout=8))
+        shard = list(range(rank, n, world_size))
+        assert ld.num_examples == len(shard)
+        assert len(ld) == math.ceil(len(shard) / batch)
+        idx = np.concatenate([_centre_index(unnormalize(x)) for x, _ in ld])
+        assert idx.tolist() == shard                              # in order, no aug
+        x, _ = next(iter(ld))
+        np.testing.assert_array_equal(unnormalize(x), IMAGES[shard[:len(x)]])
+        seen += shard
+    assert sorted(seen) == list(range(n))
+
+
+@pytest.mark.parametrize("name", LOADERS)
+def test_set_epoch_determinism_and_auto_advance(name):
+    ld = make(name, IMAGES[:256], LABELS[:256], augment=Augment(cutout=6), seed=3)
+
+    def epoch_batches(e=None):
+        if e is not None:
+            ld.set_epoch(e)
+        return [(x.clone(), y.clone()) for x, y in ld]
+
+    e0 = epoch_batches(0)
+    assert ld.epoch == 1                               # a full pass advanced the epoch
+    e1 = epoch_batches()                               # ... so this is epoch 1
+    assert ld.epoch == 2
+    again0, again1 = epoch_batches(0), epoch_batches(1)
+    for a, b in zip(e0 + e1, again0 + again1):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(torch.cat([y for _, y in e0]), torch.cat([y for _, y in e1]))
+    # A pass abandoned half way does not advance the epoch, and the next pass starts over.
+    ld.set_epoch(0)
+    for _ in zip(range(1), ld):
+        pass
+    assert ld.epoch == 0
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(e0, epoch_batches()))
+    # Another seed, another epoch 0.
+    other = make(name, IMAGES[:256], LABELS[:256], augment=Augment(cutout=6), seed=4)
+    assert not torch.equal(next(iter(other))[1], e0[0][1])
+
+
+@pytest.mark.parametrize("name", LOADERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtype_layout_protocol(name, dtype):
+    kw = dict(batch_size=32, augment=Augment(flip="alternate", cutout=4))
+    ld = make(name, IMAGES[:64], LABELS[:64], dtype=dtype, **kw)
+    ref = make(name, IMAGES[:64], LABELS[:64], dtype=torch.float32, **kw)
+    assert isinstance(ld, Loader) and ld.batch_size == 32 and len(ld) == 2
+    for (x, y), (xr, yr) in zip(ld, ref):
+        assert x.shape == (32, 3, H, W) and x.dtype == dtype and x.device.type == "cpu"
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert y.dtype == torch.int64 and torch.equal(y, yr)
+        tol = {torch.float32: 0, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+        torch.testing.assert_close(x.float(), xr, atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.parametrize("name", LOADERS)
+def test_sample(name):
+    ld = make(name, IMAGES[:100], LABELS[:100], dtype=torch.bfloat16, rank=1, world_size=2,
+              augment=Augment(flip="alternate", cutout=8))
+    s = ld.sample(5)
+    assert s.shape == (5, 3, H, W) and s.dtype == torch.bfloat16
+    assert s.is_contiguous(memory_format=torch.channels_last)
+    want = normalize(torch.from_numpy(IMAGES[[1, 3, 5, 7, 9]]), MEAN, STD, torch.bfloat16)
+    assert torch.equal(s, want)
+    assert len(ld.sample(1000)) == 50                          # at most this rank's shard
+
+
+def test_loaders_do_not_touch_global_rng():
+    state = torch.get_rng_state()
+    for name in available_loaders():
+        ld = make(name, IMAGES[:64], LABELS[:64], augment=Augment(cutout=4))
+        for _ in ld:
+            pass
+    assert torch.equal(state, torch.get_rng_state())
+
+
+# --------------------------------------------------------------------------- cross-loader
+
+@pytest.mark.skipif(not HAS_DALI, reason="nvidia.dali is not importable")
+@pytest.mark.parametrize("aug", [Augment(), Augment(pad=2, pad_mode="zeros", flip="alternate"),
+                                 Augment(cutout=5), Augment(crop="none", cutout=8)])
+def test_dali_and_tensor_give_the_same_batches(aug):
+    kw = dict(batch_size=50, augment=aug, seed=11, rank=1, world_size=2)
+    dali = make("dali", IMAGES[:300], LABELS[:300], **kw)
+    tensor = make("tensor", IMAGES[:300], LABELS[:300], **kw)
+    for e in (0, 1):
+        dali.set_epoch(e)
+        tensor.set_epoch(e)
+        for (xd, yd), (xt, yt) in zip(dali, tensor):
+            assert torch.equal(yd, yt)
+            torch.testing.assert_close(xd, xt, atol=1e-5, rtol=0)
+
+
+def test_loaders_agree_in_order_and_distribution():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (512, H, W, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 512)
+    stats, orders = {}, {}
+    for name in available_loaders():
+        ld = make(name, images, labels, batch_size=128, seed=5,
+                  augment=Augment(pad=4, flip="random", cutout=8))
+        xs, ys = zip(*ld)
+        x = torch.cat(xs).float()
+        stats[name] = torch.stack([x.mean((0, 2, 3)), x.std((0, 2, 3)),
+                                   (x == 0).float().mean((0, 2, 3))])
+        orders[name] = torch.cat(ys)
+    for name in stats:
+        assert torch.equal(orders[name], orders["tensor"])        # same examples, same order
+        torch.testing.assert_close(stats[name], stats["tensor"], atol=0.01, rtol=0)
+
+
+def test_plan_is_shared_and_seeded():
+    aug = Augment(flip="alternate", cutout=4)
+    kw = dict(train=True, batch_size=10, world_size=2, seed=1, hw=(H, W))
+    a = plan_epoch(100, aug, rank=0, epoch=3, **kw)
+    b = plan_epoch(100, aug, rank=0, epoch=3, **kw)
+    c = plan_epoch(100, aug, rank=1, epoch=3, **kw)
+    assert all(torch.equal(u, v) for u, v in zip(a.fields().values(), b.fields().values()))
+    assert not set(a.indices.tolist()) & set(c.indices.tolist())
+    np.testing.assert_array_equal(a.flip, flip_base(100, 1)[a.indices] ^ True)
+    assert len({mix_seed(0, 1), mix_seed(1, 0), mix_seed(0, 1, 0)}) == 3
+
+
+# --------------------------------------------------------------------------- specifics
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("aug", [Augment(cutout=6), Augment(crop="none", flip="alternate")])
+def test_prenormalized_store_matches_uint8_store(dtype, aug):
+    # GPUs keep the store normalised in the output dtype; CPUs keep uint8 and normalise per
+    # batch. Both must give the same values (checked here on the CPU).
+    from fastres.pipelines.augment import BatchAugment
+    from fastres.pipelines.base import crop_pad
+
+    images = torch.from_numpy(IMAGES[:200])
+    kw = dict(mean=MEAN, std=STD, dtype=dtype, pad=crop_pad(aug), pad_mode=aug.pad_mode,
+              flip=aug.flip != "none", cutout=aug.cutout)
+    u8 = BatchAugment(images, prenormalize=False, **kw)
+    pre = BatchAugment(images, prenormalize=True, **kw)
+    assert pre.store.dtype == dtype and u8.store.dtype == torch.uint8
+    plan = plan_epoch(200, aug, train=True, batch_size=50, rank=0, world_size=1, seed=0,
+                      epoch=1, hw=(H, W))
+    for p in plan.batches(50):
+        a = u8(p.indices, p.dy, p.dx, p.flip, p.cut_y, p.cut_x)
+        b = pre(p.indices, p.dy, p.dx, p.flip, p.cut_y, p.cut_x)
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+    idx = torch.arange(7)
+    assert torch.equal(pre.unaugmented(idx), normalize(images[:7], MEAN, STD, dtype))
+
+def test_torch_loader_workers_reproduce_single_process():
+    kw = dict(batch_size=64, augment=Augment(flip="alternate", cutout=8), seed=2)
+    single = make("torch", IMAGES[:256], LABELS[:256], workers=0, **kw)
+    multi = make("torch", IMAGES[:256], LABELS[:256], workers=2, **kw)
+    for e in (1, 0, 1):                     # persistent workers, epochs out of order
+        single.set_epoch(e)
+        multi.set_epoch(e)
+        for (xs, ys), (xm, ym) in zip(single, multi):
+            assert torch.equal(xs, xm) and torch.equal(ys, ym)
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="nvidia.dali is not importable")
+def test_dali_abandoned_pass():
+    ld = make("dali", IMAGES[:256], LABELS[:256], batch_size=32)
+    full = [x.clone() for x, _ in ld]
+    ld.set_epoch(0)
+    it = iter(ld)
+    first, _ = next(it)
+    assert torch.equal(first, full[0])
+    again = [x for x, _ in ld]                      # a new pass drains the old one's queue
+    assert all(torch.equal(a, b) for a, b in zip(full, again)) and len(again) == len(full)
+    with pytest.raises(RuntimeError, match="new pass"):
+        next(it)
+
+
+def test_dali_missing_is_a_readable_error(monkeypatch):
+    from fastres.pipelines import dali
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(ConfigError, match=r"pip install 'fastres\[dali\]'"):
+        dali._import_dali()
+    assert DALI_MISSING.startswith("the dali loader needs NVIDIA DALI")
+
+
+def test_errors():
+    with pytest.raises(ConfigError, match="did you mean 'dali'"):
+        make("dalli", IMAGES[:10], LABELS[:10])
+    with pytest.raises(ConfigError, match="flip"):
+        make("tensor", IMAGES[:10], LABELS[:10], augment=Augment(flip="sometimes"))
+    with pytest.raises(ConfigError, match="crop"):
+        make("tensor", IMAGES[:10], LABELS[:10], augment=Augment(crop="random_resized"))
+    with pytest.raises(ConfigError, match="reflect padding"):
+        make("tensor", IMAGES[:10], LABELS[:10], augment=Augment(pad=32))
+    with pytest.raises(ConfigError, match="mean and std"):
+        make("tensor", IMAGES[:10], LABELS[:10], mean=(0.5,))
+    with pytest.raises(ConfigError, match="dtype"):
+        make("tensor", IMAGES[:10], LABELS[:10], dtype=torch.float64)
+    with pytest.raises(DataError, match="NHWC"):
+        make("tensor", IMAGES[:10].transpose(0, 3, 1, 2), LABELS[:10])
+    with pytest.raises(DataError, match="labels"):
+        make("tensor", IMAGES[:10], LABELS[:9])
+    with pytest.raises(ConfigError, match="rank"):
+        make("tensor", IMAGES[:10], LABELS[:10], rank=2, world_size=2)
+
+
+# --------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", LOADERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_batches_match_cpu(name, dtype):
+    kw = dict(batch_size=128, dtype=dtype, seed=9, augment=Augment(flip="alternate", cutout=8))
+    gpu = make(name, IMAGES[:512], LABELS[:512], device="cuda", **kw)
+    # The tensor and DALI loaders draw on the host: the same batches as on the CPU.
+    ref = make("tensor" if name != "torch" else "torch", IMAGES[:512], LABELS[:512], **kw)
+    for e in (0, 1):
+        gpu.set_epoch(e)
+        ref.set_epoch(e)
+        for (x, y), (xr, yr) in zip(gpu, ref):
+            assert x.is_cuda and y.is_cuda and x.dtype == dtype
+            assert x.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(y.cpu(), yr)
+            if name == "dali":      # DALI's GPU arithmetic may fuse multiply-adds
+                torch.testing.assert_close(x.cpu().float(), xr.float(), atol=1e-5, rtol=2 ** -8)
+            else:                   # same float32 arithmetic, same rounding: bit for bit
+                assert torch.equal(x.cpu(), xr)
+    assert gpu.sample(4).is_cuda

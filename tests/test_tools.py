@@ -1,0 +1,266 @@
+"""`fastres speedrun`, `fastres profile` and `fastres table` on the CPU smoke preset.
+
+What is checked: each tool runs end to end on a tiny synthetic CIFAR-10 written in the real
+on-disk format, its outputs exist with the documented keys, columns and rows (PNG, JSON,
+Markdown, CSV, Chrome trace), and argument mistakes end with exit status 2 and one line.
+Timings are never asserted.
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastres.cli import main as cli_main
+from fastres.cli import run_tool
+from fastres.data import synthetic, write_cifar
+from fastres.tools import profile as prof
+from fastres.tools import results_table, speedrun
+from fastres.tools._common import markdown_table, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("cifar")
+    d = synthetic(256, 128)
+    write_cifar(root, train=(d.train.images, d.train.labels),
+                test=(d.test.images, d.test.labels))
+    return str(root)
+
+
+def smoke(data_dir: str, *extra: str) -> list[str]:
+    """The smoke preset cut down to a few steps: 128 train / 64 test images, batch 64."""
+    return ["--preset", "smoke", "--data-dir", data_dir, "--set", "data.train_limit=128",
+            "--set", "data.test_limit=64", "--set", "data.batch_size=64",
+            "--set", "data.eval_batch_size=64", *extra]
+
+
+def one_line_error(capsys, tool: str, main, argv, needle: str) -> None:
+    assert run_tool(tool, main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fastres {tool}: error:"), err
+    assert needle in err[0]
+
+
+# --------------------------------------------------------------------------- helpers
+
+def test_markdown_table_aligns_columns():
+    text = markdown_table(["model", "top-1"], [["resnet20", "92.02"], ["r8", "9.5"]])
+    lines = text.splitlines()
+    assert len({len(line) for line in lines}) == 1          # every line the same width
+    assert lines[1].startswith("|:") and lines[1].endswith(":|")  # left, then right
+    assert lines[3] == "| r8       |   9.5 |"
+
+
+def test_summarize():
+    s = summarize([1.0, 2.0, 3.0, None])
+    assert s == {"n": 3, "mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0}
+    assert summarize([5.0])["std"] == 0.0
+    assert summarize([None])["mean"] is None
+
+
+@pytest.mark.parametrize("name,math,key,peak", [
+    ("NVIDIA H100 80GB HBM3", "bf16", "H100 SXM", 989.4),
+    ("NVIDIA H100 PCIe", "bf16", "H100 PCIe", 756.5),
+    ("NVIDIA H100 NVL", "tf32", "H100 NVL", 417.5),
+    ("NVIDIA H200", "fp16", "H200", 989.4),
+    ("NVIDIA A100-SXM4-80GB", "tf32", "A100", 156.0),
+    ("NVIDIA A100 80GB PCIe", "fp32", "A100", 19.5),
+])
+def test_device_peaks(name, math, key, peak):
+    assert prof.device_peak(name, math) == (key, peak)
+
+
+def test_unknown_device_has_no_peak():
+    assert prof.device_peak("NVIDIA GeForce RTX 4090", "bf16") is None
+
+
+# --------------------------------------------------------------------------- speedrun
+
+def test_speedrun_smoke(data_dir, tmp_path, capsys):
+    out = tmp_path / "sr"
+    rc = speedrun.main(smoke(data_dir, "--runs", "2", "--epochs", "2", "--curve",
+                             "--warmup-steps", "1", "--target", "0.05",
+                             "--set", "run.tta=flip", "--out", str(out)))
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| run | seed |" in printed and "summary over 2 runs" in printed
+
+    result = json.loads((out / "speedrun.json").read_text())
+    for key in ("schema", "device", "env", "data", "config", "seeds", "warmup", "runs",
+                "summary"):
+        assert key in result, key
+    assert result["env"]["torch"] and result["env"]["git_sha"]
+    assert result["data"]["official"] is False and result["data"]["fingerprint"]
+    assert result["config"]["model"]["name"] == "resnet8"
+    assert result["config"]["run"]["eval_every"] == 1.0          # --curve
+    assert result["seeds"] == [0, 1] and result["warmup"]["steps"] == 1
+    assert [r["seed"] for r in result["runs"]] == [0, 1]
+    for r in result["runs"]:
+        for key in ("timed_s", "epochs", "top1", "tta_top1", "reached_target",
+                    "time_to_target_s", "curve"):
+            assert key in r, key
+        assert r["epochs"] == 2.0 and r["tta_top1"] is not None
+        assert [c["epoch"] for c in r["curve"]] == [1, 2.0]      # epoch 1 eval + final
+        assert r["reached_target"] and r["time_to_target_s"] is not None  # target 5%
+    s = result["summary"]
+    for key in ("mean", "std", "min", "max"):
+        assert s["timed_s"][key] is not None
+    assert s["reached_fraction"] == 1.0 and s["runs"] == 2
+    assert (out / "speedrun.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_speedrun_arguments(data_dir, capsys):
+    one_line_error(capsys, "speedrun", speedrun.main, ["--preset", "nope"], "unknown preset")
+    one_line_error(capsys, "speedrun", speedrun.main, smoke(data_dir, "--model", "resnet9000"),
+                   "unknown model")
+    one_line_error(capsys, "speedrun", speedrun.main, smoke(data_dir, "--runs", "0"), "--runs")
+    one_line_error(capsys, "speedrun", speedrun.main, smoke(data_dir, "--set", "run.bogus=1"),
+                   "bogus")
+
+
+# --------------------------------------------------------------------------- profile
+
+PROFILE_SMALL = ["--preset", "smoke", "--batch-size", "32", "--steps", "2", "--warmup", "1",
+                 "--images", "64"]
+
+
+def test_profile_single(tmp_path, capsys):
+    js = tmp_path / "p.json"
+    assert prof.main(PROFILE_SMALL + ["--trace", str(tmp_path / "tr"), "--json", str(js)]) == 0
+    printed = capsys.readouterr().out
+    for word in ("| data", "| forward", "| backward", "| optimizer", "img/s", "MFU n/a",
+                 "peak memory"):
+        assert word in printed, word
+    out = json.loads(js.read_text())
+    assert out["schema"] == "fastres-profile-v1" and out["peak"] is None
+    (m,) = out["results"]
+    assert set(m["phases_ms"]) == {"data", "forward", "backward", "optimizer"}
+    assert m["img_per_s"] > 0 and m["flops_per_step"] > 0 and m["mfu"] is None
+    assert m["peak_memory_bytes"] > 0 and m["batch_size"] == 32
+    assert m["memory_format"] == "channels_last" and m["compile"] == "off"
+    trace = json.loads(Path(m["trace"]).read_text())
+    assert trace["traceEvents"]
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"data", "forward", "backward", "optimizer"} <= names
+
+
+def test_profile_flops_scale_with_batch():
+    """Counted at a small batch and scaled: 64 images cost twice 32."""
+    import torch
+
+    from fastres import config as C
+
+    cfg = C.resolve(C.preset("smoke"), "cpu")
+    a = prof.count_step_flops(cfg, 10, 32, torch.device("cpu"))
+    b = prof.count_step_flops(cfg, 10, 64, torch.device("cpu"))
+    assert b["per_step"] == 2 * a["per_step"] and a["counted_at_batch"] == 32
+    assert a["per_step"] > 2 * a["forward_per_step"]   # backward costs about twice forward
+
+
+def test_profile_compare(tmp_path, capsys):
+    js = tmp_path / "c.json"
+    rc = prof.main(PROFILE_SMALL + ["--compare", "--variants", "eager",
+                                    "--memory-formats", "channels_last,contiguous",
+                                    "--peak-tflops", "1.0", "--json", str(js)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "vs eager" in printed and "1.00x" in printed
+    results = json.loads(js.read_text())["results"]
+    assert [(m["variant"], m["memory_format"]) for m in results] == [
+        ("eager", "channels_last"), ("eager", "contiguous")]
+    assert all(m["mfu"] is not None and m["peak_tflops"] == 1.0 for m in results)
+
+
+def test_profile_arguments(capsys):
+    one_line_error(capsys, "profile", prof.main, PROFILE_SMALL + ["--model", "nope"],
+                   "unknown model")
+    one_line_error(capsys, "profile", prof.main,
+                   PROFILE_SMALL + ["--compare", "--variants", "eagre"], "did you mean 'eager'")
+    one_line_error(capsys, "profile", prof.main, ["--preset", "smoke", "--images", "16"],
+                   "fewer than one batch")
+
+
+def test_profile_script_help_and_stdlib_profile():
+    """`python tools/profile.py` must not shadow the standard library's `profile`: neither
+    for itself nor for sibling scripts, which have tools/ on sys.path too."""
+    env = dict(os.environ, PYTHONPATH="")
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "profile.py"), "--help"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--memory-format" in r.stdout and "--compare" in r.stdout
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import cProfile, profile; "
+            "assert hasattr(profile, 'Profile') and hasattr(profile, 'run'), profile.__file__; "
+            "print(profile.__file__)")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT / "tools")], capture_output=True,
+                       text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).parent != ROOT / "tools"
+
+
+# --------------------------------------------------------------------------- table
+
+def test_table_launch_then_read(data_dir, tmp_path, capsys):
+    runs_dir, md = tmp_path / "runs", tmp_path / "out" / "table.md"
+    argv = smoke(data_dir, "--models", "resnet8", "--launch", "--epochs", "1",
+                 "--launch-dir", str(runs_dir), "--out", str(md))
+    assert results_table.main(argv) == 0
+    assert (runs_dir / "resnet8" / "result.json").is_file()
+    capsys.readouterr()
+
+    # Read the finished run back, beside a model without runs (article figures only).
+    md2 = tmp_path / "t2.md"
+    assert results_table.main(["--runs", str(runs_dir), "--models", "resnet8,resnet20",
+                               "--out", str(md2)]) == 0
+    printed = capsys.readouterr().out
+    assert "| Model" in printed and "Δ Top-1" in printed
+    lines = [line for line in md2.read_text().splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == list(results_table.HEADERS)
+    rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")]
+                              for line in lines[2:])}
+    assert set(rows) == {"resnet8", "resnet20"}
+    assert rows["resnet8"][1] == "1" and rows["resnet8"][2] != "—"      # one run, top-1
+    assert rows["resnet8"][8].startswith("cpu")                          # device
+    assert rows["resnet20"][1] == "0" and rows["resnet20"][2] == "—"
+    assert rows["resnet20"][9] == "92.02" and rows["resnet20"][12] == "0.9"  # article
+
+    with open(md2.with_suffix(".csv"), newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == list(results_table.CSV_FIELDS)
+    r8, r20 = table
+    assert r8["model"] == "resnet8" and float(r8["top1"]) > 0 and float(r8["train_min"]) > 0
+    assert float(r8["gmacs"]) == pytest.approx(float(r8["gflops"]) / 2)
+    assert "64-image subset of the 128 test images" in r8["notes"]
+    assert r20["top1"] == "" and r20["article_top1"] == "92.02"
+    assert abs(float(r20["params_m"]) - 0.27) < 0.01
+
+
+def test_table_arguments(tmp_path, capsys):
+    one_line_error(capsys, "table", results_table.main,
+                   ["--models", "resnet20,resnet2o", "--out", str(tmp_path / "t.md")],
+                   "unknown model")
+    one_line_error(capsys, "table", results_table.main,
+                   ["--runs", str(tmp_path / "missing"), "--out", str(tmp_path / "t.md")],
+                   "no such directory")
+    (tmp_path / "empty").mkdir()
+    one_line_error(capsys, "table", results_table.main,
+                   ["--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "t.md")],
+                   "no finished run")
+
+
+# --------------------------------------------------------------------------- help
+
+@pytest.mark.parametrize("command,flag", [("speedrun", "--runs"), ("profile", "--compare"),
+                                          ("table", "--launch")])
+def test_help_through_the_cli(command, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main([command, "--help"])
+    assert e.value.code == 0
+    assert flag in capsys.readouterr().out

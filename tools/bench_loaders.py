@@ -1,0 +1,434 @@
+"""`fastres bench-loaders`: how fast each data loader is, against what the trainer eats.
+
+    fastres bench-loaders                                # synthetic data, every loader
+    fastres bench-loaders --data-dir data --json out.json
+    fastres bench-loaders --loaders tensor,torch --batch-sizes 512 --torch-workers 0,2
+
+For each available loader (tensor, dali, torch at each --torch-workers count) and batch
+size: images per second of the loader alone (no model; the median of --repeats timed runs
+of --batches batches each, after --warmup batches; on a GPU the clock is read after a
+synchronize). Then the trainer's own consumption rate: a plain training step (forward,
+backward, fused SGD) of --model on random data in the loader's dtype, channels-last, the
+median of --repeats runs of --train-steps steps, timed with CUDA events on a GPU. Printed
+side by side: loader img/s / trainer img/s (how many trainers one loader could feed) and
+loader img/s / torch-DataLoader(workers=0) img/s (the torchvision-transforms path).
+
+On a GPU (or with --steal) also the time each loader adds to a training step: steps that
+pull their batch from the loader, minus steps on one fixed batch, per step. On a GPU this is
+the GPU time and host time the loader takes from training; on a CPU it is the loader's cost.
+
+Loader timings include everything a training loop pays: epoch boundaries (the next epoch's
+plan) fall inside the timed runs whenever a repeat crosses one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from itertools import count
+
+DEFAULT_SEED = 0
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastres bench-loaders",
+        description="Throughput of the tensor, DALI and torch loaders (images/s, no model) "
+                    "against the training step's consumption rate.")
+    p.add_argument("--loaders", default="tensor,dali,torch",
+                   help="comma-separated loaders to time (unavailable ones are reported and "
+                        "skipped); default: tensor,dali,torch")
+    p.add_argument("--batch-sizes", default="512,2000", help="comma-separated per-rank batch "
+                   "sizes (default 512,2000)")
+    p.add_argument("--torch-workers", default="auto", help="comma-separated worker counts for "
+                   "the torch loader (auto: 0,2 on CPU, 4,8 on GPU)")
+    p.add_argument("--dali-threads", type=int, default=0,
+                   help="DALI CPU threads (0 = the machine's CPU count, at most 8)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda[:N]")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="loader output / training dtype (auto: bf16 on GPU, fp32 on CPU)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--synthetic", type=int, default=0, metavar="N",
+                     help="N random uint8 32x32 images (the default source; default N: "
+                          "50000 on GPU, 10000 on CPU)")
+    src.add_argument("--data-dir", default="", metavar="D",
+                     help="benchmark on the training set of a CIFAR folder instead")
+    p.add_argument("--dataset", default="cifar10", help="with --data-dir: cifar10 or cifar100")
+    aug = p.add_argument_group("augmentation (the same for every loader)")
+    aug.add_argument("--crop", default="pad_crop", help="pad_crop, translate or none")
+    aug.add_argument("--pad", type=int, default=4, help="padding / maximum shift (pixels)")
+    aug.add_argument("--pad-mode", default="reflect", help="reflect or zeros")
+    aug.add_argument("--flip", default="random", help="random, alternate or none")
+    aug.add_argument("--cutout", type=int, default=0, help="cutout square side (0 = off)")
+    t = p.add_argument_group("timing")
+    t.add_argument("--repeats", type=int, default=0,
+                   help="timed runs per measurement, median reported (0 = auto: 3 on CPU, 5 "
+                        "on GPU)")
+    t.add_argument("--batches", type=int, default=0,
+                   help="batches per timed loader run (0 = auto: enough for ~2k images on "
+                        "CPU, ~16k on GPU, at least 2)")
+    t.add_argument("--warmup", type=int, default=0,
+                   help="untimed batches/steps first (0 = auto: 1 on CPU, 5 on GPU)")
+    m = p.add_argument_group("trainer")
+    m.add_argument("--model", default="auto",
+                   help="model whose training step sets the consumption rate (auto: "
+                        "resnet18_cifar on GPU, resnet20 on CPU); 'none' skips it")
+    m.add_argument("--train-steps", type=int, default=0,
+                   help="training steps per timed run (0 = auto: 1 on CPU, 20 on GPU)")
+    m.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    m.add_argument("--steal", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure the time each loader adds to a training step (default: on "
+                        "GPU only; slow on a CPU)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (0 = torch's default); the tensor loader's "
+                        "CPU ops and the trainer use them")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="data and shuffle seed")
+    p.add_argument("--json", default="", metavar="OUT", help="also write the results as JSON")
+    return p
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _csv_ints(text: str, what: str) -> list[int]:
+    from fastres.errors import ConfigError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--{what}: expected comma-separated whole numbers, got {text!r}")
+    if not values or any(v < 0 for v in values):
+        raise ConfigError(f"--{what}: expected non-negative whole numbers, got {text!r}")
+    return values
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def environment(device) -> dict:
+    import numpy
+    import torch
+    import torchvision
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    try:
+        import nvidia.dali as dali
+
+        env["dali"] = dali.__version__
+    except ImportError:
+        env["dali"] = None
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device_name"] = f"CPU ({platform.processor() or platform.machine()}, " \
+                             f"{os.cpu_count()} cores)"
+    return env
+
+
+def endless(loader):
+    """Batches forever, epoch after epoch (set_epoch on each, as the trainer does)."""
+    for epoch in count():
+        loader.set_epoch(epoch)
+        yield from loader
+
+
+def time_loader(loader, *, batches: int, repeats: int, warmup: int, device) -> list[float]:
+    """Images/s of `repeats` runs of `batches` batches each, after `warmup` batches."""
+    it = endless(loader)
+    for _ in range(warmup):
+        next(it)
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        n = 0
+        for _ in range(batches):
+            x, _ = next(it)
+            n += len(x)
+        _sync(device)                         # the device work of the last batch included
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+class Trainer:
+    """A plain training step: forward, cross-entropy, backward, fused SGD step."""
+
+    def __init__(self, name: str, device, dtype, compile_model: bool):
+        import torch
+
+        from fastres.models import create_model
+
+        self.device, self.dtype = device, dtype
+        self.model = create_model(name, num_classes=10).to(
+            device=device, memory_format=torch.channels_last).train()
+        self.net = torch.compile(self.model) if compile_model else self.model
+        try:
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9,
+                                       fused=True)
+        except (RuntimeError, TypeError):  # fused SGD missing for this device/version
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+
+    def step(self, x, y) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        with torch.autocast(self.device.type, dtype=self.dtype,
+                            enabled=self.dtype != torch.float32):
+            loss = F.cross_entropy(self.net(x).float(), y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def time_steps(self, batches, steps: int) -> float:
+        """Seconds per step over `steps` steps, batches from the callable `batches`."""
+        import torch
+
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(self.device)
+            start.record()
+            for _ in range(steps):
+                self.step(*batches())
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000 / steps
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step(*batches())
+        return (time.perf_counter() - t0) / steps
+
+
+def _fmt_rate(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v / 1e3:,.1f}k" if v >= 1e4 else f"{v:,.0f}"
+
+
+def _fmt_ratio(v: float | None) -> str:
+    return "-" if v is None else (f"{v:,.0f}x" if v >= 100 else f"{v:,.1f}x")
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    from fastres.errors import ConfigError, unknown_choice
+    from fastres.pipelines import LOADERS, Augment, build_loader
+    from fastres.pipelines.base import check_augment
+    from fastres.pipelines.dali import dali_available
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device}: CUDA is not available here")
+    gpu = device.type == "cuda"
+    dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "fp32": torch.float32,
+             "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    batch_sizes = _csv_ints(args.batch_sizes, "batch-sizes")
+    if 0 in batch_sizes:
+        raise ConfigError("--batch-sizes: batch sizes must be positive")
+    torch_workers = _csv_ints(args.torch_workers if args.torch_workers != "auto"
+                              else ("4,8" if gpu else "0,2"), "torch-workers")
+    names = [n.strip() for n in args.loaders.split(",") if n.strip()]
+    for n in names:
+        if n not in LOADERS:
+            raise unknown_choice("loader", n, LOADERS)
+    repeats = args.repeats or (5 if gpu else 3)
+    warmup = args.warmup or (5 if gpu else 1)
+    train_steps = args.train_steps or (20 if gpu else 1)
+    steal = gpu if args.steal is None else args.steal
+    model_name = args.model if args.model != "auto" else ("resnet18_cifar" if gpu else "resnet20")
+    dali_threads = args.dali_threads or min(8, os.cpu_count() or 1)
+
+    # ---- data
+    if args.data_dir:
+        from fastres.config import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
+        from fastres.data import load_cifar
+
+        data = load_cifar(args.data_dir, args.dataset)
+        images, labels = data.train.images, data.train.labels
+        mean, std = ((CIFAR100_MEAN, CIFAR100_STD) if args.dataset == "cifar100"
+                     else (CIFAR10_MEAN, CIFAR10_STD))
+        source = f"{args.dataset} training set from {args.data_dir} ({len(labels)} images)"
+    else:
+        n = args.synthetic or (50000 if gpu else 10000)
+        rng = np.random.default_rng(args.seed)
+        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).astype(np.int64)
+        mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+        source = f"synthetic: {n} random 32x32x3 uint8 images"
+    augment = Augment(crop=args.crop, pad=args.pad, pad_mode=args.pad_mode, flip=args.flip,
+                      cutout=args.cutout)
+    check_augment(augment, images.shape[1:3])
+
+    env = environment(device)
+    print(f"device: {env['device_name']}" + (f" (CUDA {env['cuda']})" if gpu else ""))
+    print(f"torch {env['torch']}, torchvision {env['torchvision']}, DALI {env['dali'] or '-'}, "
+          f"numpy {env['numpy']}, Python {env['python']}; {env['cpu_count']} CPUs, "
+          f"{env['torch_threads']} torch threads")
+    print(f"data: {source}; dtype {str(dtype).replace('torch.', '')}; augment: {augment}")
+    print(f"timing: median of {repeats} runs after {warmup} warm-up batches")
+
+    # ---- which loaders
+    runs = []      # (label, name, workers)
+    skipped = {}
+    for n in names:
+        if n == "dali" and not dali_available():
+            skipped["dali"] = "nvidia.dali is not importable (pip install 'fastres[dali]')"
+            continue
+        if n == "torch":
+            runs += [(f"torch w{w}", n, w) for w in torch_workers]
+        else:
+            runs.append((n if n == "tensor" else f"dali t{dali_threads}", n,
+                         dali_threads if n == "dali" else 0))
+    for n, why in skipped.items():
+        print(f"skipping {n}: {why}")
+
+    results = {"environment": env, "device": str(device), "dtype": str(dtype),
+               "data": source, "augment": dataclasses.asdict(augment), "repeats": repeats,
+               "warmup": warmup,
+               "loaders": [], "trainer": [], "steal": [], "skipped": skipped}
+
+    def make(name, workers, batch):
+        return build_loader(name, images, labels, train=True, batch_size=batch, device=device,
+                            dtype=dtype, mean=mean, std=std, augment=augment, seed=args.seed,
+                            workers=workers)
+
+    # ---- loaders alone
+    loader_rates = {}
+    for batch in batch_sizes:
+        if len(labels) < batch * 2:
+            raise ConfigError(f"{len(labels)} images are fewer than two batches of {batch}; "
+                              f"use more --synthetic images or smaller --batch-sizes")
+        nb = args.batches or max(2, math.ceil((16384 if gpu else 2048) / batch))
+        for label, name, workers in runs:
+            t0 = time.perf_counter()
+            loader = make(name, workers, batch)
+            setup = time.perf_counter() - t0
+            rates = time_loader(loader, batches=nb, repeats=repeats, warmup=warmup,
+                                device=device)
+            med = statistics.median(rates)
+            loader_rates[(label, batch)] = med
+            results["loaders"].append({"loader": label, "name": name, "workers": workers,
+                                       "batch_size": batch, "img_s": med, "img_s_runs": rates,
+                                       "batches_per_run": nb, "setup_s": setup})
+            print(f"  {label:<10} batch {batch:>5}: {_fmt_rate(med):>8} img/s  "
+                  f"(runs {_fmt_rate(min(rates))}-{_fmt_rate(max(rates))}, setup {setup:.2f} s)",
+                  flush=True)
+            del loader
+            gc.collect()          # a dropped loader's workers and memory go now, not mid-run
+
+    # ---- the trainer
+    trainer = None
+    trainer_rates = {}
+    if model_name != "none":
+        try:
+            trainer = Trainer(model_name, device, dtype, args.compile)
+        except ImportError as e:
+            print(f"trainer rate skipped: fastres.models is not importable yet ({e})")
+    if trainer is not None:
+        for batch in batch_sizes:
+            x = torch.randn(batch, 3, 32, 32, device=device).to(
+                dtype=dtype, memory_format=torch.channels_last)
+            y = torch.randint(0, 10, (batch,), device=device)
+            for _ in range(warmup):
+                trainer.step(x, y)
+            times = [trainer.time_steps(lambda: (x, y), train_steps) for _ in range(repeats)]
+            rate = batch / statistics.median(times)
+            trainer_rates[batch] = rate
+            results["trainer"].append({"model": model_name, "batch_size": batch, "img_s": rate,
+                                       "step_s_runs": times, "steps_per_run": train_steps,
+                                       "compiled": args.compile})
+            print(f"  trainer {model_name} batch {batch:>5}: {_fmt_rate(rate):>8} img/s "
+                  f"({statistics.median(times) * 1e3:.1f} ms/step)", flush=True)
+
+    # ---- time each loader adds to a training step
+    if trainer is not None and steal:
+        for batch in batch_sizes:
+            for label, name, workers in runs:
+                loader = make(name, workers, batch)
+                it = endless(loader)
+                for _ in range(warmup):
+                    trainer.step(*next(it))
+                fixed = next(it)
+                with_loader, without = [], []
+                for _ in range(repeats):
+                    without.append(trainer.time_steps(lambda: fixed, train_steps))
+                    with_loader.append(trainer.time_steps(lambda: next(it), train_steps))
+                added = statistics.median(with_loader) - statistics.median(without)
+                step = statistics.median(without)
+                results["steal"].append({"loader": label, "batch_size": batch,
+                                         "step_s": step, "added_s_per_step": added,
+                                         "step_s_runs": without,
+                                         "step_with_loader_s_runs": with_loader})
+                print(f"  {label:<10} batch {batch:>5}: adds {added * 1e3:+.2f} ms to a "
+                      f"{step * 1e3:.1f} ms step ({added / step:+.1%})", flush=True)
+                del loader, it
+                gc.collect()
+
+    # ---- the table
+    print()
+    head = f"{'loader':<10} {'batch':>6} {'img/s':>9} {'/ trainer':>10} {'/ torch w0':>11}"
+    print(head)
+    print("-" * len(head))
+    for r in results["loaders"]:
+        b = r["batch_size"]
+        tr = trainer_rates.get(b)
+        base = loader_rates.get(("torch w0", b))
+        r["ratio_vs_trainer"] = r["img_s"] / tr if tr else None
+        r["ratio_vs_torch_w0"] = r["img_s"] / base if base else None
+        print(f"{r['loader']:<10} {b:>6} {_fmt_rate(r['img_s']):>9} "
+              f"{_fmt_ratio(r['ratio_vs_trainer']):>10} {_fmt_ratio(r['ratio_vs_torch_w0']):>11}")
+    for b, rate in trainer_rates.items():
+        print(f"{'trainer':<10} {b:>6} {_fmt_rate(rate):>9}   ({model_name}, fwd+bwd+SGD, "
+              f"{str(dtype).replace('torch.', '')})")
+    if trainer_rates:
+        print("/ trainer: how many training processes like this one the loader could feed "
+              "(target on a GPU: >= 10x for tensor and dali with resnet18_cifar)")
+    if any(("torch w0", b) in loader_rates for b in batch_sizes):
+        print("/ torch w0: against torchvision transforms in the training process "
+              "(target on a CPU: tensor >= 20x)")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run as `python tools/bench_loaders.py`, Python puts tools/ first on sys.path, where
+    # tools/profile.py would shadow the standard library's `profile` (imported by torch).
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    from fastres.cli import run_tool
+
+    sys.exit(run_tool("bench-loaders", main))
