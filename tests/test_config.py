@@ -93,3 +93,10 @@ def test_from_dict_rejects_unknown_keys():
 def test_describe_covers_every_field():
     keys = {row[0] for row in C.describe()}
     assert "optim.lr" in keys and "schedule.two_phase_epochs" in keys and len(keys) > 60
+
+
+def test_fused_kernels_are_refused_on_gpu_until_verified():
+    cfg = C.replace(C.preset("smoke"), model={"fused_kernels": True})
+    assert C.resolve(cfg, "cpu").model.fused_kernels
+    with pytest.raises(ConfigError, match="failed verification on an H200"):
+        C.resolve(cfg, "cuda")

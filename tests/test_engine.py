@@ -298,3 +298,42 @@ def test_train_needs_a_resolved_config():
 def test_batch_larger_than_data_is_a_clear_error():
     with pytest.raises(ConfigError, match="smaller than one batch"):
         run(toy_cfg(data={"batch_size": 512}))
+
+
+class NoBN(nn.Module):
+    def __init__(self, classes=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_micro_batches_accumulate_to_the_whole_batch(reduction):
+    lr = 0.05 if reduction == "mean" else 0.05 / 32
+    torch.manual_seed(0)
+    whole = run(toy_cfg(run={"micro_batch": 0}, optim={"loss_reduction": reduction, "lr": lr}),
+                model=NoBN())
+    torch.manual_seed(0)
+    split = run(toy_cfg(run={"micro_batch": 12}, optim={"loss_reduction": reduction, "lr": lr}),
+                model=NoBN())  # 12 + 12 + 8 per batch of 32
+    for a, b in zip(whole.model.state_dict().values(), split.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert whole.epochs[-1]["train_loss"] == pytest.approx(split.epochs[-1]["train_loss"],
+                                                           rel=1e-5)
+
+
+def test_cpu_resolves_micro_batches():
+    assert C.resolve(C.preset("speedrun"), "cpu").run.micro_batch == 500
+    assert C.resolve(C.preset("speedrun"), "cuda").run.micro_batch == 0
+
+
+def test_triton_sgd_with_ema_matches_torch_sgd_with_ema():
+    ref = run(toy_cfg(optim={"ema_decay": 0.9, "impl": "foreach"}))
+    tri = run(toy_cfg(optim={"ema_decay": 0.9, "impl": "triton"}))
+    for a, b in zip(ref.model.state_dict().values(), tri.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(ref.ema.shadow, tri.ema.shadow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -39,12 +39,23 @@ class EMA:
         """Whether `update` should run after optimizer step `step` (0-based)."""
         return (step + 1) % self.every == 0
 
+    def shadows_by_param(self, model: nn.Module) -> dict[int, torch.Tensor]:
+        """id(parameter) -> its fp32 shadow, for an optimizer that averages in its step."""
+        return {id(p): s for p, s in zip(model.parameters(), self.shadow)}
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, params: bool = True) -> None:
+        """One EMA update. `params=False` averages only the floating buffers (when the
+        optimizer step already averaged the parameters, as the Triton SGD does)."""
         _, live = _float_tensors(model)
         d = self.current_decay()  # a host float: no device sync
-        live32 = [t.detach().float() if t.dtype != torch.float32 else t.detach() for t in live]
-        torch._foreach_lerp_(self.shadow, live32, 1.0 - d)
+        n_params = len(list(model.parameters()))
+        pairs = list(zip(self.shadow, live))[0 if params else n_params:]
+        if pairs:
+            shadow = [s for s, _ in pairs]
+            live32 = [t.detach().float() if t.dtype != torch.float32 else t.detach()
+                      for _, t in pairs]
+            torch._foreach_lerp_(shadow, live32, 1.0 - d)
         for name, b in model.named_buffers():
             if name in self.int_shadow:
                 self.int_shadow[name].copy_(b)

@@ -187,12 +187,15 @@ class Optimizers:
                 elif "betas" in g:
                     g["betas"] = (momentum, g["betas"][1])
 
-    def step(self, scaler=None) -> None:
+    def step(self, scaler=None, **kwargs) -> None:
+        """Step every optimizer; `kwargs` (e.g. the Triton SGD's ema_decay) go to the
+        optimizers that take them."""
         for opt in self.optimizers:
+            kw = kwargs if getattr(opt, "accepts_ema_decay", False) else {}
             if scaler is not None:
-                scaler.step(opt)
+                scaler.step(opt, **kw)
             else:
-                opt.step()
+                opt.step(**kw)
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -213,12 +216,12 @@ def _impl_kwargs(impl: str) -> dict:
             "for_loop": dict(foreach=False)}.get(impl, {})
 
 
-def build_optimizers(model: nn.Module, o: OptimConfig, *, ema_tensors=None) -> Optimizers:
+def build_optimizers(model: nn.Module, o: OptimConfig, *, ema_shadows=None) -> Optimizers:
     """The optimizer(s) for `model` as `o` describes.
 
-    `o.impl` must already be resolved (not "auto"). `ema_tensors` (fp32 shadows of the
-    model's parameters, in `model.parameters()` order) are handed to the Triton SGD, which
-    updates them in the same pass as the weights.
+    `o.impl` must already be resolved (not "auto"). `ema_shadows` (id(parameter) -> fp32
+    shadow, from `EMA.shadows_by_param`) are handed to the Triton SGD, which updates them in
+    the same pass as the weights.
     """
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters")
@@ -243,8 +246,12 @@ def build_optimizers(model: nn.Module, o: OptimConfig, *, ema_tensors=None) -> O
         if o.impl == "triton":
             from fastres.kernels import FusedSGD
 
-            opt = FusedSGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                           ema_decay=o.ema_decay, ema_tensors=ema_tensors)
+            ema_kw = {}
+            if ema_shadows is not None:
+                ema_kw = dict(ema_decay=o.ema_decay, ema_tensors=[
+                    ema_shadows[id(p)] for g in groups for p in g["params"]])
+            opt = FusedSGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, **ema_kw)
+            opt.accepts_ema_decay = ema_shadows is not None
         else:
             opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                   **kw)

@@ -14,6 +14,7 @@ checkpoints. On a GPU it is measured with CUDA events, on a CPU with a synchroni
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import signal
@@ -216,8 +217,9 @@ def train(cfg: Config, model: nn.Module, loaders, *, dist: Dist = Dist(),
 
     ema = EMA(model, o.ema_decay, o.ema_every, o.ema_warmup) if o.ema_decay > 0 else None
     triton_ema = ema is not None and o.impl == "triton"
-    opts = build_optimizers(model, o, ema_tensors=ema.shadow[:len(list(model.parameters()))]
+    opts = build_optimizers(model, o, ema_shadows=ema.shadows_by_param(model)
                             if triton_ema else None)
+    micro = r.micro_batch or train_loader.batch_size
     scaler = torch.amp.GradScaler(device.type) if r.precision == "fp16" else None
     criterion_scale = float(dist.world_size) if o.loss_reduction == "sum" else 1.0
 
@@ -282,38 +284,35 @@ def train(cfg: Config, model: nn.Module, loaders, *, dist: Dist = Dist(),
                 if s.cycle_momentum:
                     opts.set_momentum(momentum_at(step, total, s, opts.base_momentum[0]))
 
-                with autocast_for(device, r.precision):
-                    out = train_net(x)
-                    loss = F.cross_entropy(out.float(), y, label_smoothing=o.label_smoothing,
-                                           reduction=o.loss_reduction)
-                backward_loss = loss * criterion_scale if criterion_scale != 1 else loss
+                due = ema is not None and ema.due(step)
+                loss, batch_correct = _forward_backward(
+                    train_net, x, y, micro, o, r.precision, device, criterion_scale, scaler,
+                    dist)
+                step_kw = {"ema_decay": ema.current_decay() if due else 1.0} \
+                    if triton_ema else {}
                 if scaler is not None:
                     scale_before = scaler._scale.clone()  # device tensor, no sync
-                    scaler.scale(backward_loss).backward()
                     if o.grad_clip > 0:
                         for opt in opts.optimizers:
                             scaler.unscale_(opt)
                         nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                    opts.step(scaler)
+                    opts.step(scaler, **step_kw)
                     scaler.update()
                     skipped += (scaler._scale < scale_before).long()
                 else:
-                    backward_loss.backward()
                     if o.grad_clip > 0:
                         nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                    opts.step()
+                    opts.step(**step_kw)
                 opts.zero_grad()
-                if ema is not None and ema.due(step):
-                    if triton_ema:
-                        ema.updates += 1  # the Triton SGD step already averaged the weights
-                    else:
-                        ema.update(model)
+                if due:
+                    # With the Triton SGD the weights were averaged inside the step; the
+                    # EMA then only follows the buffers (BatchNorm statistics).
+                    ema.update(model, params=not triton_ema)
 
-                detached = loss.detach()
-                bad = ~torch.isfinite(detached)
+                bad = ~torch.isfinite(loss)
                 first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
-                loss_sum += torch.where(bad, 0.0, detached.float())
-                correct += (out.detach().argmax(1) == y).sum()
+                loss_sum += torch.where(bad, 0.0, loss)
+                correct += batch_correct
                 step += 1
                 progress.update()
                 if r.log_every and step % r.log_every == 0:
@@ -393,6 +392,38 @@ def train(cfg: Config, model: nn.Module, loaders, *, dist: Dist = Dist(),
     return RunResult(final=final, epochs=epochs_log, model=model, ema=ema)
 
 
+def _forward_backward(train_net, x, y, micro: int, o, precision: str, device,
+                      criterion_scale: float, scaler, dist: Dist):
+    """Forward and backward of one batch, in micro-batches of `micro` images when smaller
+    than the batch (gradients accumulate; DDP all-reduces only after the last one).
+
+    Returns the batch loss (as `o.loss_reduction` defines it over the whole batch) and the
+    number of correct predictions, both as device tensors.
+    """
+    n = len(y)
+    starts = range(0, n, micro)
+    loss_total = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    for i, start in enumerate(starts):
+        xs, ys = x[start:start + micro], y[start:start + micro]
+        last = i == len(starts) - 1
+        sync = contextlib.nullcontext() if last or not dist.enabled else train_net.no_sync()
+        with sync:
+            with autocast_for(device, precision):
+                out = train_net(xs)
+                loss = F.cross_entropy(out.float(), ys, label_smoothing=o.label_smoothing,
+                                       reduction=o.loss_reduction)
+            if o.loss_reduction == "mean" and len(ys) != n:
+                loss = loss * (len(ys) / n)  # the mean over the whole batch
+            backward_loss = loss * criterion_scale if criterion_scale != 1 else loss
+            if scaler is not None:
+                backward_loss = scaler.scale(backward_loss)
+            backward_loss.backward()
+        loss_total += loss.detach().float()
+        correct += (out.detach().argmax(1) == ys).sum()
+    return loss_total, correct
+
+
 def _check_finite(first_bad, skipped, precision, steps_per_epoch) -> None:
     bad = int(first_bad.item())  # host sync: only at epoch ends / log points
     if bad < 0:
@@ -413,9 +444,10 @@ def _warm_up(cfg, model, train_net, eval_net, train_loader, test_loader, device)
     rng = _rng_state(device)
     dtype, shape = _loader_dtype(train_loader)
     opts = build_optimizers(model, o)
-    x = torch.randn(train_loader.batch_size, *shape, device=device).to(
-        dtype=dtype, memory_format=torch.channels_last)
-    y = torch.randint(0, 2, (train_loader.batch_size,), device=device)
+    batch = min(r.micro_batch or train_loader.batch_size, train_loader.batch_size)
+    x = torch.randn(batch, *shape, device=device).to(dtype=dtype,
+                                                     memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (batch,), device=device)
     train_net.train()
     for _ in range(3):
         with autocast_for(device, r.precision):
