@@ -19,6 +19,7 @@ COMMANDS = {
     "table": ("fastres.tools.results_table", "the reference article's results table"),
     "bench-kernels": ("fastres.tools.bench_kernels", "fused BN-act and optimizer benchmarks"),
     "bench-loaders": ("fastres.tools.bench_loaders", "data loader throughput"),
+    "scaling": ("fastres.tools.scaling", "training img/s at 1, 2, ... processes (DDP)"),
     "device-check": ("fastres.tools.device_check", "one-shot GPU check script"),
 }
 

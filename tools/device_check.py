@@ -185,7 +185,9 @@ def main(argv=None) -> int:
         elif stage == "profile":
             results.append(_run("profile", [py, "-m", "fastres", "profile", "--model",
                                             "airbench94", "--batch-size", "2000", "--compare",
-                                            "--json", str(out / "profile.json")], out, limit))
+                                            "--memory-formats", "channels_last", "--steps",
+                                            "30", "--json", str(out / "profile.json")], out,
+                                limit))
         elif stage == "speedrun":
             if not data_dir:
                 results.append({"stage": "speedrun", "rc": "skipped (no --data-dir or "

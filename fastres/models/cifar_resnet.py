@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fastres.errors import ConfigError
 
-from .layers import BatchNormAct2d, NormActLayer
+from .layers import BatchNormAct2d, NormActLayer, init_conv_bn_
 from .registry import register_model
 from .resnet import BasicBlock, conv1x1, conv3x3
 
@@ -77,12 +77,7 @@ class CifarResNet(nn.Module):
 
         # "We initialize the weights as in [He et al. 2015]": zero-mean Gaussian with
         # std sqrt(2/n), n = k*k*out_channels as in fb.resnet.torch and torchvision.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self)
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, BasicBlock):

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .layers import BatchNormAct2d, NormActLayer
+from .layers import BatchNormAct2d, NormActLayer, init_conv_bn_
 from .registry import register_model
 from .resnet import conv1x1, conv3x3
 
@@ -73,12 +73,7 @@ class PreActResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(self.inplanes, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self)
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, PreActBlock):

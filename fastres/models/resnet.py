@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .layers import BatchNormAct2d, NormActLayer
+from .layers import BatchNormAct2d, NormActLayer, init_conv_bn_
 from .registry import register_model
 
 
@@ -124,12 +124,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self)
         if zero_init_residual:
             # Goyal et al. 2017: each residual branch starts as zero, so every block starts
             # as the identity; torchvision reports +0.2-0.3% top-1.

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .layers import BatchNormAct2d, NormActLayer
+from .layers import BatchNormAct2d, NormActLayer, init_conv_bn_
 from .registry import register_model
 
 # Configuration D: output channels of each 3x3 conv, "M" = 2x2/2 max-pool.
@@ -43,16 +43,10 @@ def make_layers(cfg: list, norm_act_layer: NormActLayer | None) -> nn.Sequential
 
 
 def _init(model: nn.Module) -> None:
-    # torchvision's VGG initialisation.
+    # torchvision's VGG initialisation: He for convs, N(0, 0.01) for the classifier.
+    init_conv_bn_(model)
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0, 0.01)
             nn.init.zeros_(m.bias)
 

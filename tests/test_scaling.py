@@ -1,0 +1,28 @@
+"""`fastres scaling`: runs `fastres train` at 1 and 2 processes and tabulates img/s."""
+import json
+
+import pytest
+
+from fastres.cli import main
+from fastres.data import synthetic, write_cifar
+
+
+@pytest.mark.slow
+def test_scaling_one_and_two_processes(tmp_path, capsys):
+    d = synthetic(512, 128, seed=0)
+    write_cifar(tmp_path / "data", "cifar10", train=(d.train.images, d.train.labels),
+                test=(d.test.images, d.test.labels))
+    rc = main(["scaling", "--preset", "smoke", "--data-dir", str(tmp_path / "data"),
+               "--nprocs", "1,2", "--set", "schedule.epochs=1", "--set", "data.train_limit=512",
+               "--set", "data.test_limit=128", "--out", str(tmp_path / "runs"),
+               "--json", str(tmp_path / "scaling.json")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| processes | img/s | speed-up | efficiency |" in out
+    rows = json.loads((tmp_path / "scaling.json").read_text())["rows"]
+    assert [r["world_size"] for r in rows] == [1, 2] and rows[0]["speedup"] == 1.0
+
+
+def test_scaling_rejects_bad_counts(tmp_path, capsys):
+    assert main(["scaling", "--data-dir", str(tmp_path), "--nprocs", "0,2"]) == 2
+    assert "--nprocs must be positive" in capsys.readouterr().err
