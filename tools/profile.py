@@ -292,7 +292,7 @@ def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
         model.data_init(loader.sample(min(5000, loader.num_examples)).to(device))
     ema = EMA(model, o.ema_decay, o.ema_every, o.ema_warmup) if o.ema_decay > 0 else None
     triton_ema = ema is not None and o.impl == "triton"
-    opts = build_optimizers(model, o, ema_tensors=ema.shadow[:len(list(model.parameters()))]
+    opts = build_optimizers(model, o, ema_shadows=ema.shadows_by_param(model)
                             if triton_ema else None)
     scaler = torch.amp.GradScaler(device.type) if r.precision == "fp16" else None
     if r.compile == "on":
@@ -320,15 +320,16 @@ def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
         (scaler.scale(loss) if scaler is not None else loss).backward()
         mark()
         ranges("optimizer")
-        opts.step(scaler)
+        due = ema is not None and ema.due(step_no)
+        # As in the trainer: the Triton SGD averages the weights inside its step, so the EMA
+        # afterwards only follows the buffers.
+        opts.step(scaler, **({"ema_decay": ema.current_decay() if due else 1.0}
+                             if triton_ema else {}))
         if scaler is not None:
             scaler.update()
         opts.zero_grad()
-        if ema is not None and ema.due(step_no):
-            if triton_ema:
-                ema.updates += 1
-            else:
-                ema.update(model)
+        if due:
+            ema.update(model, params=not triton_ema)
         mark()
         ranges(None)
         step_no += 1
