@@ -175,7 +175,9 @@ class CifarData:
 
 
 def _stderr_line(message: str) -> None:
-    print(f"fastres: warning: {message}", file=sys.stderr)
+    # Under torchrun every rank loads the data; one copy of the warning is enough.
+    if os.environ.get("RANK", "0") == "0":
+        print(f"fastres: warning: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
