@@ -322,6 +322,43 @@ def _bn_act_fwd_kernel(
 
 
 @triton.jit
+def _load_bwd_params(MEAN, RSTD, W, B, cols, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The per-channel values both backward passes need: mean, rstd, w (1 without affine
+    weight), b (0 without bias), all in the accumulation dtype."""
+    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
+    rstd = tl.load(RSTD + cols, mask=cmask, other=0.0).to(ACC)
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+    else:
+        w = tl.full([BLOCK_C], 1.0, dtype=ACC)
+    if HAS_B:
+        b = tl.load(B + cols, mask=cmask, other=0.0).to(ACC)
+    else:
+        b = tl.zeros([BLOCK_C], dtype=ACC)
+    return mean, rstd, w, b
+
+
+@triton.jit
+def _recompute_dz(DY, Y, RES, r2, c2, mask, xh, w, b, stride_dym, stride_ym, stride_rm,
+                  HAS_RES: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr):
+    """dz = dL/dz for one tile from dy and what the activation needs (relu: the saved
+    output; gelu: z rebuilt from x_hat, w, b and the residual), rounded to the gradient's
+    dtype as eager PyTorch's separate activation backward would leave it."""
+    dy = tl.load(DY + r2 * stride_dym + c2, mask=mask, other=0.0).to(ACC)
+    y = dy  # placeholder for the activations that do not read it
+    z = dy
+    if ACT == 1:
+        y = tl.load(Y + r2 * stride_ym + c2, mask=mask, other=0.0).to(ACC)
+    if ACT == 2:
+        z = xh * w[None, :] + b[None, :]
+        if HAS_RES:
+            z += tl.load(RES + r2 * stride_rm + c2, mask=mask, other=0.0).to(ACC)
+    dz = _act_grad(dy, y, z, ACT)
+    return dz.to(DY.dtype.element_ty).to(ACC)
+
+
+@triton.jit
 def _bn_act_bwd_reduce_kernel(
     DY,             # *G [M, C] upstream gradient dL/dy
     X,              # *T [M, C] saved input
@@ -360,16 +397,8 @@ def _bn_act_bwd_reduce_kernel(
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
-    rstd = tl.load(RSTD + cols, mask=cmask, other=0.0).to(ACC)
-    if HAS_W:
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
-    else:
-        w = tl.full([BLOCK_C], 1.0, dtype=ACC)
-    if HAS_B:
-        b = tl.load(B + cols, mask=cmask, other=0.0).to(ACC)
-    else:
-        b = tl.zeros([BLOCK_C], dtype=ACC)
+    mean, rstd, w, b = _load_bwd_params(MEAN, RSTD, W, B, cols, cmask, HAS_W, HAS_B, ACC,
+                                        BLOCK_C)
     # Per-lane partial sums, reduced across the tile's rows once after the loop (an
     # elementwise loop body: no cross-warp reduction per tile).
     s1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
@@ -380,19 +409,10 @@ def _bn_act_bwd_reduce_kernel(
         mask = (rows < M)[:, None] & cmask[None, :]
         r2 = rows[:, None]
         c2 = cols[None, :]
-        dy = tl.load(DY + r2 * stride_dym + c2, mask=mask, other=0.0).to(ACC)
         x = tl.load(X + r2 * stride_xm + c2, mask=mask, other=0.0).to(ACC)
         xh = (x - mean[None, :]) * rstd[None, :]
-        y = dy  # placeholder for the activations that do not read it
-        z = dy
-        if ACT == 1:
-            y = tl.load(Y + r2 * stride_ym + c2, mask=mask, other=0.0).to(ACC)
-        if ACT == 2:
-            z = xh * w[None, :] + b[None, :]
-            if HAS_RES:
-                z += tl.load(RES + r2 * stride_rm + c2, mask=mask, other=0.0).to(ACC)
-        dz = _act_grad(dy, y, z, ACT)
-        dz = dz.to(DY.dtype.element_ty).to(ACC)
+        dz = _recompute_dz(DY, Y, RES, r2, c2, mask, xh, w, b, stride_dym, stride_ym,
+                           stride_rm, HAS_RES, ACT, ACC)
         if STORE_DRES:
             tl.store(DRES + r2 * stride_drm + c2, dz.to(DRES.dtype.element_ty), mask=mask)
         if STORE_DX:
@@ -480,16 +500,8 @@ def _bn_act_bwd_dx_kernel(
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
-    rstd = tl.load(RSTD + cols, mask=cmask, other=0.0).to(ACC)
-    if HAS_W:
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
-    else:
-        w = tl.full([BLOCK_C], 1.0, dtype=ACC)
-    if HAS_B:
-        b = tl.load(B + cols, mask=cmask, other=0.0).to(ACC)
-    else:
-        b = tl.zeros([BLOCK_C], dtype=ACC)
+    mean, rstd, w, b = _load_bwd_params(MEAN, RSTD, W, B, cols, cmask, HAS_W, HAS_B, ACC,
+                                        BLOCK_C)
     m1 = tl.load(SUM_DB + cols, mask=cmask, other=0.0).to(ACC) / M
     m2 = tl.load(SUM_DW + cols, mask=cmask, other=0.0).to(ACC) / M
     a = w * rstd
@@ -502,17 +514,8 @@ def _bn_act_bwd_dx_kernel(
     if DZ_STORED:
         dz = tl.load(DZ + r2 * stride_dzm + c2, mask=mask, other=0.0).to(ACC)
     else:
-        dy = tl.load(DY + r2 * stride_dym + c2, mask=mask, other=0.0).to(ACC)
-        y = dy
-        z = dy
-        if ACT == 1:
-            y = tl.load(Y + r2 * stride_ym + c2, mask=mask, other=0.0).to(ACC)
-        if ACT == 2:
-            z = xh * w[None, :] + b[None, :]
-            if HAS_RES:
-                z += tl.load(RES + r2 * stride_rm + c2, mask=mask, other=0.0).to(ACC)
-        dz = _act_grad(dy, y, z, ACT)
-        dz = dz.to(DY.dtype.element_ty).to(ACC)
+        dz = _recompute_dz(DY, Y, RES, r2, c2, mask, xh, w, b, stride_dym, stride_ym,
+                           stride_rm, HAS_RES, ACT, ACC)
     dx = a[None, :] * (dz - m1[None, :] - xh * m2[None, :])
     tl.store(DX + r2 * stride_dxm + c2, dx.to(DX.dtype.element_ty), mask=mask)
 

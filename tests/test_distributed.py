@@ -79,7 +79,7 @@ def test_global_batch_must_split_evenly():
 
 
 @pytest.mark.slow
-def test_torchrun_fastres_train_smoke(tmp_path):
+def test_torchrun_fastres_train_smoke(tmp_path, capsys):
     data_dir = tmp_path / "data"
     d = synthetic(512, 256, seed=0)
     write_cifar(data_dir, "cifar10", train=(d.train.images, d.train.labels),
@@ -92,6 +92,41 @@ def test_torchrun_fastres_train_smoke(tmp_path):
     assert json.loads((out / "result.json").read_text())["world_size"] == 2
     assert json.loads((out / "env.json").read_text())["world_size"] == 2
     assert proc.stdout.count("done: top-1") == 1  # only rank 0 reports
+
+    # Resume: the same world size continues; another world size is a clear error.
+    from fastres.cli import main
+
+    again = torchrun("-m", "fastres", "train", "--out", str(out), "--data-dir", str(data_dir),
+                     "--resume")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert json.loads((out / "result.json").read_text())["world_size"] == 2
+    assert main(["train", "--out", str(out), "--data-dir", str(data_dir), "--resume"]) == 2
+    assert "written by 2 process(es) and this run has 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
+    """A job whose rank fails after the first attempt wrote checkpoints/last.pt is restarted
+    by torchrun and continues from it (no flag needed)."""
+    data_dir = tmp_path / "data"
+    d = synthetic(256, 128, seed=0)
+    write_cifar(data_dir, "cifar10", train=(d.train.images, d.train.labels),
+                test=(d.test.images, d.test.labels))
+    out = tmp_path / "run"
+    script = tmp_path / "flaky.py"
+    script.write_text(
+        "import os, sys\n"
+        "from fastres.cli import main\n"
+        "rc = main(['train', *sys.argv[1:]])\n"
+        "if os.environ['TORCHELASTIC_RESTART_COUNT'] == '0' and os.environ['RANK'] == '1':\n"
+        "    raise SystemExit('rank 1 fails after the first attempt')\n"
+        "sys.exit(rc)\n")
+    proc = torchrun("--max-restarts=1", str(script), "--preset", "smoke", "--data-dir",
+                    str(data_dir), "--out", str(out), "--set", "data.train_limit=256", "--set",
+                    "data.test_limit=128", "--set", "schedule.epochs=1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "torchrun restart 1: resuming from" in proc.stdout
+    assert json.loads((out / "result.json").read_text())["world_size"] == 2
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ other side of the ReLU threshold and the same-dtype reference is not a fair yard
 """
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -122,6 +123,11 @@ def _inputs(shape, dtype, residual, seed=1, mean=1.0, std=2.0):
     return x, r, dy
 
 
+def x_rows(shape) -> int:
+    """M = N*H*W, the rows each channel's statistics and sums run over."""
+    return math.prod(shape) // shape[1]
+
+
 def run_case(shape, dtype=torch.float32, act="relu", residual=True, training=True, steps=1,
              **pair_kw):
     """Forward + backward through both modules (`steps` times in training, to exercise the
@@ -132,6 +138,8 @@ def run_case(shape, dtype=torch.float32, act="relu", residual=True, training=Tru
     fus.train(training)
     atol, rtol = TOL[dtype]
     satol, srtol = SUM_TOL[dtype]
+    # Sums over M = N*H*W rows: summation-order error grows like sqrt(M).
+    sum_scale = max(1.0, math.sqrt(x_rows(shape) / 4096))
     for step in range(steps):
         x, r, dy = _inputs(shape, dtype, residual, seed=step + 1)
         # The reference on fp32 copies for low precision (see the module docstring).
@@ -149,10 +157,17 @@ def run_case(shape, dtype=torch.float32, act="relu", residual=True, training=Tru
                  if t is not None and t.requires_grad]
         g_ref = torch.autograd.grad(y_ref, wrt_ref, dy.to(y_ref.dtype))
         g_fus = torch.autograd.grad(y, wrt, dy)
+        # Every gradient is compared before failing, so one (GPU) run reports them all.
+        failures = []
         for name, a, e in zip(names, g_fus, g_ref):
-            tol = (satol, srtol) if name in ("dweight", "dbias") else (atol, rtol)
+            tol = (satol * sum_scale, srtol * sum_scale) if name in ("dweight", "dbias") \
+                else (atol, rtol)
             assert a.dtype == (e.dtype if not up or name in ("dweight", "dbias") else dtype)
-            assert_close(a, e.to(a.dtype), *tol, name)
+            try:
+                assert_close(a, e.to(a.dtype), *tol, name)
+            except AssertionError as err:
+                failures.append(str(err))
+        assert not failures, "\n".join(failures)
         if training and pair_kw.get("track", True):
             assert_close(fus.running_mean, ref.running_mean, *STAT_TOL, "running_mean")
             assert_close(fus.running_var, ref.running_var, *STAT_TOL, "running_var")
