@@ -175,9 +175,7 @@ class CifarData:
 
 
 def _stderr_line(message: str) -> None:
-    # Under torchrun every rank loads the data; one copy of the warning is enough.
-    if os.environ.get("RANK", "0") == "0":
-        print(f"fastres: warning: {message}", file=sys.stderr)
+    print(f"fastres: warning: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,14 +78,14 @@ def main(argv=None) -> int:
                      "top1": res["top1"], "world_size": res["world_size"],
                      "device": res.get("device")})
         print(f"  {n} process(es): {res['img_per_s']:,.0f} img/s", flush=True)
-    base = rows[0]["img_per_s"] * (1 / rows[0]["nproc"])
-    print(f"\nfastres scaling: preset {args.preset}, device {rows[0]['device']}")
+    first = rows[0]
+    print(f"\nfastres scaling: preset {args.preset}, device {first['device']}")
     print("| processes | img/s | speed-up | efficiency | timed s | top-1 |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        speedup = r["img_per_s"] / rows[0]["img_per_s"]
+        speedup = r["img_per_s"] / first["img_per_s"]
         r["speedup"] = speedup
-        r["efficiency"] = r["img_per_s"] / (base * r["nproc"])
+        r["efficiency"] = speedup * first["nproc"] / r["nproc"]
         print(f"| {r['nproc']} | {r['img_per_s']:,.0f} | {speedup:.2f}x | "
               f"{100 * r['efficiency']:.0f}% | {r['timed_s']:.1f} | {r['top1']:.4f} |")
     print(f"\nrecords in {root}")

@@ -39,10 +39,13 @@ def subset(images: np.ndarray, labels: np.ndarray, limit: int):
     return images[idx], labels[idx]
 
 
-def load_data(cfg: Config):
+def load_data(cfg: Config, dist: Dist = Dist()):
+    """The data set `cfg` names. Every rank loads it; only the main rank prints warnings
+    (the run record carries `official` either way)."""
     from fastres.data import load_cifar
 
-    return load_cifar(cfg.data.data_dir, cfg.data.dataset, download=cfg.data.download)
+    kw = {} if dist.is_main else {"warn": lambda message: None}
+    return load_cifar(cfg.data.data_dir, cfg.data.dataset, download=cfg.data.download, **kw)
 
 
 def build_loaders(cfg: Config, data, dist: Dist = Dist()):
@@ -80,7 +83,7 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
 def build(cfg: Config, dist: Dist = Dist(), data=None) -> Built:
     """Data (loaded unless given), loaders for this rank, and the model, seeded."""
     if data is None:
-        data = load_data(cfg)
+        data = load_data(cfg, dist)
     num_classes = len(data.classes)
     model = build_model(cfg, num_classes)
     loaders = build_loaders(cfg, data, dist)
