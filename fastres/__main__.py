@@ -1,5 +1,6 @@
+"""`python -m fastres ...`: the one place the library reaches into tools/ (the CLI)."""
 import sys
 
-from fastres.cli import main
+from fastres.tools.cli import main
 
 sys.exit(main())

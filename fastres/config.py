@@ -141,8 +141,13 @@ class RunConfig:
     precision: str = _f("auto", "autocast dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, "
                         "fp16 (with a grad scaler)", choices=("auto", "fp32", "bf16", "fp16"))
     channels_last: bool = _f(True, "channels-last (NHWC) activations and weights")
-    compile: str = _f("auto", "torch.compile the model: auto (on for GPU), on, off",
-                      choices=("auto", "on", "off"))
+    compile: str = _f("auto", "torch.compile: on (the model), step (the whole training step "
+                      "as one graph: forward, backward, optimizer, EMA, schedules; "
+                      "fullgraph=True), off, or auto (on for GPU, off for CPU)",
+                      choices=("auto", "on", "step", "off"))
+    cuda_graph: str = _f("auto", "with compile=step on CUDA: replay the captured step as a "
+                         "CUDA graph (auto = on with compile=step on CUDA, else off)",
+                         choices=("auto", "on", "off"))
     compile_mode: str = _f("default", "torch.compile mode",
                            choices=("default", "reduce-overhead", "max-autotune",
                                     "max-autotune-no-cudagraphs"))
@@ -500,6 +505,11 @@ def validate(cfg: Config) -> Config:
                           "use fp32 or bf16 on the CPU")
     if dev == "cpu" and r.sync_bn:
         raise ConfigError("run.sync_bn needs GPUs: torch's SyncBatchNorm runs on CUDA only")
+    if r.cuda_graph == "on" and r.compile not in ("step", "auto"):
+        raise ConfigError("run.cuda_graph=on replays the compiled training step: it needs "
+                          "run.compile=step")
+    if r.cuda_graph == "on" and dev == "cpu":
+        raise ConfigError("run.cuda_graph=on needs a CUDA device")
     if r.micro_batch is not None and r.micro_batch < 0:
         raise ConfigError(f"run.micro_batch must be >= 0 (0 = whole batches), got "
                           f"{r.micro_batch}")
@@ -522,6 +532,8 @@ def resolve(cfg: Config, device: str) -> Config:
         run["precision"] = "bf16" if on_gpu else "fp32"
     if r.compile == "auto":
         run["compile"] = "on" if on_gpu else "off"
+    if r.cuda_graph == "auto":
+        run["cuda_graph"] = "on" if on_gpu and run.get("compile", r.compile) == "step" else "off"
     if r.micro_batch is None:
         # Measured on the 2-core build machine: the speed-run net trains at 151 img/s in
         # batches of 500 and 128 img/s in batches of 2000 (cache-bound convolutions), so

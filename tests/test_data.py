@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastres import cli
+from fastres.tools import cli
 from fastres import data as D
 from fastres.errors import ConfigError, DataError
 from fastres.tools import data as tool

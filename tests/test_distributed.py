@@ -94,7 +94,7 @@ def test_torchrun_fastres_train_smoke(tmp_path, capsys):
     assert proc.stdout.count("done: top-1") == 1  # only rank 0 reports
 
     # Resume: the same world size continues; another world size is a clear error.
-    from fastres.cli import main
+    from fastres.tools.cli import main
 
     again = torchrun("-m", "fastres", "train", "--out", str(out), "--data-dir", str(data_dir),
                      "--resume")
@@ -119,7 +119,7 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
     script = tmp_path / "flaky.py"
     script.write_text(
         "import os, sys\n"
-        "from fastres.cli import main\n"
+        "from fastres.tools.cli import main\n"
         "rc = main(['train', *sys.argv[1:]])\n"
         "if os.environ['TORCHELASTIC_RESTART_COUNT'] == '0' and os.environ['RANK'] == '1':\n"
         "    raise SystemExit('rank 1 fails after the first attempt')\n"
@@ -148,7 +148,7 @@ def test_a_failing_rank_brings_the_job_down_with_its_message(tmp_path):
 
 
 def test_sync_bn_on_cpu_is_a_clear_error(tmp_path):
-    from fastres.cli import main
+    from fastres.tools.cli import main
 
     assert main(["train", "--preset", "smoke", "--device", "cpu", "--sync-bn",
                  "--data-dir", str(tmp_path)]) == 2

@@ -453,7 +453,7 @@ def test_models_cli_table(capsys):
 
 
 def test_models_cli_json(capsys):
-    from fastres.cli import main as cli
+    from fastres.tools.cli import main as cli
 
     assert cli(["models", "--filter", "preact", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -471,7 +471,7 @@ def test_models_cli_json(capsys):
 
 
 def test_models_cli_errors(capsys):
-    from fastres.cli import main as cli
+    from fastres.tools.cli import main as cli
 
     assert cli(["models", "--filter", "no-such-net"]) == 2
     assert "no model name contains 'no-such-net'" in capsys.readouterr().err

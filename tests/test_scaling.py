@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from fastres.cli import main
+from fastres.tools.cli import main
 from fastres.data import synthetic, write_cifar
 
 

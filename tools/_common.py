@@ -44,7 +44,8 @@ def add_config_args(p: argparse.ArgumentParser, *, preset: str = "speedrun",
         "seed": dict(type=int, help="random seed"),
         "device": dict(help="auto, cpu, cuda, cuda:N"),
         "precision": dict(choices=("auto", "fp32", "bf16", "fp16"), help="autocast dtype"),
-        "compile": dict(choices=("auto", "on", "off"), help="torch.compile the model"),
+        "compile": dict(choices=("auto", "on", "step", "off"),
+                        help="torch.compile the model (on) or the whole step (step)"),
     }
     for name in fields:
         g.add_argument(f"--{name}", **flags[name])

@@ -115,35 +115,6 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def environment(device) -> dict:
-    import numpy
-    import torch
-    import torchvision
-
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-    }
-    try:
-        import nvidia.dali as dali
-
-        env["dali"] = dali.__version__
-    except ImportError:
-        env["dali"] = None
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    else:
-        env["device_name"] = f"CPU ({platform.processor() or platform.machine()}, " \
-                             f"{os.cpu_count()} cores)"
-    return env
-
-
 def endless(loader):
     """Batches forever, epoch after epoch (set_epoch on each, as the trainer does)."""
     for epoch in count():
@@ -240,6 +211,7 @@ def main(argv=None) -> int:
     from fastres.pipelines import LOADERS, Augment, build_loader
     from fastres.pipelines.base import check_augment
     from fastres.pipelines.dali import dali_available
+    from fastres.bench import environment
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -290,7 +262,7 @@ def main(argv=None) -> int:
     check_augment(augment, images.shape[1:3])
 
     env = environment(device)
-    print(f"device: {env['device_name']}" + (f" (CUDA {env['cuda']})" if gpu else ""))
+    print(f"device: {env['device']}" + (f" (CUDA {env['cuda']})" if gpu else ""))
     print(f"torch {env['torch']}, torchvision {env['torchvision']}, DALI {env['dali'] or '-'}, "
           f"numpy {env['numpy']}, Python {env['python']}; {env['cpu_count']} CPUs, "
           f"{env['torch_threads']} torch threads")
@@ -425,10 +397,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as `python tools/bench_loaders.py`, Python puts tools/ first on sys.path, where
-    # tools/profile.py would shadow the standard library's `profile` (imported by torch).
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    from fastres.cli import run_tool
+    from fastres.tools.cli import run_tool
 
     sys.exit(run_tool("bench-loaders", main))

@@ -12,7 +12,7 @@ Stages (default budget in seconds):
     tests     the GPU-marked tests plus the kernel tests on the real device            (150)
     kernels   tools/bench_kernels.py: fused BN-act and optimizer step vs torch          (120)
     loaders   tools/bench_loaders.py: tensor (and DALI if installed) vs DataLoader       (60)
-    profile   tools/profile.py --compare on the speed-run net                            (90)
+    profile   tools/profile_step.py --compare on the speed-run net                            (90)
     speedrun  tools/speedrun.py: the speedrun preset over N seeds                       (240)
 
 `--data-dir` is a folder with cifar-10-batches-py/; or give `--jpeg-pack` (the folder that
@@ -96,7 +96,7 @@ def _run(name: str, cmd: list[str], out: Path, limit: float) -> dict:
 def _env_stage(out: Path) -> dict:
     import torch
 
-    from fastres.engine.records import environment
+    from fastres.bench import environment
 
     info = {"nvidia_smi": None}
     try:
@@ -210,6 +210,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from fastres.cli import run_tool
+    from fastres.tools.cli import run_tool
 
     sys.exit(run_tool("device-check", main))

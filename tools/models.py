@@ -159,4 +159,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fastres.tools.cli import run_tool
+
+    sys.exit(run_tool("models", main))

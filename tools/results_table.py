@@ -311,6 +311,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from fastres.cli import run_tool
+    from fastres.tools.cli import run_tool
 
     sys.exit(run_tool("table", main))

@@ -211,7 +211,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from fastres.engine import build, environment, load_data, resolve_for, train
+    from fastres.bench import environment
+    from fastres.engine import build, load_data, resolve_for, train
 
     cfg = resolve_for(cfg)
     r = cfg.run
@@ -295,6 +296,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from fastres.cli import run_tool
+    from fastres.tools.cli import run_tool
 
     sys.exit(run_tool("speedrun", main))

@@ -40,7 +40,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--compile", choices=("auto", "on", "off"))
+    p.add_argument("--compile", choices=("auto", "on", "step", "off"),
+                   help="torch.compile the model (on), the whole training step (step), or "
+                        "nothing (off); auto: on for GPU, off for CPU")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="SyncBatchNorm across processes (GPUs only)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
@@ -172,6 +174,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from fastres.cli import run_tool
+    from fastres.tools.cli import run_tool
 
     sys.exit(run_tool("train", main))

@@ -3,14 +3,14 @@ from .build import Built, build, build_loaders, build_model, load_data, resolve_
 from .ema import EMA
 from .evaluate import evaluate, tta_logits
 from .optim import Muon, Optimizers, build_optimizers, param_groups, param_roles
-from .records import environment, load_checkpoint, read_metrics, save_checkpoint
+from .records import load_checkpoint, read_metrics, save_checkpoint
 from .schedules import lr_factor, momentum_at, phase2_start, total_steps
 from .trainer import Interrupted, RunResult, train, unwrap
 
 __all__ = [
     "Built", "build", "build_loaders", "build_model", "load_data", "resolve_for", "EMA",
     "evaluate", "tta_logits", "Muon", "Optimizers", "build_optimizers", "param_groups",
-    "param_roles", "environment", "load_checkpoint", "read_metrics", "save_checkpoint",
+    "param_roles", "load_checkpoint", "read_metrics", "save_checkpoint",
     "lr_factor", "momentum_at", "phase2_start", "total_steps", "Interrupted", "RunResult",
     "train", "unwrap",
 ]

@@ -17,9 +17,6 @@ import contextlib
 import io
 import json
 import os
-import platform
-import socket
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -82,63 +79,6 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a fastres checkpoint (format "
                               f"{state.get('format') if isinstance(state, dict) else None!r})")
     return state
-
-
-# --------------------------------------------------------------------------- environment
-
-def git_sha() -> str:
-    """The commit of the fastres checkout in use ('+dirty' when it has local changes), or
-    'unknown' for an installed copy outside a git checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
-        if sha.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True, timeout=5)
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def environment(device: torch.device | str | None = None) -> dict:
-    """Versions and device: what every record and benchmark prints beside its numbers."""
-    import fastres
-
-    env = {
-        "fastres": fastres.__version__,
-        "git_sha": git_sha(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "platform": platform.platform(),
-        "host": socket.gethostname(),
-        "cpu_threads": torch.get_num_threads(),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    try:
-        from nvidia import dali
-
-        env["dali"] = dali.__version__
-    except ImportError:
-        env["dali"] = None
-    device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env["device"] = props.name
-        env["device_memory_gb"] = round(props.total_memory / 2**30, 1)
-        env["sm_count"] = props.multi_processor_count
-    else:
-        env["device"] = f"cpu ({platform.processor() or platform.machine()}, " \
-                        f"{os.cpu_count()} cores)"
-    return env
 
 
 # --------------------------------------------------------------------------- run directory

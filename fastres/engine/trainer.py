@@ -18,7 +18,6 @@ import contextlib
 import copy
 import math
 import signal
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastres.bench import Timer, environment
 from fastres.config import Config, to_dict
 from fastres.distributed import Dist, all_reduce_sum, convert_sync_batchnorm
 from fastres.errors import CheckpointError, ConfigError, FastresError, TrainingDiverged
@@ -34,7 +34,7 @@ from .ema import EMA
 from .evaluate import autocast_for, evaluate, tta_logits
 from .optim import Optimizers, build_optimizers
 from .progress import Progress
-from .records import RunRecorder, environment
+from .records import RunRecorder
 from .schedules import lr_factor, momentum_at, phase2_start, total_steps, whiten_bias_factor
 
 WHITEN_INIT_IMAGES = 5000  # airbench initialises its whitening conv from 5000 train images
@@ -62,34 +62,6 @@ class RunResult:
     @property
     def timed_s(self) -> float:
         return self.final["timed_s"]
-
-
-class Timer:
-    """Accumulates device time between start() and stop(): CUDA events on a GPU, a clock
-    read after a synchronize on a CPU. stop() synchronises (call it at epoch boundaries)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.total = 0.0
-        self._t0 = None
-
-    def start(self) -> None:
-        if self.cuda:
-            self._t0 = torch.cuda.Event(enable_timing=True)
-            self._t0.record()
-        else:
-            self._t0 = time.perf_counter()
-
-    def stop(self) -> float:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            end.synchronize()  # host sync: epoch boundary
-            dt = self._t0.elapsed_time(end) / 1e3
-        else:
-            dt = time.perf_counter() - self._t0
-        self.total += dt
-        return dt
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,4 +1,5 @@
-"""The `fastres` command: one subcommand per tool.
+"""The `fastres` command: one subcommand per tool (installed as `fastres.tools.cli`; the
+library never imports it, except the `python -m fastres` shim in fastres/__main__.py).
 
 Each subcommand lives in a module with `main(argv) -> int` (the same module runs as a
 script from `tools/`). Errors caused by input (`FastresError`) print one line and exit 2.
@@ -15,7 +16,7 @@ COMMANDS = {
     "models": ("fastres.tools.models", "list registered models with params and FLOPs"),
     "data": ("fastres.tools.data", "inspect (or download) a CIFAR data folder"),
     "speedrun": ("fastres.tools.speedrun", "time a preset over several seeds"),
-    "profile": ("fastres.tools.profile", "throughput and step-time breakdown"),
+    "profile": ("fastres.tools.profile_step", "throughput and step-time breakdown"),
     "table": ("fastres.tools.results_table", "the reference article's results table"),
     "bench-kernels": ("fastres.tools.bench_kernels", "fused BN-act and optimizer benchmarks"),
     "bench-loaders": ("fastres.tools.bench_loaders", "data loader throughput"),
@@ -79,6 +80,9 @@ def run_tool(name: str, tool_main, argv=None) -> int:
     except KeyboardInterrupt:
         print(f"fastres {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fastres models | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -28,31 +28,9 @@ ratios against the first. Data: random uint8 images through the chosen loader un
 """
 from __future__ import annotations
 
-import os
-import sys
-
-# This file's name is also the standard library's `profile`, which cProfile imports (and
-# torch._dynamo imports cProfile). Whenever a script in tools/ runs as `python tools/x.py`,
-# tools/ is sys.path[0] and `import profile` would find this file instead.
-if __name__ == "__main__":
-    # Run as a script: drop this folder from the path before anything imports torch.
-    _here = os.path.dirname(os.path.realpath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _here]
-elif __name__ == "profile":
-    # Imported as `profile` by a sibling script's imports: put the standard library's module
-    # in sys.modules in our place; the import statement returns what sys.modules holds once
-    # this body has run, so the importer gets the real thing.
-    import importlib.util
-    import sysconfig
-
-    _spec = importlib.util.spec_from_file_location(
-        "profile", os.path.join(sysconfig.get_path("stdlib"), "profile.py"))
-    _stdlib_profile = importlib.util.module_from_spec(_spec)
-    sys.modules["profile"] = _stdlib_profile
-    _spec.loader.exec_module(_stdlib_profile)
-
 import argparse
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -62,36 +40,10 @@ from fastres.tools._common import (add_config_args, config_from, csv_list, env_l
 SCHEMA = "fastres-profile-v1"
 PHASES = ("data", "forward", "backward", "optimizer")
 
-# Dense (no 2:4 sparsity) tensor-core peaks in TFLOP/s, from NVIDIA's datasheets (which
-# print the sparse figure for TF32/BF16/FP16, twice these). fp32 is the CUDA-core peak.
-PEAK_TFLOPS = {
-    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
-    "H100 SXM": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
-    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2},
-    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
-    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
-    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
-}
-
 VARIANTS = {  # --compare variant -> (compile, fused kernels)
     "eager": ("off", False), "eager+fused": ("off", True),
     "compile": ("on", False), "compile+fused": ("on", True),
 }
-
-
-def device_peak(device_name: str, math: str) -> tuple[str, float] | None:
-    """(datasheet entry, dense TFLOP/s) for a CUDA device name such as
-    'NVIDIA H100 80GB HBM3' and a math mode (bf16, fp16, tf32, fp32); None if unknown."""
-    name = device_name.upper()
-    if "H200" in name:            # also GH200: the same Hopper die as H100 SXM
-        key = "H200 NVL" if "NVL" in name else "H200"
-    elif "H100" in name:
-        key = "H100 NVL" if "NVL" in name else "H100 PCIe" if "PCIE" in name else "H100 SXM"
-    elif "A100" in name:
-        key = "A100"
-    else:
-        return None
-    return key, PEAK_TFLOPS[key][math]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -208,42 +160,15 @@ def _endless(loader):
         epoch += 1
 
 
-def math_mode(precision: str, device) -> str:
-    """The tensor-core math the step's convolutions run in: fp32 convolutions run as TF32
-    on Ampere and later while cuDNN's allow_tf32 is on (PyTorch's default)."""
-    import torch
-
-    if precision in ("bf16", "fp16"):
-        return precision
-    if device.type == "cuda" and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "fp32"
-
-
 def count_step_flops(cfg, num_classes: int, batch: int, device) -> dict:
-    """FLOPs of one training step (forward, loss, backward) at batch `batch`, counted on a
-    plain copy of the model at a batch of at most 32 and scaled (each counted op is linear
-    in the batch); the fused-kernel flag is dropped for counting, since BatchNorm is not a
-    counted op either way."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """FLOPs of one training step of `cfg`'s model (see `fastres.bench.training_flops`),
+    counted on a plain copy (BatchNorm is not a counted op, fused or not)."""
     from fastres import config as C
+    from fastres.bench import training_flops
     from fastres.engine.build import build_model
 
-    b = min(batch, 32)
     model = build_model(C.replace(cfg, model={"fused_kernels": False}), num_classes)
-    model = model.to(device).train()
-    x = torch.randn(b, 3, 32, 32, device=device)
-    y = torch.randint(0, num_classes, (b,), device=device)
-    with FlopCounterMode(display=False) as counter:
-        out = model(x)
-        fwd = counter.get_total_flops()
-        F.cross_entropy(out.float(), y).backward()
-    total = counter.get_total_flops()
-    return {"per_step": total * batch / b, "forward_per_step": fwd * batch / b,
-            "counted_at_batch": b}
+    return training_flops(model, batch=batch, num_classes=num_classes, device=device)
 
 
 def random_data(n: int, num_classes: int = 10, seed: int = 0):
@@ -461,7 +386,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from fastres.engine import environment, resolve_for
+    from fastres.bench import device_peak, environment, math_mode
+    from fastres.engine import resolve_for
 
     cfg = resolve_for(cfg)
     device = torch.device(cfg.run.device)
@@ -556,6 +482,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from fastres.cli import run_tool
+    from fastres.tools.cli import run_tool
 
     sys.exit(run_tool("profile", main))
