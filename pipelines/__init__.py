@@ -1,9 +1,11 @@
 """Data pipelines behind one Loader protocol (installed as `fastres.pipelines`).
 
-    from fastres.pipelines import build_loader
-    train = build_loader("tensor", data.train.images, data.train.labels, train=True,
-                         batch_size=512, device="cuda", dtype=torch.bfloat16,
-                         mean=CIFAR10_MEAN, std=CIFAR10_STD, augment=Augment(flip="alternate"))
+    from fastres.pipelines import Augment, LoaderOptions, build_loader
+    opts = LoaderOptions.for_dataset("cifar10", batch_size=512, train=True, device="cuda",
+                                     dtype=torch.bfloat16, augment=Augment(flip="alternate"))
+    train = build_loader("tensor", data.train.images, data.train.labels, opts)
+    test = build_loader("tensor", data.test.images, data.test.labels,
+                        opts.replace(train=False, batch_size=1000))
     for epoch in range(epochs):
         train.set_epoch(epoch)
         for images, labels in train:   # (B, C, H, W) channels-last, normalised; (B,) int64
@@ -14,59 +16,54 @@ Loaders, by name:
   dali    an NVIDIA DALI pipeline fed from memory, GPU operators on a GPU (dali.py)
   torch   torchvision Dataset + DataLoader + transforms, the baseline (torch_loader.py)
 
-All three apply the same augmentation with the same meaning (base.Augment), visit the same
-examples in the same order for a given (seed, epoch, rank), and shard the same way. The
-tensor and DALI loaders also apply the same draws, so they return the same batches; the
-torch loader's transforms draw their own (same distribution).
+All three take the same `LoaderOptions`, apply the same augmentation with the same meaning
+(`Augment`), visit the same examples in the same order for a given (seed, epoch, rank), and
+shard the same way. The tensor and DALI loaders also apply the same draws, so they return
+the same batches; the torch loader's transforms draw their own (same distribution).
+`check_loader` says what a home-made loader lacks for `fastres.engine.train`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from fastres.errors import ConfigError, unknown_choice
 
-import torch
+from .base import (Augment, EpochLoader, EpochPlan, Loader, LoaderOptions, check_loader,
+                   dataset_stats, normalize, shard_indices)
+from .dali import DaliLoader, dali_available
+from .tensor import TensorLoader
+from .torch_loader import TorchLoader
 
-from .base import Augment, EpochPlan, Loader, shard_indices, normalize
+# Loaders by name. DALI itself, torchvision and PIL are imported only when a loader that
+# needs them is built.
+LOADER_CLASSES = {"tensor": TensorLoader, "dali": DaliLoader, "torch": TorchLoader}
+LOADERS = tuple(LOADER_CLASSES)
 
-LOADERS = ("tensor", "dali", "torch")
 
+def build_loader(name: str, images, labels, options: LoaderOptions | None = None, /,
+                 **fields) -> Loader:
+    """A Loader named `name` over (N, H, W, C) uint8 `images` (numpy or torch) and (N,)
+    integer `labels`, as `options` say (see LoaderOptions).
 
-def build_loader(name: str, images, labels, *, train: bool, batch_size: int,
-                 device: torch.device | str, dtype: torch.dtype = torch.float32,
-                 mean: Sequence[float], std: Sequence[float], augment: Augment = Augment(),
-                 rank: int = 0, world_size: int = 1, seed: int = 0,
-                 workers: int = 4) -> Loader:
-    """A Loader over (N, H, W, C) uint8 `images` (numpy or torch) and (N,) int `labels`.
-
-    train: shuffle, augment, drop the last partial batch, shard each epoch's permutation by
-    (rank, world_size); otherwise one in-order pass over this rank's strided shard, no
-    augmentation, last batch partial. batch_size is per rank. Images come out normalised
-    with mean/std (per channel, [0, 1] units), in `dtype`, NCHW with channels-last strides,
-    on `device`; labels int64 on `device`. Shuffle and augmentation draws depend only on
-    (seed, epoch, rank): set_epoch(e) and a pass reproduce epoch e; a full pass without
-    set_epoch moves to the next epoch. workers: DataLoader worker processes (torch) or DALI
-    threads (dali); the tensor loader ignores it.
+    `fields` are LoaderOptions fields, a shorthand: without `options` they build one
+    (`build_loader("tensor", x, y, batch_size=512, train=True)`), with it they replace
+    those fields (`build_loader("tensor", x, y, opts, train=False)`).
     """
-    if name == "tensor":
-        from .tensor import TensorLoader as cls
-    elif name == "dali":
-        from .dali import DaliLoader as cls
-    elif name == "torch":
-        from .torch_loader import TorchLoader as cls
-    else:
-        from fastres.errors import unknown_choice
-
+    if name not in LOADER_CLASSES:
         raise unknown_choice("loader", name, LOADERS)
-    return cls(images, labels, train=train, batch_size=batch_size, device=device, dtype=dtype,
-               mean=mean, std=std, augment=augment, rank=rank, world_size=world_size,
-               seed=seed, workers=workers)
+    if options is None:
+        options = LoaderOptions.make(**fields)
+    elif not isinstance(options, LoaderOptions):
+        raise ConfigError(f"build_loader's fourth argument is a LoaderOptions, got "
+                          f"{type(options).__name__}")
+    elif fields:
+        options = options.replace(**fields)
+    return LOADER_CLASSES[name](images, labels, options)
 
 
 def available_loaders() -> list[str]:
     """Loader names usable here (dali only when NVIDIA DALI imports)."""
-    from .dali import dali_available
-
     return [n for n in LOADERS if n != "dali" or dali_available()]
 
 
-__all__ = ["Augment", "EpochPlan", "LOADERS", "Loader", "available_loaders", "build_loader",
-           "normalize", "shard_indices"]
+__all__ = ["Augment", "DaliLoader", "EpochLoader", "EpochPlan", "LOADERS", "LOADER_CLASSES",
+           "Loader", "LoaderOptions", "TensorLoader", "TorchLoader", "available_loaders",
+           "build_loader", "check_loader", "dataset_stats", "normalize", "shard_indices"]

@@ -9,6 +9,7 @@ partial batch; evaluation loaders make a full pass over their shard in order.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence, runtime_checkable
@@ -61,6 +62,177 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
 
     def sample(self, n: int) -> Tensor: ...
+
+
+# What train() uses of each loader (fastres.engine.trainer): the training loader is iterated
+# every epoch, sized with len(), re-seeded with set_epoch(), sampled for data-dependent
+# initialisation and warm-up shapes, and its batch_size and num_examples set the step
+# arithmetic; the test loader is iterated by evaluate() and its batch_size (and
+# num_examples, when present) give the warm-up's evaluation shapes.
+LOADER_MEMBERS = {
+    "train": ("__iter__", "__len__", "batch_size", "num_examples", "set_epoch", "sample"),
+    "test": ("__iter__", "batch_size"),
+}
+_METHODS = {"__iter__", "__len__", "set_epoch", "sample"}
+
+
+def check_loader(obj, role: str = "train") -> None:
+    """ConfigError unless `obj` implements what train() needs of its `role` loader
+    ("train" or "test"); the message names every missing member.
+
+    The training loader needs the whole Loader protocol; the test loader needs to be
+    iterable over (images, labels) batches and to have `batch_size`. A torch DataLoader
+    lacks `num_examples`, `set_epoch` and `sample`: build one with
+    fastres.pipelines.build_loader, or give it those members.
+    """
+    from fastres.errors import ConfigError
+
+    if role not in LOADER_MEMBERS:
+        raise ValueError(f"role must be one of {sorted(LOADER_MEMBERS)}, got {role!r}")
+    what = f"the {role} loader ({type(obj).__name__})"
+    if isinstance(obj, type):
+        raise ConfigError(f"{what} is a class, not a loader object; build one first "
+                          f"(fastres.pipelines.build_loader)")
+    missing = [m for m in LOADER_MEMBERS[role]
+               if not hasattr(obj, m) or (m in _METHODS and not callable(getattr(obj, m)))]
+    if missing:
+        raise ConfigError(
+            f"{what} lacks {', '.join(missing)} of the Loader protocol "
+            f"(fastres.pipelines.Loader); use fastres.pipelines.build_loader, or add "
+            f"{'them' if len(missing) > 1 else 'it'} to your loader")
+    try:
+        batch = operator.index(obj.batch_size)
+    except TypeError:
+        batch = 0
+    if batch < 1:
+        raise ConfigError(f"{what} has batch_size={obj.batch_size!r}; it must be a positive "
+                          f"whole number of images per batch on this rank")
+
+
+# Per-channel statistics of the data sets fastres knows, in [0, 1] units (the values most
+# CIFAR recipes use; fastres.data.channel_mean_std recomputes them exactly from the data).
+def dataset_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel of a named data set: "cifar10" or "cifar100"."""
+    from fastres.config import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
+    from fastres.errors import unknown_choice
+
+    stats = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
+    key = str(dataset).lower().replace("-", "").replace("_", "")
+    if key not in stats:
+        raise unknown_choice("data set for mean/std", dataset, stats)
+    return stats[key]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderOptions:
+    """Everything a loader needs besides the data; every loader takes one.
+
+        opts = LoaderOptions.for_dataset("cifar10", batch_size=512, train=True,
+                                         device="cuda", dtype=torch.bfloat16)
+        test_opts = opts.replace(train=False, batch_size=1000)
+
+    batch_size: images per batch on this rank. train: shuffle, augment, drop the last
+    partial batch and shard each epoch's permutation by (rank, world_size); otherwise one
+    in-order pass over this rank's strided shard, unaugmented, last batch partial.
+    Images come out normalised with mean/std (per channel, [0, 1] units), in `dtype`
+    (float32, bfloat16 or float16), NCHW-shaped with channels-last strides, on `device`.
+    mean/std None: a training loader computes the exact statistics of the images it is
+    given; an evaluation loader refuses, since it must use the training set's (take them
+    from `for_dataset`, or from the training loader's `.mean`/`.std`). Shuffle and
+    augmentation draws depend only on (seed, epoch, rank). workers: DataLoader worker
+    processes (torch loader) or DALI CPU threads (dali); the tensor loader ignores it.
+    """
+
+    batch_size: int
+    train: bool
+    device: torch.device | str = "cpu"
+    dtype: torch.dtype = torch.float32
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    augment: Augment = Augment()
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    workers: int = 4
+
+    def __post_init__(self):
+        from fastres.errors import ConfigError
+
+        def whole(name, low):
+            v = getattr(self, name)
+            try:
+                v = operator.index(v)                     # ints and numpy integers, not 2.0
+            except TypeError:
+                v = None
+            if v is None or v < low or isinstance(getattr(self, name), bool):
+                raise ConfigError(f"loader {name} must be a whole number >= {low}, got "
+                                  f"{getattr(self, name)!r}")
+            object.__setattr__(self, name, v)
+
+        whole("batch_size", 1)
+        whole("world_size", 1)
+        whole("rank", 0)
+        whole("workers", 0)
+        whole("seed", 0)
+        if not isinstance(self.train, bool):
+            raise ConfigError(f"loader train must be True or False, got {self.train!r}")
+        if self.rank >= self.world_size:
+            raise ConfigError(f"rank {self.rank} must lie in [0, world_size={self.world_size})")
+        try:
+            object.__setattr__(self, "device", torch.device(self.device))
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(f"loader device {self.device!r} is not a device ({e})") from None
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"loader dtype must be one of float32, bfloat16, float16; "
+                              f"got {self.dtype}")
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError("give both mean and std, or neither (None: the training "
+                              "images' own statistics)")
+        if self.mean is not None:
+            try:
+                mean = tuple(float(v) for v in self.mean)
+                std = tuple(float(v) for v in self.std)
+            except (TypeError, ValueError):
+                raise ConfigError(f"mean and std must be sequences of numbers, got "
+                                  f"mean={self.mean!r} std={self.std!r}") from None
+            if len(mean) != len(std) or not mean:
+                raise ConfigError(f"mean and std need one value per channel each, got "
+                                  f"mean={self.mean!r} std={self.std!r}")
+            if any(not v > 0 for v in std):
+                raise ConfigError(f"std must be positive, got {std}")
+            object.__setattr__(self, "mean", mean)
+            object.__setattr__(self, "std", std)
+        if not isinstance(self.augment, Augment):
+            raise ConfigError(f"augment must be a fastres.pipelines.Augment, got "
+                              f"{type(self.augment).__name__}")
+        check_augment(self.augment)
+
+    @classmethod
+    def for_dataset(cls, dataset: str, **fields) -> "LoaderOptions":
+        """Options normalising with a named data set's statistics ("cifar10", "cifar100";
+        a CifarData's `.name` works); other fields as the constructor."""
+        mean, std = dataset_stats(getattr(dataset, "name", dataset))
+        return cls.make(**{"mean": mean, "std": std, **fields})
+
+    @classmethod
+    def make(cls, **fields) -> "LoaderOptions":
+        """LoaderOptions(**fields), with a ConfigError naming an unknown or missing field."""
+        from fastres.errors import ConfigError, unknown_choice
+
+        names = [f.name for f in dataclasses.fields(cls)]
+        for k in fields:
+            if k not in names:
+                raise unknown_choice("loader option", k, names)
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in fields and f.default is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"loader options need {' and '.join(missing)}")
+        return cls(**fields)
+
+    def replace(self, **changes) -> "LoaderOptions":
+        """A copy with `changes` applied (and checked)."""
+        return self.make(**{**{f.name: getattr(self, f.name)
+                               for f in dataclasses.fields(self)}, **changes})
 
 
 def shard_indices(n: int, rank: int, world_size: int, perm: Tensor | None = None) -> Tensor:
@@ -146,8 +318,8 @@ FLIPS = ("random", "alternate", "none")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_augment(aug: Augment, hw: tuple[int, int]) -> None:
-    """ConfigError for an Augment no loader can apply to (H, W) images."""
+def check_augment(aug: Augment, hw: tuple[int, int] | None = None) -> None:
+    """ConfigError for an Augment no loader can apply (to (H, W) images, when given)."""
     from fastres.errors import ConfigError, unknown_choice
 
     if aug.crop not in CROPS:
@@ -160,7 +332,7 @@ def check_augment(aug: Augment, hw: tuple[int, int]) -> None:
         raise ConfigError(f"pad must be a whole number of pixels >= 0, got {aug.pad!r}")
     if not isinstance(aug.cutout, int) or aug.cutout < 0:
         raise ConfigError(f"cutout must be a whole number of pixels >= 0, got {aug.cutout!r}")
-    if aug.crop != "none" and aug.pad_mode == "reflect" and aug.pad >= min(hw):
+    if hw is not None and aug.crop != "none" and aug.pad_mode == "reflect" and aug.pad >= min(hw):
         raise ConfigError(f"reflect padding of {aug.pad} needs images larger than the pad, "
                           f"got {hw[0]}x{hw[1]}; lower pad or use pad_mode=zeros")
 
@@ -281,6 +453,17 @@ def check_data(images, labels) -> tuple[int, int, int, int]:
     return shape
 
 
+def _image_stats(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel (mean, std) of uint8 NHWC images, numpy or torch (any device)."""
+    import numpy as np
+
+    from fastres.data import channel_mean_std
+
+    if isinstance(images, Tensor):
+        images = images.cpu().numpy()
+    return channel_mean_std(np.asarray(images))
+
+
 class EpochLoader:
     """What every loader shares: argument checks, sharding, epoch bookkeeping, plans and
     `sample()`. Subclasses implement `__iter__` and `_sample_u8(indices)`.
@@ -289,45 +472,45 @@ class EpochLoader:
     the loader to the next epoch by itself, so a loop that never calls set_epoch still sees
     a new shuffle each pass; a pass abandoned half way (break) does not advance. The pass
     reads the epoch when it starts, so set_epoch during a pass changes only later passes.
+
+    `options` holds what was asked for, with mean/std filled in and, for an evaluation
+    loader, the augmentation off; the same values are attributes (`batch_size`, `device`,
+    `dtype`, `mean`, `std`, `augment`, `rank`, `world_size`, `seed`, `train`).
     """
 
-    def __init__(self, images, labels, *, train: bool, batch_size: int, device, dtype,
-                 mean: Sequence[float], std: Sequence[float], augment: Augment,
-                 rank: int, world_size: int, seed: int):
+    def __init__(self, images, labels, options: LoaderOptions):
         from fastres.errors import ConfigError
 
+        if not isinstance(options, LoaderOptions):
+            raise ConfigError(f"{type(self).__name__} takes a fastres.pipelines.LoaderOptions, "
+                              f"got {type(options).__name__}")
         n, h, w, c = check_data(images, labels)
-        try:
-            whole = operator.index(batch_size)          # ints and numpy integers, not 2.0
-        except TypeError:
-            whole = 0
-        if whole < 1:
-            raise ConfigError(f"batch_size must be a positive whole number, got {batch_size!r}")
-        batch_size = whole
-        if dtype not in DTYPES:
-            raise ConfigError(f"loader dtype must be one of float32, bfloat16, float16; "
-                              f"got {dtype}")
-        if mean is None or std is None or len(mean) != c or len(std) != c:
+        mean, std = options.mean, options.std
+        if mean is None:
+            if not options.train:
+                raise ConfigError("an evaluation loader needs mean and std: normalise with the "
+                                  "training set's statistics (LoaderOptions.for_dataset(...), or "
+                                  "the training loader's .mean and .std)")
+            mean, std = _image_stats(images)
+        if len(mean) != c:
             raise ConfigError(f"mean and std need one value per channel ({c}), got "
                               f"mean={mean!r} std={std!r}")
-        if any(s <= 0 for s in std):
-            raise ConfigError(f"std must be positive, got {tuple(std)}")
-        if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
-            raise ConfigError(f"rank {rank!r} must lie in [0, world_size={world_size!r})")
-        self.train = bool(train)
-        self.augment = augment if self.train else Augment.none()
-        check_augment(self.augment, (h, w))
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.mean = tuple(float(v) for v in mean)
-        self.std = tuple(float(v) for v in std)
-        self.rank, self.world_size, self.seed = rank, world_size, int(seed)
+        augment = options.augment if options.train else Augment.none()
+        check_augment(augment, (h, w))
+        self.options = options = options.replace(mean=mean, std=std, augment=augment)
+        self.train = options.train
+        self.augment = options.augment
+        self.batch_size = options.batch_size
+        self.device = options.device
+        self.dtype = options.dtype
+        self.mean, self.std = options.mean, options.std
+        self.rank, self.world_size, self.seed = options.rank, options.world_size, options.seed
         self.num_images = n
         self.image_shape = (h, w, c)
         self.epoch = 0
         self._flips = flip_base(n, self.seed) if self.augment.flip == "alternate" else None
         # This rank's examples in data-set order: its share of every epoch has this size.
+        rank, world_size, batch_size = self.rank, self.world_size, self.batch_size
         self._shard = (shard_indices(n, rank, world_size) if self.train
                        else eval_shard_indices(n, rank, world_size))
         per_rank = len(self._shard)

@@ -30,7 +30,7 @@ queued batches are drained), and the abandoned iterator raises if it is resumed.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from torch import Tensor
 from fastres.errors import ConfigError
 
 from .augment import cutout_boxes, pad_images
-from .base import Augment, EpochLoader, EpochPlan, crop_pad
+from .base import EpochLoader, EpochPlan, LoaderOptions, crop_pad
 
 DALI_MISSING = "the dali loader needs NVIDIA DALI: pip install 'fastres[dali]'"
 
@@ -67,15 +67,11 @@ def dali_available() -> bool:
 
 
 class DaliLoader(EpochLoader):
-    """DALI-backed loader; arguments as fastres.pipelines.build_loader. `workers` is the
-    number of DALI CPU threads."""
+    """DALI-backed loader; options as `LoaderOptions`. `workers` is the number of DALI
+    CPU threads."""
 
-    def __init__(self, images, labels, *, train: bool, batch_size: int, device, dtype,
-                 mean: Sequence[float], std: Sequence[float], augment: Augment = Augment(),
-                 rank: int = 0, world_size: int = 1, seed: int = 0, workers: int = 4):
-        super().__init__(images, labels, train=train, batch_size=batch_size, device=device,
-                         dtype=dtype, mean=mean, std=std, augment=augment, rank=rank,
-                         world_size=world_size, seed=seed)
+    def __init__(self, images, labels, options: LoaderOptions):
+        super().__init__(images, labels, options)
         fn, types, Pipeline, self._feed_ndarray = _import_dali()
         aug = self.augment
         h, w, c = self.image_shape
@@ -92,7 +88,8 @@ class DaliLoader(EpochLoader):
             device_id = (self.device.index if self.device.index is not None
                          else torch.cuda.current_device())
             self.device = torch.device("cuda", device_id)
-        self._out_dtype = torch.float16 if dtype == torch.float16 else torch.float32
+            self.options = self.options.replace(device=self.device)
+        self._out_dtype = torch.float16 if self.dtype == torch.float16 else torch.float32
         self._flip = aug.flip != "none"
         self._cutout = aug.cutout
 
@@ -101,7 +98,7 @@ class DaliLoader(EpochLoader):
         # the plain asynchronous executor measured faster on a 2-core CPU (~45k vs ~25k
         # img/s, batch 512). Both are DALI's classic executors, whose outputs the PyTorch
         # plugin copies exactly as `_copy_out` does.
-        self._pipe = Pipeline(batch_size=batch_size, num_threads=max(1, int(workers)),
+        self._pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, options.workers),
                               device_id=device_id, prefetch_queue_depth=PREFETCH,
                               exec_pipelined=self._gpu, exec_async=True, exec_dynamic=False)
         with self._pipe:

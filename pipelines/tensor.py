@@ -13,30 +13,26 @@ output dtype on a GPU (~1 GB in bf16 for CIFAR-10 with pad 4; see augment.py).
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from .augment import BatchAugment
-from .base import Augment, EpochLoader, crop_pad
+from .base import EpochLoader, LoaderOptions, crop_pad
 
 
 class TensorLoader(EpochLoader):
     """Loader over (N, H, W, C) uint8 images held on `device` (CPU tensors when the device
-    is the CPU). See fastres.pipelines.build_loader for the arguments; `workers` is not
-    used (there is nothing to parallelise outside the device)."""
+    is the CPU); options as `LoaderOptions`. `workers` is not used (there is nothing to
+    parallelise outside the device)."""
 
-    def __init__(self, images, labels, *, train: bool, batch_size: int, device, dtype,
-                 mean: Sequence[float], std: Sequence[float], augment: Augment = Augment(),
-                 rank: int = 0, world_size: int = 1, seed: int = 0, workers: int = 0):
-        super().__init__(images, labels, train=train, batch_size=batch_size, device=device,
-                         dtype=dtype, mean=mean, std=std, augment=augment, rank=rank,
-                         world_size=world_size, seed=seed)
+    def __init__(self, images, labels, options: LoaderOptions):
+        super().__init__(images, labels, options)
         aug = self.augment
         images = torch.as_tensor(images).to(self.device)
         self.labels = torch.as_tensor(labels).to(self.device, torch.int64)
-        self._aug = BatchAugment(images, mean=self.mean, std=self.std, dtype=dtype,
+        self._aug = BatchAugment(images, mean=self.mean, std=self.std, dtype=self.dtype,
                                  pad=crop_pad(aug), pad_mode=aug.pad_mode,
                                  flip=aug.flip != "none", cutout=aug.cutout)
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .base import STREAM_BATCH, Augment, EpochLoader, crop_pad, mix_seed
+from .base import STREAM_BATCH, Augment, EpochLoader, LoaderOptions, crop_pad, mix_seed
 
 
 class Cutout:
@@ -154,17 +154,14 @@ def _worker_init(worker_id: int) -> None:
 
 
 class TorchLoader(EpochLoader):
-    """torchvision/DataLoader loader; arguments as fastres.pipelines.build_loader."""
+    """torchvision/DataLoader loader; options as `LoaderOptions` (`workers`: DataLoader
+    worker processes)."""
 
-    def __init__(self, images, labels, *, train: bool, batch_size: int, device, dtype,
-                 mean: Sequence[float], std: Sequence[float], augment: Augment = Augment(),
-                 rank: int = 0, world_size: int = 1, seed: int = 0, workers: int = 4):
-        super().__init__(images, labels, train=train, batch_size=batch_size, device=device,
-                         dtype=dtype, mean=mean, std=std, augment=augment, rank=rank,
-                         world_size=world_size, seed=seed)
+    def __init__(self, images, labels, options: LoaderOptions):
+        super().__init__(images, labels, options)
         images = np.ascontiguousarray(torch.as_tensor(images).cpu().numpy())
         labels = torch.as_tensor(labels).cpu().to(torch.int64).numpy()
-        self.workers = int(workers)
+        self.workers = options.workers
         self.dataset = ArrayDataset(images, labels, self.augment, self.mean, self.std)
         self.sampler = EpochBatchSampler(self)
         cuda = self.device.type == "cuda"
@@ -172,7 +169,7 @@ class TorchLoader(EpochLoader):
             self.dataset, batch_sampler=self.sampler, num_workers=self.workers,
             pin_memory=cuda, persistent_workers=self.workers > 0,
             worker_init_fn=_worker_init if self.workers > 0 else None,
-            generator=torch.Generator().manual_seed(mix_seed(self.seed, rank, STREAM_BATCH)))
+            generator=torch.Generator().manual_seed(mix_seed(self.seed, self.rank, STREAM_BATCH)))
 
     def __iter__(self):
         epoch = self.epoch

@@ -16,7 +16,7 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 
 from fastres import config as C
-from fastres.data import synthetic
+from fastres.testing import synthetic
 from fastres.distributed import (Dist, destroy_process_group, from_env, init_process_group)
 from fastres.engine import build_loaders, evaluate, train
 

@@ -17,6 +17,7 @@ import pytest
 
 from fastres.tools import cli
 from fastres import data as D
+from fastres import testing as T
 from fastres.errors import ConfigError, DataError
 from fastres.tools import data as tool
 
@@ -63,7 +64,7 @@ def _assert_split(split, images, labels):
 @pytest.mark.parametrize("archive", [False, True], ids=["folder", "archive"])
 def test_cifar10_round_trip(tmp_path, c10, archive):
     (trx, try_), (tex, tey) = c10
-    written = D.write_cifar(tmp_path, "cifar10", train=(trx, try_), test=(tex, tey), archive=archive)
+    written = T.write_cifar(tmp_path, "cifar10", train=(trx, try_), test=(tex, tey), archive=archive)
     assert written == tmp_path / ("cifar-10-python.tar.gz" if archive else "cifar-10-batches-py")
     d, warned = _load(tmp_path)
     _assert_split(d.train, trx, try_)
@@ -78,7 +79,7 @@ def test_cifar10_round_trip(tmp_path, c10, archive):
 
 def test_cifar10_files_match_the_official_layout(tmp_path, c10):
     (trx, try_), test = c10
-    folder = D.write_cifar(tmp_path, "cifar10", train=(trx, try_), test=test)
+    folder = T.write_cifar(tmp_path, "cifar10", train=(trx, try_), test=test)
     assert sorted(p.name for p in folder.iterdir()) == sorted(D.OFFICIAL_MD5["cifar10"])
     raw = (folder / "data_batch_1").read_bytes()
     assert raw[:2] == b"\x80\x02"                             # protocol 2
@@ -104,7 +105,7 @@ def test_cifar10_files_match_the_official_layout(tmp_path, c10):
 @pytest.mark.parametrize("archive", [False, True], ids=["folder", "archive"])
 def test_cifar100_round_trip(tmp_path, c100, archive):
     train, test = c100
-    D.write_cifar(tmp_path, "cifar100", train=train, test=test, archive=archive)
+    T.write_cifar(tmp_path, "cifar100", train=train, test=test, archive=archive)
     d, warned = _load(tmp_path, "cifar100")
     _assert_split(d.train, *train[:2])
     _assert_split(d.test, *test[:2])
@@ -116,7 +117,7 @@ def test_cifar100_round_trip(tmp_path, c100, archive):
 
 
 def test_cifar100_pickle_keys(tmp_path, c100):
-    folder = D.write_cifar(tmp_path, "cifar100", train=c100[0], test=c100[1])
+    folder = T.write_cifar(tmp_path, "cifar100", train=c100[0], test=c100[1])
     train = pickle.loads((folder / "train").read_bytes(), encoding="latin1")
     assert {"data", "fine_labels", "coarse_labels", "filenames", "batch_label"} <= set(train)
     meta = pickle.loads((folder / "meta").read_bytes(), encoding="bytes")
@@ -125,8 +126,8 @@ def test_cifar100_pickle_keys(tmp_path, c100):
 
 def test_custom_classes_and_path_forms(tmp_path, c10):
     names = [f"k{i}" for i in range(10)]
-    folder = D.write_cifar(tmp_path / "a", "cifar10", train=c10[0], test=c10[1], classes=names)
-    arch = D.write_cifar(tmp_path / "b", "cifar10", train=c10[0], test=c10[1], archive=True)
+    folder = T.write_cifar(tmp_path / "a", "cifar10", train=c10[0], test=c10[1], classes=names)
+    arch = T.write_cifar(tmp_path / "b", "cifar10", train=c10[0], test=c10[1], archive=True)
     by_parent, _ = _load(tmp_path / "a")
     by_folder, _ = _load(folder)           # the extracted folder itself
     by_archive, _ = _load(arch)            # the archive's own path
@@ -136,13 +137,13 @@ def test_custom_classes_and_path_forms(tmp_path, c10):
     # the fingerprint is over the contents, so the folder and the archive of the same files
     # agree; different data gives a different one
     assert by_archive.fingerprint != by_parent.fingerprint  # class names differ
-    D.write_cifar(tmp_path / "c", "cifar10", train=c10[0], test=c10[1], archive=True, classes=names)
+    T.write_cifar(tmp_path / "c", "cifar10", train=c10[0], test=c10[1], archive=True, classes=names)
     assert _load(tmp_path / "c")[0].fingerprint == by_parent.fingerprint
 
 
 def test_folder_preferred_over_archive(tmp_path, c10):
-    D.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1], archive=True)
-    folder = D.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
+    T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1], archive=True)
+    folder = T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
     assert _load(tmp_path)[0].source == str(folder)
 
 
@@ -154,7 +155,7 @@ def _md5s(folder):
 
 
 def test_official_detection(tmp_path, c10, monkeypatch):
-    folder = D.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
+    folder = T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
     monkeypatch.setitem(D.OFFICIAL_MD5, "cifar10", _md5s(folder))
     d, warned = _load(tmp_path)
     assert d.official is True and warned == [] and d.info()["official"] is True
@@ -167,15 +168,15 @@ def test_official_detection(tmp_path, c10, monkeypatch):
 
 
 def test_official_detection_in_archive(tmp_path, c100, monkeypatch):
-    folder = D.write_cifar(tmp_path / "f", "cifar100", train=c100[0], test=c100[1])
-    D.write_cifar(tmp_path / "a", "cifar100", train=c100[0], test=c100[1], archive=True)
+    folder = T.write_cifar(tmp_path / "f", "cifar100", train=c100[0], test=c100[1])
+    T.write_cifar(tmp_path / "a", "cifar100", train=c100[0], test=c100[1], archive=True)
     monkeypatch.setitem(D.OFFICIAL_MD5, "cifar100", _md5s(folder))
     d, warned = _load(tmp_path / "a", "cifar100")
     assert d.official and not warned
 
 
 def test_default_warning_is_one_stderr_line(tmp_path, c10, capsys):
-    D.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
+    T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
     D.load_cifar(tmp_path)
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
@@ -204,7 +205,7 @@ def test_empty_directory(tmp_path):
 
 
 def test_wrong_dataset_hint(tmp_path, c10):
-    D.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
+    T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
     msg = _error(tmp_path, "cifar100")
     assert "did you mean --dataset cifar10" in msg
 
@@ -215,7 +216,7 @@ def test_unknown_dataset(tmp_path):
 
 
 def test_missing_batch(tmp_path, c10):
-    folder = D.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
+    folder = T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
     (folder / "data_batch_3").unlink()
     msg = _error(tmp_path)
     assert str(folder / "data_batch_3") in msg and "missing" in msg and "re-extract" in msg
@@ -227,7 +228,7 @@ def test_missing_batch(tmp_path, c10):
     (lambda b: b"", "empty"),
 ])
 def test_truncated_or_not_pickle(tmp_path, c10, damage, words):
-    folder = D.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
+    folder = T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
     path = folder / "data_batch_2"
     path.write_bytes(damage(path.read_bytes()))
     msg = _error(tmp_path)
@@ -235,7 +236,7 @@ def test_truncated_or_not_pickle(tmp_path, c10, damage, words):
 
 
 def test_hostile_pickle_is_refused_not_run(tmp_path, c10):
-    folder = D.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
+    folder = T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
     marker = tmp_path / "ran"
 
     class Evil:
@@ -252,11 +253,11 @@ def _rewrite(path, **changes):
     """Rewrite one batch with some entries changed, in the official (Python 2) pickle style."""
     d = pickle.loads(path.read_bytes(), encoding="latin1")
     d.update(changes)
-    path.write_bytes(D._dump_py2(d))
+    path.write_bytes(T._dump_py2(d))
 
 
 def test_wrong_shape(tmp_path, c10):
-    folder = D.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
+    folder = T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
     _rewrite(folder / "data_batch_1", data=np.zeros((5, 32, 32, 3), np.uint8))
     msg = _error(tmp_path)
     assert "data_batch_1" in msg and "(5, 32, 32, 3)" in msg and "[N, 3072]" in msg
@@ -265,7 +266,7 @@ def test_wrong_shape(tmp_path, c10):
 
 
 def test_wrong_dtype(tmp_path, c10):
-    folder = D.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
+    folder = T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
     _rewrite(folder / "data_batch_4", data=np.zeros((4, 3072), np.float32))
     msg = _error(tmp_path)
     assert "data_batch_4" in msg and "float32" in msg and "uint8" in msg
@@ -277,7 +278,7 @@ def test_wrong_dtype(tmp_path, c10):
 
 
 def test_labels_wrong_count_or_type(tmp_path, c10):
-    folder = D.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
+    folder = T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
     _rewrite(folder / "test_batch", labels=[1, 2])
     assert "2 'labels' for 7 images" in _error(tmp_path)
     _rewrite(folder / "test_batch", labels=["a"] * 7)
@@ -286,7 +287,7 @@ def test_labels_wrong_count_or_type(tmp_path, c10):
 
 @pytest.mark.parametrize("bad", [10, -1])
 def test_labels_out_of_range(tmp_path, c10, bad):
-    folder = D.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
+    folder = T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
     labels = [0] * 7
     labels[3] = bad
     _rewrite(folder / "test_batch", labels=labels)
@@ -295,7 +296,7 @@ def test_labels_out_of_range(tmp_path, c10, bad):
 
 
 def test_coarse_labels_out_of_range(tmp_path, c100):
-    folder = D.write_cifar(tmp_path, "cifar100", train=c100[0], test=c100[1])
+    folder = T.write_cifar(tmp_path, "cifar100", train=c100[0], test=c100[1])
     _rewrite(folder / "test", coarse_labels=[20] * 5)
     assert "coarse labels outside 0..19" in _error(tmp_path, "cifar100")
 
@@ -306,14 +307,14 @@ def test_coarse_labels_out_of_range(tmp_path, c100):
     lambda b: b"not a gzip file at all",
 ], ids=["truncated", "garbled", "garbage"])
 def test_corrupt_archive(tmp_path, c10, damage):
-    arch = D.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1], archive=True)
+    arch = T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1], archive=True)
     arch.write_bytes(damage(arch.read_bytes()))
     msg = _error(tmp_path)
     assert str(arch) in msg and ("corrupt" in msg or "lacks" in msg) and "--download" in msg
 
 
 def test_archive_missing_member(tmp_path, c10):
-    arch = D.write_cifar(tmp_path / "src", "cifar10", train=c10[0], test=c10[1], archive=True)
+    arch = T.write_cifar(tmp_path / "src", "cifar10", train=c10[0], test=c10[1], archive=True)
     out = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(arch) as src, tarfile.open(out, "w:gz") as dst:
         for m in src.getmembers():
@@ -362,7 +363,7 @@ def test_download_http_error(tmp_path, monkeypatch):
 
 
 def test_download_verifies_md5_and_renames_atomically(tmp_path, c10, monkeypatch):
-    payload = D.write_cifar(tmp_path / "server", "cifar10", train=c10[0], test=c10[1],
+    payload = T.write_cifar(tmp_path / "server", "cifar10", train=c10[0], test=c10[1],
                             archive=True).read_bytes()
     calls = []
 
@@ -390,7 +391,7 @@ def test_download_verifies_md5_and_renames_atomically(tmp_path, c10, monkeypatch
 
 
 def test_load_with_download(tmp_path, c100, monkeypatch, capsys):
-    payload = D.write_cifar(tmp_path / "server", "cifar100", train=c100[0], test=c100[1],
+    payload = T.write_cifar(tmp_path / "server", "cifar100", train=c100[0], test=c100[1],
                             archive=True).read_bytes()
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(payload))
     monkeypatch.setitem(D.ARCHIVE_MD5, "cifar100", hashlib.md5(payload).hexdigest())
@@ -412,18 +413,18 @@ def test_download_truncated(tmp_path, monkeypatch):
 
 def test_write_cifar_rejects_bad_input(tmp_path, c10):
     with pytest.raises(ValueError, match="uint8"):
-        D.write_cifar(tmp_path, "cifar10", train=(c10[0][0].astype(np.float32), c10[0][1]), test=c10[1])
+        T.write_cifar(tmp_path, "cifar10", train=(c10[0][0].astype(np.float32), c10[0][1]), test=c10[1])
     with pytest.raises(ValueError, match="labels"):
-        D.write_cifar(tmp_path, "cifar10", train=(c10[0][0], c10[0][1][:3]), test=c10[1])
+        T.write_cifar(tmp_path, "cifar10", train=(c10[0][0], c10[0][1][:3]), test=c10[1])
     with pytest.raises(ValueError, match="0..9"):
-        D.write_cifar(tmp_path, "cifar10", train=(c10[0][0], c10[0][1] + 10), test=c10[1])
+        T.write_cifar(tmp_path, "cifar10", train=(c10[0][0], c10[0][1] + 10), test=c10[1])
 
 
 def test_synthetic_is_deterministic_and_learnable():
-    a, b = D.synthetic(600, 200, seed=3), D.synthetic(600, 200, seed=3)
+    a, b = T.synthetic(600, 200, seed=3), T.synthetic(600, 200, seed=3)
     np.testing.assert_array_equal(a.train.images, b.train.images)
     np.testing.assert_array_equal(a.test.labels, b.test.labels)
-    assert not np.array_equal(a.train.images, D.synthetic(600, 200, seed=4).train.images)
+    assert not np.array_equal(a.train.images, T.synthetic(600, 200, seed=4).train.images)
     assert a.train.images.shape == (600, 32, 32, 3) and a.train.images.dtype == np.uint8
     assert a.train.labels.dtype == np.int64 and a.official is False and a.name == "cifar10"
     assert a.classes == D.CIFAR10_CLASSES and a.info()["official"] is False
@@ -432,13 +433,13 @@ def test_synthetic_is_deterministic_and_learnable():
     centroids = np.stack([feats(a.train)[a.train.labels == k].mean(0) for k in range(10)])
     pred = np.linalg.norm(feats(a.test)[:, None] - centroids[None], axis=2).argmin(1)
     assert (pred == a.test.labels).mean() > 0.6
-    assert D.synthetic(10, 5, num_classes=100).name == "cifar100"
-    assert D.synthetic(10, 5, num_classes=7).classes[-1] == "class_6"
+    assert T.synthetic(10, 5, num_classes=100).name == "cifar100"
+    assert T.synthetic(10, 5, num_classes=7).classes[-1] == "class_6"
 
 
 def test_synthetic_round_trips_through_the_format(tmp_path):
-    s = D.synthetic(40, 10, seed=1)
-    D.write_cifar(tmp_path, "cifar10", train=(s.train.images, s.train.labels),
+    s = T.synthetic(40, 10, seed=1)
+    T.write_cifar(tmp_path, "cifar10", train=(s.train.images, s.train.labels),
                   test=(s.test.images, s.test.labels), archive=True)
     d, _ = _load(tmp_path)
     _assert_split(d.train, s.train.images, s.train.labels)
@@ -456,7 +457,7 @@ def test_channel_mean_std():
 
 
 def test_cli_text(tmp_path, c10, capsys):
-    D.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
+    T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
     assert tool.main(["--data-dir", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and "not the official CIFAR-10 data" in err
@@ -470,7 +471,7 @@ def test_cli_text(tmp_path, c10, capsys):
 
 
 def test_cli_json(tmp_path, c100, capsys):
-    D.write_cifar(tmp_path, "cifar100", train=c100[0], test=c100[1], archive=True)
+    T.write_cifar(tmp_path, "cifar100", train=c100[0], test=c100[1], archive=True)
     assert tool.main(["--data-dir", str(tmp_path), "--dataset", "cifar100", "--json"]) == 0
     out, err = capsys.readouterr()
     s = json.loads(out)

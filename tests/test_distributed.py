@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastres import config as C
-from fastres.data import synthetic, write_cifar
+from fastres.testing import synthetic, write_cifar
 from fastres.distributed import Dist, split_batch
 from fastres.engine import build_loaders
 from fastres.errors import ConfigError

@@ -10,6 +10,7 @@ padding shows up as (0, 0, 0) pixels, which the code never produces otherwise.
 Draws are seeded, so every statistical bound below is checked against one fixed sample:
 the bounds are 5 standard deviations wide and cannot flake.
 """
+import dataclasses
 import math
 import sys
 
@@ -18,7 +19,8 @@ import pytest
 import torch
 
 from fastres.errors import ConfigError, DataError
-from fastres.pipelines import Augment, Loader, available_loaders, build_loader, normalize
+from fastres.pipelines import (Augment, Loader, LoaderOptions, available_loaders,
+                               build_loader, check_loader, normalize)
 from fastres.pipelines.base import flip_base, mix_seed, plan_epoch
 from fastres.pipelines.dali import DALI_MISSING, dali_available
 
@@ -54,7 +56,7 @@ def make(name, images, labels, **kw):
     kw.setdefault("mean", MEAN)
     kw.setdefault("std", STD)
     kw.setdefault("workers", 0 if name == "torch" else 1)
-    return build_loader(name, images, labels, **kw)
+    return build_loader(name, images, labels, LoaderOptions(**kw))
 
 
 def unnormalize(x: torch.Tensor, mean=MEAN, std=STD) -> np.ndarray:
@@ -309,6 +311,7 @@ def test_dtype_layout_protocol(name, dtype):
     ld = make(name, IMAGES[:64], LABELS[:64], dtype=dtype, **kw)
     ref = make(name, IMAGES[:64], LABELS[:64], dtype=torch.float32, **kw)
     assert isinstance(ld, Loader) and ld.batch_size == 32 and len(ld) == 2
+    check_loader(ld, "train")
     for (x, y), (xr, yr) in zip(ld, ref):
         assert x.shape == (32, 3, H, W) and x.dtype == dtype and x.device.type == "cpu"
         assert x.is_contiguous(memory_format=torch.channels_last)
@@ -463,6 +466,73 @@ def test_errors():
         make("tensor", IMAGES[:10], LABELS[:9])
     with pytest.raises(ConfigError, match="rank"):
         make("tensor", IMAGES[:10], LABELS[:10], rank=2, world_size=2)
+    with pytest.raises(ConfigError, match="batch_size"):
+        make("tensor", IMAGES[:10], LABELS[:10], batch_size=2.0)
+    with pytest.raises(ConfigError, match="std must be positive"):
+        make("tensor", IMAGES[:10], LABELS[:10], std=(0.2, 0.0, 0.2))
+    with pytest.raises(ConfigError, match="both mean and std"):
+        make("tensor", IMAGES[:10], LABELS[:10], std=None)
+    with pytest.raises(ConfigError, match="takes a fastres.pipelines.LoaderOptions"):
+        from fastres.pipelines import TensorLoader
+
+        TensorLoader(IMAGES[:10], LABELS[:10], {"batch_size": 2, "train": True})
+
+
+# --------------------------------------------------------------------------- options
+
+def test_options_are_one_dataclass_for_every_loader():
+    opts = LoaderOptions.for_dataset("cifar10", batch_size=32, train=True, workers=0,
+                                     augment=Augment(cutout=4))
+    assert opts.mean == MEAN and opts.std == STD and opts.device == torch.device("cpu")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.batch_size = 3
+    for name in available_loaders():
+        ld = build_loader(name, IMAGES[:64], LABELS[:64], opts)
+        assert ld.options == opts and ld.mean == MEAN and ld.batch_size == 32
+    # Evaluation loaders record that they do not augment.
+    ev = build_loader("tensor", IMAGES[:64], LABELS[:64], opts, train=False, batch_size=50)
+    assert ev.options == opts.replace(train=False, batch_size=50, augment=Augment.none())
+    assert len(ev) == 2 and ev.num_examples == 64
+    # The keyword shorthand builds the same options.
+    kw = build_loader("tensor", IMAGES[:64], LABELS[:64], batch_size=32, train=True,
+                      workers=0, mean=MEAN, std=STD, augment=Augment(cutout=4))
+    assert kw.options == opts
+    c100 = LoaderOptions.for_dataset("cifar-100", batch_size=8, train=False)
+    assert c100.mean == (0.5071, 0.4865, 0.4409)
+
+
+def test_options_without_statistics():
+    from fastres.data import channel_mean_std
+
+    # A training loader normalises with its images' exact statistics ...
+    ld = build_loader("tensor", IMAGES[:200], LABELS[:200], batch_size=50, train=True)
+    want = channel_mean_std(IMAGES[:200])
+    assert ld.mean == want[0] and ld.std == want[1] and ld.options.mean == want[0]
+    torch_images = build_loader("tensor", torch.from_numpy(IMAGES[:200]), LABELS[:200],
+                                batch_size=50, train=True)
+    assert torch_images.mean == want[0]
+    # ... an evaluation loader must be told the training set's.
+    with pytest.raises(ConfigError, match="training set's statistics"):
+        build_loader("tensor", IMAGES[:200], LABELS[:200], batch_size=50, train=False)
+    ev = build_loader("tensor", IMAGES[:200], LABELS[:200], ld.options, train=False)
+    assert ev.mean == ld.mean
+
+
+def test_option_errors():
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        build_loader("tensor", IMAGES[:10], LABELS[:10], batchsize=4, train=True)
+    with pytest.raises(ConfigError, match="need batch_size and train"):
+        build_loader("tensor", IMAGES[:10], LABELS[:10])
+    with pytest.raises(ConfigError, match="did you mean 'cifar10'"):
+        LoaderOptions.for_dataset("cifar1O", batch_size=4, train=True)
+    with pytest.raises(ConfigError, match="not a device"):
+        LoaderOptions(batch_size=4, train=True, device="gpu")
+    with pytest.raises(ConfigError, match="train must be True or False"):
+        LoaderOptions(batch_size=4, train="yes")
+    with pytest.raises(ConfigError, match="flip"):
+        LoaderOptions(batch_size=4, train=True, augment=Augment(flip="sometimes"))
+    with pytest.raises(ConfigError, match="is a LoaderOptions"):
+        build_loader("tensor", IMAGES[:10], LABELS[:10], {"batch_size": 4})
 
 
 # --------------------------------------------------------------------------- GPU

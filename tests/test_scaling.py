@@ -4,7 +4,7 @@ import json
 import pytest
 
 from fastres.tools.cli import main
-from fastres.data import synthetic, write_cifar
+from fastres.testing import synthetic, write_cifar
 
 
 @pytest.mark.slow

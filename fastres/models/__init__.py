@@ -7,7 +7,9 @@
 
 Blocks build each BatchNorm(+residual add)+activation as one `norm_act_layer` module
 (`layers.BatchNormAct2d`, or `fastres.kernels.FusedBatchNormAct2d` with fused_kernels=True),
-so the fused Triton kernels change no model code and no state dict.
+so the fused Triton kernels change no model code and no state dict. The model classes are
+exported for subclassing and isinstance checks; build models through `create_model`, which
+also applies the registered defaults (initialisation, zero_init_residual, BN momentum).
 """
 from .layers import BatchNormAct2d, norm_act_factory
 from .registry import (ModelEntry, count_params, create_model, list_models, model_info,
@@ -15,9 +17,17 @@ from .registry import (ModelEntry, count_params, create_model, list_models, mode
 
 # Importing the model modules registers their entry points.
 from . import cifar_resnet, resnet, preact_resnet, vgg, googlenet, airbench  # noqa: E402,F401
+from .airbench import AirbenchNet  # noqa: E402
+from .cifar_resnet import CifarResNet  # noqa: E402
 from .flops import count_flops, flops_row  # noqa: E402
+from .googlenet import GoogLeNetCifar  # noqa: E402
+from .preact_resnet import PreActResNet  # noqa: E402
+from .resnet import ResNet  # noqa: E402
+from .vgg import VGG, VGGCifar  # noqa: E402
 
 __all__ = [
-    "BatchNormAct2d", "ModelEntry", "count_flops", "count_params", "create_model",
-    "flops_row", "list_models", "model_info", "norm_act_factory", "register_model",
+    "AirbenchNet", "BatchNormAct2d", "CifarResNet", "GoogLeNetCifar", "ModelEntry",
+    "PreActResNet", "ResNet", "VGG", "VGGCifar", "count_flops", "count_params",
+    "create_model", "flops_row", "list_models", "model_info", "norm_act_factory",
+    "register_model",
 ]
