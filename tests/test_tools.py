@@ -16,10 +16,10 @@ import pytest
 
 from fastres.tools.cli import main as cli_main
 from fastres.tools.cli import run_tool
-from fastres.data import synthetic, write_cifar
+from fastres.testing import synthetic, write_cifar
 from fastres import bench
 from fastres.tools import profile_step as prof
-from fastres.tools import results_table, speedrun
+from fastres.tools import speedrun
 from fastres.tools._common import markdown_table, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,36 @@ def one_line_error(capsys, tool: str, main, argv, needle: str) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"fastres {tool}: error:"), err
     assert needle in err[0]
+
+
+def test_profile_and_train_build_the_same_step(capsys):
+    """`fastres profile` times the step `fastres train` runs: the same resolved config, so
+    the same micro-batching (500-image micro-batches of the 2000-image batch on a CPU)."""
+    from fastres.tools import train as train_tool
+
+    assert prof.main(["--preset", "speedrun", "--print-config"]) == 0
+    profiled = json.loads(capsys.readouterr().out)
+    assert train_tool.main(["--preset", "speedrun", "--print-config"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert profiled["run"]["micro_batch"] == trained["run"]["micro_batch"] == 500
+    assert profiled["data"]["batch_size"] == trained["data"]["batch_size"] == 2000
+    for section in ("optim", "schedule", "model"):
+        assert profiled[section] == trained[section], section
+
+
+@pytest.mark.slow
+def test_profile_check_graph(capsys, tmp_path):
+    """The CPU-side proof that the whole step is one graph per phase: the same tiny
+    resnet-paper step as tests/test_step.py (so Inductor's cache is warm)."""
+    js = tmp_path / "g.json"
+    rc = prof.main(["--preset", "resnet-paper", "--model", "resnet8", "--batch-size", "8",
+                    "--images", "64", "--set", "schedule.steps=6", "--set", "run.micro_batch=0",
+                    "--check-graph", "--json", str(js)])
+    assert rc == 0
+    assert "graph breaks: 0, recompiles: 0" in capsys.readouterr().out
+    report = json.loads(js.read_text())["graph_check"]
+    assert report["breaks"] == 0 and report["recompiles"] == 0 and report["reasons"] == []
+    assert report["steps"][:3] == [0, 1, 2] and 5 in report["steps"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -140,7 +170,7 @@ def test_profile_single(tmp_path, capsys):
                  "peak memory"):
         assert word in printed, word
     out = json.loads(js.read_text())
-    assert out["schema"] == "fastres-profile-v1" and out["peak"] is None
+    assert out["schema"] == "fastres-profile-v2" and out["peak"] is None
     (m,) = out["results"]
     assert set(m["phases_ms"]) == {"data", "forward", "backward", "optimizer"}
     assert m["img_per_s"] > 0 and m["flops_per_step"] > 0 and m["mfu"] is None
@@ -167,23 +197,26 @@ def test_profile_flops_scale_with_batch():
 
 def test_profile_compare(tmp_path, capsys):
     js = tmp_path / "c.json"
-    rc = prof.main(PROFILE_SMALL + ["--compare", "--variants", "eager",
+    rc = prof.main(PROFILE_SMALL + ["--compare", "--modes", "eager,step+graph",
                                     "--memory-formats", "channels_last,contiguous",
                                     "--peak-tflops", "1.0", "--json", str(js)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "vs eager" in printed and "1.00x" in printed
+    assert "skipped: CUDA graphs need a CUDA device" in printed
     results = json.loads(js.read_text())["results"]
-    assert [(m["variant"], m["memory_format"]) for m in results] == [
-        ("eager", "channels_last"), ("eager", "contiguous")]
-    assert all(m["mfu"] is not None and m["peak_tflops"] == 1.0 for m in results)
+    assert [(m["mode"], m["memory_format"]) for m in results] == [
+        ("eager", "channels_last"), ("step+graph", "channels_last"),
+        ("eager", "contiguous"), ("step+graph", "contiguous")]
+    ran = [m for m in results if "skipped" not in m]
+    assert len(ran) == 2 and all(m["mfu"] is not None and m["peak_tflops"] == 1.0 for m in ran)
 
 
 def test_profile_arguments(capsys):
     one_line_error(capsys, "profile", prof.main, PROFILE_SMALL + ["--model", "nope"],
                    "unknown model")
     one_line_error(capsys, "profile", prof.main,
-                   PROFILE_SMALL + ["--compare", "--variants", "eagre"], "did you mean 'eager'")
+                   PROFILE_SMALL + ["--modes", "eagre"], "did you mean 'eager'")
     one_line_error(capsys, "profile", prof.main, ["--preset", "smoke", "--images", "16"],
                    "fewer than one batch")
 
@@ -198,61 +231,9 @@ def test_profile_script_help():
     assert "--memory-format" in r.stdout and "--compare" in r.stdout
 
 
-# --------------------------------------------------------------------------- table
-
-def test_table_launch_then_read(data_dir, tmp_path, capsys):
-    runs_dir, md = tmp_path / "runs", tmp_path / "out" / "table.md"
-    argv = smoke(data_dir, "--models", "resnet8", "--launch", "--epochs", "1",
-                 "--launch-dir", str(runs_dir), "--out", str(md))
-    assert results_table.main(argv) == 0
-    assert (runs_dir / "resnet8" / "result.json").is_file()
-    capsys.readouterr()
-
-    # Read the finished run back, beside a model without runs (article figures only).
-    md2 = tmp_path / "t2.md"
-    assert results_table.main(["--runs", str(runs_dir), "--models", "resnet8,resnet20",
-                               "--out", str(md2)]) == 0
-    printed = capsys.readouterr().out
-    assert "| Model" in printed and "Δ Top-1" in printed
-    lines = [line for line in md2.read_text().splitlines() if line.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header == list(results_table.HEADERS)
-    rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")]
-                              for line in lines[2:])}
-    assert set(rows) == {"resnet8", "resnet20"}
-    assert rows["resnet8"][1] == "1" and rows["resnet8"][2] != "—"      # one run, top-1
-    assert rows["resnet8"][8].startswith("cpu")                          # device
-    assert rows["resnet20"][1] == "0" and rows["resnet20"][2] == "—"
-    assert rows["resnet20"][9] == "92.02" and rows["resnet20"][12] == "0.9"  # article
-
-    with open(md2.with_suffix(".csv"), newline="") as f:
-        table = list(csv.DictReader(f))
-    assert list(table[0]) == list(results_table.CSV_FIELDS)
-    r8, r20 = table
-    assert r8["model"] == "resnet8" and float(r8["top1"]) > 0 and float(r8["train_min"]) > 0
-    assert float(r8["gmacs"]) == pytest.approx(float(r8["gflops"]) / 2)
-    assert "64-image subset of the 128 test images" in r8["notes"]
-    assert r20["top1"] == "" and r20["article_top1"] == "92.02"
-    assert abs(float(r20["params_m"]) - 0.27) < 0.01
-
-
-def test_table_arguments(tmp_path, capsys):
-    one_line_error(capsys, "table", results_table.main,
-                   ["--models", "resnet20,resnet2o", "--out", str(tmp_path / "t.md")],
-                   "unknown model")
-    one_line_error(capsys, "table", results_table.main,
-                   ["--runs", str(tmp_path / "missing"), "--out", str(tmp_path / "t.md")],
-                   "no such directory")
-    (tmp_path / "empty").mkdir()
-    one_line_error(capsys, "table", results_table.main,
-                   ["--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "t.md")],
-                   "no finished run")
-
-
 # --------------------------------------------------------------------------- help
 
-@pytest.mark.parametrize("command,flag", [("speedrun", "--runs"), ("profile", "--compare"),
-                                          ("table", "--launch")])
+@pytest.mark.parametrize("command,flag", [("speedrun", "--runs"), ("profile", "--compare")])
 def test_help_through_the_cli(command, flag, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main([command, "--help"])

@@ -28,7 +28,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -109,10 +108,9 @@ def _csv_ints(text: str, what: str) -> list[int]:
 
 
 def _sync(device) -> None:
-    import torch
+    from fastres.bench import sync
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
 
 
 def endless(loader):
@@ -141,52 +139,30 @@ def time_loader(loader, *, batches: int, repeats: int, warmup: int, device) -> l
 
 
 class Trainer:
-    """A plain training step: forward, cross-entropy, backward, fused SGD step."""
+    """The trainer's own step (`fastres.engine.TrainStep`, the resnet-paper recipe: SGD with
+    momentum, cross-entropy) on `name`, in `dtype`, channels-last, timed on given batches."""
 
     def __init__(self, name: str, device, dtype, compile_model: bool):
         import torch
 
-        from fastres.models import create_model
+        from fastres import config as C
+        from fastres.engine import TrainStep, build_model
 
-        self.device, self.dtype = device, dtype
-        self.model = create_model(name, num_classes=10).to(
-            device=device, memory_format=torch.channels_last).train()
-        self.net = torch.compile(self.model) if compile_model else self.model
-        try:
-            self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9,
-                                       fused=True)
-        except (RuntimeError, TypeError):  # fused SGD missing for this device/version
-            self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-
-    def step(self, x, y) -> None:
-        import torch
-        import torch.nn.functional as F
-
-        with torch.autocast(self.device.type, dtype=self.dtype,
-                            enabled=self.dtype != torch.float32):
-            loss = F.cross_entropy(self.net(x).float(), y)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        cfg = C.replace(C.preset("resnet-paper"), model={"name": name},
+                        run={"device": str(device), "precision": precision,
+                             "compile": "on" if compile_model else "off", "progress": "none"})
+        cfg = C.resolve(cfg, str(device))
+        self.device = device
+        self.model = build_model(cfg, 10).to(device=device, memory_format=torch.channels_last)
+        self.step = TrainStep(cfg, self.model, steps_per_epoch=cfg.schedule.steps)
 
     def time_steps(self, batches, steps: int) -> float:
         """Seconds per step over `steps` steps, batches from the callable `batches`."""
-        import torch
+        from fastres.bench import time_fn
 
-        if self.device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(self.device)
-            start.record()
-            for _ in range(steps):
-                self.step(*batches())
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000 / steps
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            self.step(*batches())
-        return (time.perf_counter() - t0) / steps
+        return time_fn(lambda: self.step(*batches()), device=self.device, repeats=1,
+                       warmup=0, inner=steps).median_s
 
 
 def _fmt_rate(v: float | None) -> str:
@@ -208,7 +184,7 @@ def main(argv=None) -> int:
     import torch
 
     from fastres.errors import ConfigError, unknown_choice
-    from fastres.pipelines import LOADERS, Augment, build_loader
+    from fastres.pipelines import LOADERS, Augment, LoaderOptions, build_loader
     from fastres.pipelines.base import check_augment
     from fastres.pipelines.dali import dali_available
     from fastres.bench import environment
@@ -242,20 +218,16 @@ def main(argv=None) -> int:
 
     # ---- data
     if args.data_dir:
-        from fastres.config import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
         from fastres.data import load_cifar
 
         data = load_cifar(args.data_dir, args.dataset)
         images, labels = data.train.images, data.train.labels
-        mean, std = ((CIFAR100_MEAN, CIFAR100_STD) if args.dataset == "cifar100"
-                     else (CIFAR10_MEAN, CIFAR10_STD))
         source = f"{args.dataset} training set from {args.data_dir} ({len(labels)} images)"
     else:
         n = args.synthetic or (50000 if gpu else 10000)
         rng = np.random.default_rng(args.seed)
         images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         labels = rng.integers(0, 10, n).astype(np.int64)
-        mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
         source = f"synthetic: {n} random 32x32x3 uint8 images"
     augment = Augment(crop=args.crop, pad=args.pad, pad_mode=args.pad_mode, flip=args.flip,
                       cutout=args.cutout)
@@ -289,10 +261,12 @@ def main(argv=None) -> int:
                "warmup": warmup,
                "loaders": [], "trainer": [], "steal": [], "skipped": skipped}
 
+    options = LoaderOptions.for_dataset(args.dataset if args.data_dir else "cifar10",
+                                        batch_size=batch_sizes[0], train=True, device=device,
+                                        dtype=dtype, augment=augment, seed=args.seed)
+
     def make(name, workers, batch):
-        return build_loader(name, images, labels, train=True, batch_size=batch, device=device,
-                            dtype=dtype, mean=mean, std=std, augment=augment, seed=args.seed,
-                            workers=workers)
+        return build_loader(name, images, labels, options, batch_size=batch, workers=workers)
 
     # ---- loaders alone
     loader_rates = {}
@@ -380,7 +354,7 @@ def main(argv=None) -> int:
         print(f"{r['loader']:<10} {b:>6} {_fmt_rate(r['img_s']):>9} "
               f"{_fmt_ratio(r['ratio_vs_trainer']):>10} {_fmt_ratio(r['ratio_vs_torch_w0']):>11}")
     for b, rate in trainer_rates.items():
-        print(f"{'trainer':<10} {b:>6} {_fmt_rate(rate):>9}   ({model_name}, fwd+bwd+SGD, "
+        print(f"{'trainer':<10} {b:>6} {_fmt_rate(rate):>9}   ({model_name}, TrainStep, "
               f"{str(dtype).replace('torch.', '')})")
     if trainer_rates:
         print("/ trainer: how many training processes like this one the loader could feed "

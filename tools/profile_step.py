@@ -2,29 +2,33 @@
 
     fastres profile                                          # the speedrun preset's step
     fastres profile --model resnet56 --dtype bf16 --compile on --batch-size 512 --steps 100
-    fastres profile --compare                                # eager vs compile vs fused
+    fastres profile --modes eager,model,step,step+graph      # the TrainStep modes, side by side
+    fastres profile --compare                                # eager vs model compile vs fused
+    fastres profile --check-graph                            # graph breaks / recompiles
+    fastres profile --busy                                   # GPU-busy fraction of the step
     fastres profile --trace traces/ --nvtx                   # + Chrome trace, NVTX ranges
 
-One training step of the preset (its model, optimizer, loss and augmentation; flags override
-them) is run `--warmup` times untimed (compilation happens there), then `--steps` times
-timed. Each timed step is split into data (the loader's next batch, augmentation included),
-forward (with the loss), backward and optimizer (step, EMA, zero_grad): CUDA events between
-the phases on a GPU (read once, after the last step), a clock on the CPU, where every op
-finishes before it returns. The phases tile the step, so their sum is the step time and
-img/s = batch x steps / that sum.
+The step is the trainer's own `fastres.engine.TrainStep`, built from the preset (model,
+optimizer, loss, schedules, micro-batches, augmentation; flags override them), run
+`--warmup` times untimed (compilation happens there), then `--steps` times timed. The
+profiler times phases through the step's `on_phase` hook: data (the loader's next batch,
+augmentation included), forward (with the loss), backward and optimizer (update, EMA,
+zero_grad), once per micro-batch for the first two; when the whole step is one compiled
+graph (modes step, step+graph) there is one phase, "step". CUDA events between phases on a
+GPU (read once, after the last step), a clock on the CPU, where every op finishes before it
+returns. The phases tile the step, so img/s = batch x steps / their sum.
 
-FLOPs of one training step (forward + backward) are counted once by
-torch.utils.flop_counter (convolutions and matrix products: what the tensor cores do; the
-optimizer's Newton-Schulz matmuls for Muon are not included), at a small batch and scaled,
-since every counted op is linear in the batch. MFU divides the achieved FLOP/s by the
-device's dense peak for the math the step runs in (bf16/fp16, or TF32 for fp32
-convolutions when cuDNN allows it): A100, H100 SXM/PCIe/NVL and H200 are known, other
-devices need --peak-tflops.
+Modes (`--modes`, comma-separated; ratios against the first): eager (run.compile=off),
+model (run.compile=on: the model's forward and backward compiled), step (run.compile=step:
+the whole step one graph), step+graph (that graph replayed as a CUDA graph); "+fused" after
+any of them adds the fused Triton BN-act kernels. A mode the device cannot run is listed as
+"skipped: why". `--compare` is `--modes eager,model,model+fused` in both memory formats.
 
---compare measures eager, compile and compile + fused kernels (and each in channels-last
-and contiguous memory) in one process, each after its own warm-up, and prints them as
-ratios against the first. Data: random uint8 images through the chosen loader unless
---data-dir is given.
+FLOPs of one training step (forward + backward) come from `fastres.bench.training_flops`
+(convolutions and matrix products; Muon's Newton-Schulz matmuls are not included); MFU
+divides the achieved FLOP/s by the device's dense peak for the math the step runs in
+(bf16/fp16, or TF32 for fp32 convolutions when cuDNN allows it); unknown devices need
+--peak-tflops. Data: random uint8 images through the chosen loader unless --data-dir.
 """
 from __future__ import annotations
 
@@ -37,52 +41,61 @@ from pathlib import Path
 from fastres.tools._common import (add_config_args, config_from, csv_list, env_line, fmt,
                                    markdown_table, pct, write_json)
 
-SCHEMA = "fastres-profile-v1"
-PHASES = ("data", "forward", "backward", "optimizer")
-
-VARIANTS = {  # --compare variant -> (compile, fused kernels)
-    "eager": ("off", False), "eager+fused": ("off", True),
-    "compile": ("on", False), "compile+fused": ("on", True),
+SCHEMA = "fastres-profile-v2"
+BASE_MODES = {  # mode -> (run.compile, run.cuda_graph)
+    "eager": ("off", "off"), "model": ("on", "off"), "step": ("step", "off"),
+    "step+graph": ("step", "on"),
 }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fastres profile", description="Steady-state img/s of a training step, its "
-        "data/forward/backward/optimizer breakdown, TFLOP/s, MFU and peak memory.")
+        prog="fastres profile", description="Steady-state img/s of the training step, its "
+        "data/forward/backward/optimizer breakdown, TFLOP/s, MFU and peak memory; the "
+        "TrainStep modes side by side; graph breaks; GPU-busy fraction.")
     p.add_argument("--dtype", dest="precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast dtype and loader output dtype (default: the preset's; auto "
                         "is bf16 on GPU, fp32 on CPU)")
     p.add_argument("--memory-format", choices=("channels_last", "contiguous"),
                    help="model and input layout (default: the preset's, channels_last); "
                         "contiguous copies each channels-last batch to NCHW in the data phase")
-    p.add_argument("--compile", choices=("auto", "on", "off"),
-                   help="torch.compile the model (default: the preset's; auto = on for GPU)")
+    p.add_argument("--compile", choices=("auto", "on", "step", "off"),
+                   help="without --modes: torch.compile the model (on), the whole step "
+                        "(step) or nothing (off); default: the preset's")
     p.add_argument("--steps", type=int, default=0,
                    help="timed steps (0 = auto: 50 on GPU, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=-1,
-                   help="untimed steps first (-1 = auto: 10 on GPU, 1 on CPU, +2 with compile)")
+                   help="untimed steps first (-1 = auto: 10 on GPU, 1 on CPU, +2 compiled)")
     p.add_argument("--images", type=int, default=0, metavar="N",
                    help="random uint8 images the loader draws from (0 = auto: 50000 on GPU, "
                         "the larger of 2048 and 2 batches on CPU)")
     p.add_argument("--peak-tflops", type=float, metavar="T",
                    help="the device's peak TFLOP/s for this dtype (MFU on devices not known "
                         "here, or to override)")
+    p.add_argument("--modes", metavar="LIST",
+                   help=f"measure these modes, ratios against the first: "
+                        f"{', '.join(BASE_MODES)}, each optionally +fused")
+    p.add_argument("--compare", action="store_true",
+                   help="= --modes eager,model,model+fused --memory-formats "
+                        "channels_last,contiguous")
+    p.add_argument("--memory-formats", default=None,
+                   help="with --modes/--compare: comma-separated (default: the preset's; "
+                        "--compare: channels_last,contiguous)")
+    p.add_argument("--check-graph", action="store_true",
+                   help="compile the whole step and print `graph breaks: N, recompiles: M` "
+                        "with the reason for each break (runs steps 0-2, phase 2, later steps)")
+    p.add_argument("--busy", action="store_true",
+                   help="GPU: the fraction of the step's wall time the GPU runs kernels "
+                        "(torch.profiler over the timed steps)")
     p.add_argument("--trace", metavar="DIR",
                    help="after the timed steps, profile --trace-steps more with torch.profiler "
                         "and write a Chrome trace (chrome://tracing, ui.perfetto.dev) into DIR")
     p.add_argument("--trace-steps", type=int, default=5, help="steps in the trace (default 5)")
     p.add_argument("--nvtx", action="store_true",
                    help="NVTX ranges around each phase of the timed steps (GPU; for Nsight)")
-    p.add_argument("--compare", action="store_true",
-                   help="measure every --variants x --memory-formats setting, as ratios "
-                        "against the first")
-    p.add_argument("--variants", default="eager,compile,compile+fused",
-                   help=f"with --compare: comma-separated, from {', '.join(VARIANTS)} "
-                        "(default: eager,compile,compile+fused)")
-    p.add_argument("--memory-formats", default="channels_last,contiguous",
-                   help="with --compare: comma-separated (default: channels_last,contiguous)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config the step is built from (JSON) and exit")
     add_config_args(p, preset="speedrun",
                     fields=("data-dir", "model", "batch-size", "loader", "fused-kernels",
                             "device", "seed"))
@@ -92,48 +105,51 @@ def get_args_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- timing
 
 class PhaseClock:
-    """Timestamps at every phase boundary of consecutive steps: CUDA events on a GPU
-    (recorded on the stream, no sync; `totals` synchronises once), perf_counter on a CPU.
-    Steps run back to back, so one step's end is the next step's start."""
+    """Timestamps at every phase boundary: `mark(name)` ends the running phase and starts
+    `name` ("end" starts nothing). CUDA events on a GPU (recorded on the stream, no sync;
+    `totals` synchronises once), perf_counter on a CPU."""
 
-    def __init__(self, device, steps: int):
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.names: list[str] = []
+        self.stamps: list = []
+
+    def mark(self, name: str) -> None:
         import torch
 
-        self.cuda = device.type == "cuda"
-        n = 1 + steps * len(PHASES)
-        self.marks = [torch.cuda.Event(enable_timing=True) for _ in range(n)] if self.cuda \
-            else [0.0] * n
-        self.i = 0
-
-    def mark(self) -> None:
         if self.cuda:
-            self.marks[self.i].record()
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.stamps.append(ev)
         else:
-            self.marks[self.i] = time.perf_counter()
-        self.i += 1
+            self.stamps.append(time.perf_counter())
+        self.names.append(name)
 
     def totals(self) -> dict[str, float]:
-        """Seconds spent in each phase over all steps."""
+        """Seconds spent in each named phase."""
         if self.cuda:
-            self.marks[self.i - 1].synchronize()  # host sync: once, after the timed loop
-            dt = [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:self.i])]
+            self.stamps[-1].synchronize()  # host sync: once, after the timed loop
+            dt = [a.elapsed_time(b) / 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
         else:
-            dt = [b - a for a, b in zip(self.marks, self.marks[1:self.i])]
-        k = len(PHASES)
-        return {p: sum(dt[j::k]) for j, p in enumerate(PHASES)}
+            dt = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+        out: dict[str, float] = {}
+        for name, d in zip(self.names, dt):
+            out[name] = out.get(name, 0.0) + d
+        return out
 
 
-class _Ranges:
-    """NVTX ranges (for Nsight) and/or torch.profiler labels around the phases; a no-op
-    when neither is asked for, so the timed loop pays one early return per phase."""
+class _Marker:
+    """The `on_phase` hook: marks the clock and, when asked, opens NVTX ranges (Nsight)
+    or torch.profiler labels named after the phase."""
 
-    def __init__(self, nvtx: bool, labels: bool):
-        self.nvtx, self.labels = nvtx, labels
+    def __init__(self, clock: PhaseClock | None, nvtx: bool = False, labels: bool = False):
+        self.clock, self.nvtx, self.labels = clock, nvtx, labels
         self._nvtx_open = False
         self._label = None
 
-    def __call__(self, name: str | None) -> None:
-        """Close the open range and open `name` (None: just close)."""
+    def __call__(self, name: str) -> None:
+        if self.clock is not None:
+            self.clock.mark(name)
         if not (self.nvtx or self.labels):
             return
         import torch
@@ -141,13 +157,13 @@ class _Ranges:
         if self.nvtx:
             if self._nvtx_open:
                 torch.cuda.nvtx.range_pop()
-            if name is not None:
+            if name != "end":
                 torch.cuda.nvtx.range_push(name)
-            self._nvtx_open = name is not None
+            self._nvtx_open = name != "end"
         if self.labels:
             if self._label is not None:
                 self._label.__exit__(None, None, None)
-            self._label = torch.profiler.record_function(name) if name is not None else None
+            self._label = torch.profiler.record_function(name) if name != "end" else None
             if self._label is not None:
                 self._label.__enter__()
 
@@ -188,101 +204,71 @@ def _peak_memory(device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of the process"
 
 
-def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
-            flops: dict, peak: tuple[str, float] | None, nvtx: bool = False,
-            trace_dir: str | None = None, trace_steps: int = 5, trace_name: str = "trace"
-            ) -> dict:
-    """Build loader, model and optimizer for the resolved `cfg`, warm up, time `steps`
-    steps phase by phase, and (optionally) trace a few more. Returns the figures."""
+def build_step(cfg, images, labels, num_classes: int, *, fullgraph: bool = True):
+    """The training loader, model and TrainStep for the resolved `cfg`, as `fastres train`
+    builds them (the same micro-batching, optimizer, schedules)."""
     import torch
-    import torch.nn.functional as F
 
-    from fastres.engine import EMA, build_optimizers
-    from fastres.engine.build import PRECISION_DTYPES, build_model
-    from fastres.engine.evaluate import autocast_for
+    from fastres.engine import TrainStep, build_model
+    from fastres.engine.build import loader_options
+    from fastres.engine.trainer import WHITEN_INIT_IMAGES
     from fastres.pipelines import build_loader
-    from fastres.pipelines.base import Augment
 
-    d, o, r = cfg.data, cfg.optim, cfg.run
-    device = torch.device(r.device)
-    loader = build_loader(d.loader, images, labels, train=True, batch_size=d.batch_size,
-                          device=device, dtype=PRECISION_DTYPES[r.precision], mean=d.mean,
-                          std=d.std, augment=Augment(crop=d.crop, pad=d.pad,
-                                                     pad_mode=d.pad_mode, flip=d.flip,
-                                                     cutout=d.cutout),
-                          seed=r.seed, workers=d.workers)
-    memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
+    loader = build_loader(cfg.data.loader, images, labels, loader_options(cfg))
+    device = torch.device(cfg.run.device)
+    memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
     model = build_model(cfg, num_classes).to(device=device, memory_format=memory_format)
     if hasattr(model, "data_init"):  # the speed-run net's whitening filters, as in training
-        model.data_init(loader.sample(min(5000, loader.num_examples)).to(device))
-    ema = EMA(model, o.ema_decay, o.ema_every, o.ema_warmup) if o.ema_decay > 0 else None
-    triton_ema = ema is not None and o.impl == "triton"
-    opts = build_optimizers(model, o, ema_shadows=ema.shadows_by_param(model)
-                            if triton_ema else None)
-    scaler = torch.amp.GradScaler(device.type) if r.precision == "fp16" else None
-    if r.compile == "on":
-        torch._dynamo.reset()  # each variant compiles from scratch, as a fresh process would
-    net = torch.compile(model, mode=r.compile_mode) if r.compile == "on" else model
-    net.train()
+        model.data_init(loader.sample(min(WHITEN_INIT_IMAGES, loader.num_examples)).to(device))
+    step = TrainStep(cfg, model, steps_per_epoch=len(loader), fullgraph=fullgraph)
+    return loader, model, step
+
+
+def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
+            flops: dict, peak: tuple[str, float] | None, nvtx: bool = False, busy: bool = False,
+            trace_dir: str | None = None, trace_steps: int = 5, trace_name: str = "trace"
+            ) -> dict:
+    """Warm up and time `steps` TrainStep calls phase by phase; optionally the GPU-busy
+    fraction and a trace. Returns the figures."""
+    import torch
+
+    r = cfg.run
+    device = torch.device(r.device)
+    if r.compile != "off":
+        torch._dynamo.reset()  # each mode compiles from scratch, as a fresh process would
+    loader, model, step = build_step(cfg, images, labels, num_classes)
     batches = _endless(loader)
     contiguous = not r.channels_last
-    step_no = 0
 
-    def step(mark, ranges) -> None:
-        nonlocal step_no
-        ranges("data")
+    def one(hook) -> None:
+        hook("data")
         x, y = next(batches)
         if contiguous:
             x = x.contiguous()
-        mark()
-        ranges("forward")
-        with autocast_for(device, r.precision):
-            out = net(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=o.label_smoothing,
-                                   reduction=o.loss_reduction)
-        mark()
-        ranges("backward")
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        mark()
-        ranges("optimizer")
-        due = ema is not None and ema.due(step_no)
-        # As in the trainer: the Triton SGD averages the weights inside its step, so the EMA
-        # afterwards only follows the buffers.
-        opts.step(scaler, **({"ema_decay": ema.current_decay() if due else 1.0}
-                             if triton_ema else {}))
-        if scaler is not None:
-            scaler.update()
-        opts.zero_grad()
-        if due:
-            ema.update(model, params=not triton_ema)
-        mark()
-        ranges(None)
-        step_no += 1
+        step(x, y, on_phase=hook)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    no_ranges = _Ranges(False, False)
+    no_marks = _Marker(None)
     t0 = time.perf_counter()
     for _ in range(warmup):
-        step(lambda: None, no_ranges)
-    sync()
+        one(no_marks)
+    _sync(device)
     warmup_s = time.perf_counter() - t0
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    clock = PhaseClock(device, steps)
-    ranges = _Ranges(nvtx and device.type == "cuda", False)
-    sync()
+    clock = PhaseClock(device)
+    marker = _Marker(clock, nvtx=nvtx and device.type == "cuda")
+    _sync(device)
     wall0 = time.perf_counter()
-    clock.mark()
     for _ in range(steps):
-        step(clock.mark, ranges)
+        one(marker)
+    marker("end")
     phases = clock.totals()
-    sync()
+    _sync(device)
     wall_s = time.perf_counter() - wall0
     peak_mem, mem_kind = _peak_memory(device)
+
+    busy_frac = _gpu_busy(lambda: one(no_marks), device, steps) if busy else None
 
     trace_path = None
     if trace_dir:
@@ -290,22 +276,28 @@ def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                          else [])
+        labels_ = _Marker(None, labels=True)
         with profile(activities=acts) as prof:
             for _ in range(trace_steps):
-                step(lambda: None, _Ranges(False, True))
-            sync()
+                one(labels_)
+            labels_("end")
+            _sync(device)
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
         trace_path = str(Path(trace_dir) / f"{trace_name}.json")
         prof.export_chrome_trace(trace_path)
 
+    from fastres.bench import mfu
+
     step_s = sum(phases.values())
     imgs = steps * loader.batch_size
     tflops = flops["per_step"] * steps / step_s / 1e12 if step_s > 0 else None
+    o = cfg.optim
     return {
-        "model": cfg.model.name, "loader": d.loader, "precision": r.precision,
+        "model": cfg.model.name, "loader": cfg.data.loader, "precision": r.precision,
         "memory_format": "channels_last" if r.channels_last else "contiguous",
-        "compile": r.compile, "fused_kernels": cfg.model.fused_kernels,
-        "optimizer": f"{o.name} ({o.impl})", "batch_size": loader.batch_size,
+        "compile": r.compile, "cuda_graph": r.cuda_graph,
+        "fused_kernels": cfg.model.fused_kernels, "optimizer": f"{o.name} ({o.impl})",
+        "batch_size": loader.batch_size, "micro_batch": r.micro_batch or loader.batch_size,
         "steps": steps, "warmup_steps": warmup, "warmup_s": warmup_s,
         "img_per_s": imgs / step_s if step_s > 0 else None,
         "step_ms": 1e3 * step_s / steps, "wall_step_ms": 1e3 * wall_s / steps,
@@ -313,9 +305,63 @@ def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
         "phase_share": {p: t / step_s for p, t in phases.items()} if step_s > 0 else {},
         "flops_per_step": flops["per_step"], "tflops": tflops,
         "peak_tflops": peak[1] if peak else None, "peak_source": peak[0] if peak else None,
-        "mfu": tflops / peak[1] if (peak and tflops) else None,
+        "mfu": mfu(flops["per_step"] * steps, step_s, peak[1] if peak else None),
+        "gpu_busy": busy_frac,
         "peak_memory_bytes": peak_mem, "peak_memory_kind": mem_kind, "trace": trace_path,
     }
+
+
+def _sync(device) -> None:
+    from fastres.bench import sync
+
+    sync(device)
+
+
+def _gpu_busy(one_step, device, steps: int) -> float | None:
+    """Kernel time over wall time across `steps` steps, from torch.profiler: the share of
+    the step during which the GPU computes (1 - the share it waits on the host)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            one_step()
+        _sync(device)
+        wall_us = (time.perf_counter() - t0) * 1e6
+    kernel_us = sum(getattr(e, "self_device_time_total", None) or
+                    getattr(e, "self_cuda_time_total", 0) for e in prof.key_averages())
+    return min(kernel_us / wall_us, 1.0) if wall_us > 0 else None
+
+
+def mode_config(cfg, mode: str, memory_format: str | None):
+    """`cfg` for a --modes entry (e.g. "step+graph", "model+fused")."""
+    from fastres import config as C
+
+    base, fused = (mode[:-len("+fused")], True) if mode.endswith("+fused") else (mode, False)
+    comp, graph = BASE_MODES[base]
+    run = {"compile": comp, "cuda_graph": graph}
+    if memory_format:
+        run["channels_last"] = memory_format == "channels_last"
+    return C.replace(cfg, run=run, model={"fused_kernels": fused})
+
+
+def unavailable(mode: str, cfg) -> str | None:
+    """Why `mode` cannot run with `cfg` on this device and torch, or None."""
+    import torch
+
+    on_gpu = cfg.run.device.startswith("cuda")
+    if "graph" in mode and not on_gpu:
+        return "CUDA graphs need a CUDA device"
+    if mode.startswith("step") and not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        return f"torch {torch.__version__} cannot trace backward into a graph (needs >= 2.11)"
+    if mode.startswith("step") and cfg.optim.impl == "triton":
+        return "optim.impl=triton runs eagerly"
+    if mode.endswith("+fused") and on_gpu:
+        return "the fused BN-act kernels are refused on GPUs until verified (kernels/NOTES.md)"
+    return None
 
 
 # --------------------------------------------------------------------------- output
@@ -326,11 +372,12 @@ def _gib(n: int) -> str:
 
 def report(m: dict, math: str) -> str:
     rows = [[p, f"{m['phases_ms'][p]:.3f}", f"{100 * m['phase_share'].get(p, 0):.1f}%"]
-            for p in PHASES]
+            for p in m["phases_ms"]]
     rows.append(["step", f"{m['step_ms']:.3f}", "100.0%"])
     lines = [markdown_table(["phase", "ms/step", "share"], rows), ""]
     lines.append(f"throughput   {m['img_per_s']:,.0f} img/s  ({m['step_ms']:.3f} ms/step; "
-                 f"wall clock {m['wall_step_ms']:.3f} ms/step)")
+                 f"wall clock {m['wall_step_ms']:.3f} ms/step; micro-batch "
+                 f"{m['micro_batch']} of {m['batch_size']})")
     lines.append(f"FLOPs/step   {m['flops_per_step'] / 1e9:,.2f} GFLOP (forward + backward; "
                  f"{m['flops_per_step'] / 2e9:,.2f} GMACs)")
     if m["mfu"] is not None:
@@ -339,29 +386,58 @@ def report(m: dict, math: str) -> str:
     else:
         lines.append(f"achieved     {m['tflops']:.4f} TFLOP/s; MFU n/a (no known peak for "
                      "this device; give --peak-tflops)")
+    if m.get("gpu_busy") is not None:
+        lines.append(f"gpu busy     {100 * m['gpu_busy']:.1f}% (kernel time / wall time)")
     lines.append(f"peak memory  {_gib(m['peak_memory_bytes'])} ({m['peak_memory_kind']})")
     lines.append(f"warm-up      {m['warmup_steps']} steps, {m['warmup_s']:.1f} s wall"
-                 + (" (compilation included)" if m["compile"] == "on" else ""))
+                 + (" (compilation included)" if m["compile"] != "off" else ""))
     if m["trace"]:
         lines.append(f"trace        {m['trace']}")
     return "\n".join(lines)
 
 
 def compare_table(results: list[dict]) -> str:
-    base = results[0]
+    ran = [m for m in results if "skipped" not in m]
+    base = ran[0] if ran else None
     rows = []
     for m in results:
-        rows.append([m["variant"], m["memory_format"], f"{m['img_per_s']:,.0f}",
+        if "skipped" in m:
+            rows.append([m["mode"], m["memory_format"], f"skipped: {m['skipped']}"]
+                        + [""] * 8)
+            continue
+        rows.append([m["mode"], m["memory_format"], f"{m['img_per_s']:,.0f}",
                      f"{m['step_ms']:.3f}", f"{m['img_per_s'] / base['img_per_s']:.2f}x",
-                     *(f"{m['phases_ms'][p]:.3f}" for p in PHASES),
+                     " ".join(f"{p} {v:.2f}" for p, v in m["phases_ms"].items()),
                      fmt(m["tflops"], ".3f"), fmt(pct(m["mfu"]), ".1f"),
-                     _gib(m["peak_memory_bytes"]), f"{m['warmup_s']:.1f}"])
-    return markdown_table(["variant", "memory", "img/s", "ms/step",
-                           f"vs {base['variant']}", *(f"{p} ms" for p in PHASES), "TFLOP/s",
-                           "MFU %", "peak mem", "warm-up s"], rows, align="ll")
+                     fmt(pct(m.get("gpu_busy")), ".1f"), _gib(m["peak_memory_bytes"]),
+                     f"{m['warmup_s']:.1f}"])
+    return markdown_table(["mode", "memory", "img/s", "ms/step",
+                           f"vs {base['mode'] if base else '-'}", "phases (ms)", "TFLOP/s",
+                           "MFU %", "GPU busy %", "peak mem", "warm-up s"], rows, align="llrrrl")
 
 
 # --------------------------------------------------------------------------- main
+
+def _check_graph(cfg, images, labels, num_classes: int) -> dict:
+    from fastres.engine.step import check_graph
+
+    loader, model, _ = build_step(cfg, images, labels, num_classes)
+    x, y = next(iter(loader))
+    rep = check_graph(cfg, model, x, y, steps_per_epoch=len(loader))
+    print(rep.line())
+    for reason in rep.reasons:
+        print(f"  break: {reason}")
+    print(f"  ({rep.graphs} graph(s) over steps {rep.steps}; phase 2 starts at step "
+          f"{_phase2(cfg, len(loader))})")
+    return {"breaks": rep.breaks, "recompiles": rep.recompiles, "graphs": rep.graphs,
+            "reasons": rep.reasons, "steps": rep.steps}
+
+
+def _phase2(cfg, steps_per_epoch: int) -> int:
+    from fastres.engine.schedules import phase2_start
+
+    return phase2_start(cfg.schedule, steps_per_epoch)
+
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
@@ -374,14 +450,23 @@ def main(argv=None) -> int:
     run = {"progress": "none", "out_dir": ""}
     if args.memory_format:
         run["channels_last"] = args.memory_format == "channels_last"
+    if args.compile:
+        run["compile"] = args.compile
     cfg = config_from(args, run=run)
-    variants = csv_list(args.variants, "--variants") if args.compare else []
-    formats = csv_list(args.memory_formats, "--memory-formats") if args.compare else []
-    for v in variants:
-        if v not in VARIANTS:
-            raise unknown_choice("--variants entry", v, VARIANTS)
+    if args.compare:
+        modes = csv_list(args.modes or "eager,model,model+fused", "--modes")
+        formats = csv_list(args.memory_formats or "channels_last,contiguous",
+                           "--memory-formats")
+    else:
+        modes = csv_list(args.modes, "--modes") if args.modes else []
+        formats = csv_list(args.memory_formats, "--memory-formats") \
+            if args.memory_formats else [None]
+    known = [m + s for m in BASE_MODES for s in ("", "+fused")]
+    for m in modes:
+        if m not in known:
+            raise unknown_choice("--modes entry", m, known)
     for f in formats:
-        if f not in ("channels_last", "contiguous"):
+        if f not in (None, "channels_last", "contiguous"):
             raise unknown_choice("--memory-formats entry", f, ("channels_last", "contiguous"))
 
     import torch
@@ -390,6 +475,11 @@ def main(argv=None) -> int:
     from fastres.engine import resolve_for
 
     cfg = resolve_for(cfg)
+    if args.print_config:
+        import json
+
+        print(json.dumps(C.to_dict(cfg), indent=2))
+        return 0
     device = torch.device(cfg.run.device)
     on_gpu = device.type == "cuda"
     env = environment(device)
@@ -415,68 +505,74 @@ def main(argv=None) -> int:
         print("note: --nvtx ignored: NVTX ranges need a CUDA device", file=sys.stderr)
 
     math_ = math_mode(cfg.run.precision, device)
-    if args.peak_tflops:
-        peak = ("--peak-tflops", args.peak_tflops)
-    elif on_gpu:
-        peak = device_peak(env["device"], math_)
-    else:
-        peak = None
-    flops = count_step_flops(cfg, num_classes, batch, device)
-
-    if args.compare:
-        settings = [(v, f) for f in formats for v in variants]
-    else:
-        settings = [(None, None)]
+    peak = ("--peak-tflops", args.peak_tflops) if args.peak_tflops else (
+        device_peak(env["device"], math_) if on_gpu else None)
     print(f"fastres profile: {cfg.model.name}, loader {cfg.data.loader}, {cfg.run.precision}"
-          f" ({math_} math), batch {batch}, optimizer {cfg.optim.name} ({cfg.optim.impl}), "
+          f" ({math_} math), batch {batch} (micro-batches of "
+          f"{cfg.run.micro_batch or batch}), optimizer {cfg.optim.name} ({cfg.optim.impl}), "
           f"preset {args.preset}")
     print(f"  {env_line(env)}")
     print(f"  data: {source}; {steps} timed steps per setting", flush=True)
-    if any(VARIANTS[v][1] for v, _ in settings if v) or (not args.compare and
-                                                         cfg.model.fused_kernels):
-        if not on_gpu:
-            print("  note: on a CPU the fused kernels run the plain-PyTorch reference (or "
-                  "Triton's slow interpreter under TRITON_INTERPRET=1): their timings say "
-                  "nothing about the GPU kernels", flush=True)
+    out = {"schema": SCHEMA, "tool": "fastres profile", "device": env["device"], "env": env,
+           "config": C.to_dict(cfg), "data": source, "math": math_,
+           "peak": {"source": peak[0], "tflops": peak[1]} if peak else None, "results": []}
 
-    results = []
-    for variant, fmt_name in settings:
-        vcfg = cfg
-        if variant is not None:
-            comp, fused = VARIANTS[variant]
-            vcfg = C.replace(cfg, run={"compile": comp,
-                                       "channels_last": fmt_name == "channels_last"},
-                             model={"fused_kernels": fused})
-        compiled = vcfg.run.compile == "on"
+    if args.check_graph:
+        why = unavailable("step", cfg)
+        if why:
+            print(f"graph check skipped: {why}")
+            out["graph_check"] = {"skipped": why}
+        else:
+            out["graph_check"] = _check_graph(cfg, images, labels, num_classes)
+        if not modes and not args.busy:
+            if args.json:
+                print(f"\nwrote {write_json(args.json, out)}")
+            return 0
+
+    if args.busy and not on_gpu:
+        print("gpu busy: skipped: needs a CUDA device")
+    flops = count_step_flops(cfg, num_classes, batch, device)
+    out["flops"] = flops
+    settings = [(m, f) for f in formats for m in modes] or [(None, formats[0])]
+    results = out["results"]
+    for mode, fmt_name in settings:
+        mcfg = mode_config(cfg, mode, fmt_name) if mode else (
+            C.replace(cfg, run={"channels_last": fmt_name == "channels_last"})
+            if fmt_name else cfg)
+        name = mode or next((k for k, v in BASE_MODES.items()
+                             if v == (mcfg.run.compile, mcfg.run.cuda_graph)), "eager") + \
+            ("+fused" if mcfg.model.fused_kernels else "")
+        fmt_label = "channels_last" if mcfg.run.channels_last else "contiguous"
+        why = unavailable(name, mcfg)
+        if why:
+            results.append({"mode": name, "memory_format": fmt_label, "skipped": why})
+            print(f"  {name}, {fmt_label}: skipped: {why}", flush=True)
+            continue
+        compiled = mcfg.run.compile != "off"
         warmup = args.warmup if args.warmup >= 0 else (10 if on_gpu else 1) + 2 * compiled
-        name = variant or ("compile" if compiled else "eager") + \
-            ("+fused" if vcfg.model.fused_kernels else "")
-        m = measure(vcfg, images, labels, num_classes=num_classes, steps=steps, warmup=warmup,
-                    flops=flops, peak=peak, nvtx=args.nvtx, trace_dir=args.trace,
-                    trace_steps=args.trace_steps,
-                    trace_name=f"{vcfg.model.name}-{name}-"
-                               f"{'cl' if vcfg.run.channels_last else 'nchw'}")
-        m["variant"] = name
+        m = measure(mcfg, images, labels, num_classes=num_classes, steps=steps, warmup=warmup,
+                    flops=flops, peak=peak, nvtx=args.nvtx, busy=args.busy and on_gpu,
+                    trace_dir=args.trace, trace_steps=args.trace_steps,
+                    trace_name=f"{mcfg.model.name}-{name}-"
+                               f"{'cl' if mcfg.run.channels_last else 'nchw'}")
+        m["mode"] = name
         results.append(m)
-        if args.compare:
+        if len(settings) > 1:
             print(f"  measured {name}, {m['memory_format']}: {m['img_per_s']:,.0f} img/s",
                   flush=True)
         else:
             print(f"  {name}, {m['memory_format']}, fused kernels "
-                  f"{'on' if vcfg.model.fused_kernels else 'off'}\n")
+                  f"{'on' if mcfg.model.fused_kernels else 'off'}\n")
             print(report(m, math_))
-    if args.compare:
+    if len(settings) > 1:
         print()
         print(compare_table(results))
-        print(f"\nratios: img/s against {results[0]['variant']} "
-              f"({results[0]['memory_format']}), measured in this process"
-              + ("" if on_gpu else "; peak mem on a CPU is the process's peak RSS so far, "
-                 "not per setting"))
+        first = next((m for m in results if "skipped" not in m), None)
+        if first:
+            print(f"\nratios: img/s against {first['mode']} ({first['memory_format']}), "
+                  "measured in this process" + ("" if on_gpu else "; peak mem on a CPU is "
+                                                "the process's peak RSS so far"))
     if args.json:
-        out = {"schema": SCHEMA, "tool": "fastres profile", "device": env["device"],
-               "env": env, "config": C.to_dict(cfg), "data": source, "math": math_,
-               "flops": flops, "peak": {"source": peak[0], "tflops": peak[1]} if peak
-               else None, "results": results}
         print(f"\nwrote {write_json(args.json, out)}")
     return 0
 

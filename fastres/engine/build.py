@@ -48,25 +48,33 @@ def load_data(cfg: Config, dist: Dist = Dist()):
     return load_cifar(cfg.data.data_dir, cfg.data.dataset, download=cfg.data.download, **kw)
 
 
-def build_loaders(cfg: Config, data, dist: Dist = Dist()):
-    from fastres.pipelines import build_loader
-    from fastres.pipelines.base import Augment
+def loader_options(cfg: Config, dist: Dist = Dist()):
+    """The training loader's options for this rank, as `cfg` (resolved) describes them."""
+    from fastres.pipelines import Augment, LoaderOptions
 
     d, r = cfg.data, cfg.run
-    device = torch.device(r.device)
-    dtype = PRECISION_DTYPES[r.precision]
-    augment = Augment(crop=d.crop, pad=d.pad, pad_mode=d.pad_mode, flip=d.flip, cutout=d.cutout)
+    return LoaderOptions(
+        batch_size=split_batch(d.batch_size, d.batch_scope, dist), train=True,
+        device=r.device, dtype=PRECISION_DTYPES[r.precision], mean=d.mean, std=d.std,
+        augment=Augment(crop=d.crop, pad=d.pad, pad_mode=d.pad_mode, flip=d.flip,
+                        cutout=d.cutout),
+        rank=dist.rank, world_size=dist.world_size, seed=r.seed, workers=d.workers)
+
+
+def build_loaders(cfg: Config, data, dist: Dist = Dist()):
+    """(train, test) loaders for this rank: `data.loader` for training, the tensor loader
+    for evaluation. `cfg` must be resolved (mean/std filled in)."""
+    from fastres.pipelines import build_loader
+
+    d = cfg.data
     train_x, train_y = subset(data.train.images, data.train.labels, d.train_limit)
     test_x, test_y = subset(data.test.images, data.test.labels, d.test_limit)
-    common = dict(device=device, dtype=dtype, mean=d.mean, std=d.std, rank=dist.rank,
-                  world_size=dist.world_size, seed=r.seed, workers=d.workers)
-    train = build_loader(d.loader, train_x, train_y, train=True,
-                         batch_size=split_batch(d.batch_size, d.batch_scope, dist),
-                         augment=augment, **common)
+    options = loader_options(cfg, dist)
+    train = build_loader(d.loader, train_x, train_y, options)
     # Evaluation always uses the GPU-resident tensor loader: no augmentation to run, and
     # the whole test set fits in memory; the loader choice is about training throughput.
-    test = build_loader("tensor", test_x, test_y, train=False,
-                        batch_size=d.eval_batch_size, **common)
+    test = build_loader("tensor", test_x, test_y, options,
+                        train=False, batch_size=d.eval_batch_size)
     return train, test
 
 

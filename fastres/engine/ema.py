@@ -7,6 +7,10 @@ is not dominated by the random initialisation in short runs.
 
 Evaluation swaps the averaged weights into the live model (`with ema.swapped(model): ...`)
 instead of keeping a second model, so a compiled model is not compiled twice.
+
+The decay applied after optimizer step `step` is a pure function of the step
+(`decay_at`): `TrainStep` tabulates it on the device and runs `ema_update_` inside the
+step, with a decay of 1 (no change) on the steps that are not due.
 """
 from __future__ import annotations
 
@@ -31,13 +35,25 @@ class EMA:
                            if not b.is_floating_point()}
 
     def current_decay(self) -> float:
+        return self._decay_after(self.updates)
+
+    def _decay_after(self, updates: int) -> float:
         if self.warmup:
-            return min(self.decay, (1 + self.updates) / (10 + self.updates))
+            return min(self.decay, (1 + updates) / (10 + updates))
         return self.decay
 
     def due(self, step: int) -> bool:
         """Whether `update` should run after optimizer step `step` (0-based)."""
         return (step + 1) % self.every == 0
+
+    def decay_at(self, step: int) -> float:
+        """The decay applied after optimizer step `step` (0-based): 1.0 (no change) when the
+        step is not due; otherwise the (warmed-up) decay after step // every updates."""
+        return self._decay_after(step // self.every) if self.due(step) else 1.0
+
+    def updates_before(self, step: int) -> int:
+        """How many updates steps 0 .. step-1 made."""
+        return step // self.every
 
     def shadows_by_param(self, model: nn.Module) -> dict[int, torch.Tensor]:
         """id(parameter) -> its fp32 shadow, for an optimizer that averages in its step."""
@@ -52,10 +68,7 @@ class EMA:
         n_params = len(list(model.parameters()))
         pairs = list(zip(self.shadow, live))[0 if params else n_params:]
         if pairs:
-            shadow = [s for s, _ in pairs]
-            live32 = [t.detach().float() if t.dtype != torch.float32 else t.detach()
-                      for _, t in pairs]
-            torch._foreach_lerp_(shadow, live32, 1.0 - d)
+            ema_update_([s for s, _ in pairs], [t for _, t in pairs], d)
         for name, b in model.named_buffers():
             if name in self.int_shadow:
                 self.int_shadow[name].copy_(b)
@@ -102,6 +115,25 @@ class EMA:
                 dst.copy_(src)
             for k, v in state["int_shadow"].items():
                 self.int_shadow[k].copy_(v)
+
+
+@torch.no_grad()
+def ema_update_(shadow: list[torch.Tensor], live: list[torch.Tensor],
+                decay: torch.Tensor | float) -> None:
+    """shadow += (1 - decay) (live - shadow), in fp32; `decay` a float or a 0-d device
+    tensor (1.0: no change)."""
+    live32 = [t.detach().float() if t.dtype != torch.float32 else t.detach() for t in live]
+    if isinstance(decay, torch.Tensor):
+        diff = torch._foreach_sub(live32, shadow)
+        torch._foreach_mul_(diff, 1.0 - decay)
+        torch._foreach_add_(shadow, diff)
+    else:
+        torch._foreach_lerp_(shadow, live32, 1.0 - decay)
+
+
+def float_tensors(model: nn.Module):
+    """Names and tensors the EMA averages: all parameters, then floating buffers."""
+    return _float_tensors(model)
 
 
 def _float_tensors(model: nn.Module):

@@ -10,14 +10,25 @@ decay from `OptimConfig`:
     whiten_bias  the speed-run net's whitening-conv bias   trained for whiten_bias_epochs only
     other        everything else (e.g. hidden Linear)
 
-Each group carries `base_lr` (its peak learning rate) and `role`; the trainer multiplies
+Each group carries `base_lr` (its peak learning rate) and `role`; `TrainStep` multiplies
 `base_lr` by the schedule every step. With `decoupled_wd`, the group's torch weight_decay is
 wd / base_lr, so that the per-step decay is wd x schedule, independent of the learning rate
 (airbench's convention).
+
+The optimizers are torch's (`torch.optim.SGD`, `Adam`, `AdamW`) and this module's `Muon`,
+but only as containers: they hold the parameter groups and the state (`momentum_buffer`,
+`exp_avg`, ...) in torch's state-dict format. The arithmetic is the functions below
+(`sgd_update_`, `adam_update_`, `muon_update_`), which take the learning rate, momentum and
+EMA decay as device tensors: torch's own `step()` graph-breaks on purpose under
+torch.compile and reads Adam's step count on the host, so a training step that compiles as
+one graph and replays as a CUDA graph needs its own update. `TrainStep` calls them; `Muon`'s
+`step()` calls `muon_update_` too, so there is one implementation of each update.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -91,41 +102,168 @@ def param_groups(model: nn.Module, o: OptimConfig, roles_for_sgd=None) -> list[d
     return groups
 
 
-# --------------------------------------------------------------------------- Muon
+# --------------------------------------------------------------------------- update math
+#
+# Every function updates its tensors in place under no_grad and reads hyper-parameters that
+# change during a run (lr, momentum, beta1) as 0-d device tensors or Python floats; nothing
+# reads a device value on the host, so the same code runs eagerly, under
+# torch.compile(fullgraph=True) and inside a CUDA graph. `impl` picks torch's fused kernel
+# (`torch._fused_sgd_` / `_fused_adam(w)_`, one launch per device and dtype, which take a
+# tensor lr but a float momentum) or the multi-tensor `torch._foreach_*` ops; "for_loop"
+# runs the foreach code one tensor at a time.
+
+def _chunks(impl: str, *lists):
+    """The tensor lists as one batch (foreach/fused) or one tensor at a time (for_loop)."""
+    if impl == "for_loop":
+        return [tuple([lst[i]] if lst is not None else None for lst in lists)
+                for i in range(len(lists[0]))]
+    return [lists]
+
+
+@torch.no_grad()
+def sgd_update_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | None, *,
+                lr: Tensor, momentum: Tensor | float, weight_decay: float, nesterov: bool,
+                impl: str = "foreach") -> None:
+    """SGD with L2 weight decay and (Nesterov) momentum, torch.optim.SGD's arithmetic with a
+    tensor lr (dampening 0; buffers start at zero, which equals torch's `buf = g` on the
+    first step):  g += wd p;  buf = m buf + g;  g = g + m buf (Nesterov) or buf;  p -= lr g.
+    """
+    if not params:
+        return
+    if impl == "fused":
+        if isinstance(momentum, Tensor):
+            raise ValueError("the fused SGD kernel takes a float momentum; use foreach for a "
+                             "momentum schedule")
+        torch._fused_sgd_(params, grads, bufs if bufs is not None else [],
+                          weight_decay=weight_decay, momentum=momentum if bufs else 0.0,
+                          lr=lr, dampening=0.0, nesterov=nesterov, maximize=False,
+                          is_first_step=False)
+        return
+    for ps, gs, bs in _chunks(impl, params, grads, bufs):
+        if weight_decay != 0:
+            gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+        if bs is not None:
+            torch._foreach_mul_(bs, momentum)
+            torch._foreach_add_(bs, gs)
+            if nesterov:
+                gs = torch._foreach_add(gs, bs, alpha=momentum) if not isinstance(
+                    momentum, Tensor) else torch._foreach_add(gs, torch._foreach_mul(bs, momentum))
+            else:
+                gs = bs
+        torch._foreach_add_(ps, torch._foreach_mul(gs, -lr))
+
+
+@torch.no_grad()
+def adam_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                 exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: Tensor,
+                 beta1: Tensor | float, beta2: float, eps: float, weight_decay: float,
+                 decoupled: bool, impl: str = "foreach") -> None:
+    """Adam (L2 decay added to the gradient) or AdamW (`decoupled`: p *= 1 - lr wd), with
+    torch's capturable arithmetic: the step count and both bias corrections stay on the
+    device (torch's default Adam reads the step count on the host every step)."""
+    if not params:
+        return
+    if impl == "fused":
+        if isinstance(beta1, Tensor):
+            raise ValueError("the fused Adam kernel takes a float beta1; use foreach for a "
+                             "momentum schedule")
+        torch._foreach_add_(steps, 1)
+        fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        fused(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+              weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+        return
+    for ps, gs, ms, vs, ss in _chunks(impl, params, grads, exp_avgs, exp_avg_sqs, steps):
+        torch._foreach_add_(ss, 1)
+        if weight_decay != 0:
+            if decoupled:
+                torch._foreach_mul_(ps, 1 - lr * weight_decay)
+            else:
+                gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+        if isinstance(beta1, Tensor):
+            torch._foreach_mul_(ms, beta1)
+            torch._foreach_add_(ms, torch._foreach_mul(gs, 1 - beta1))
+        else:
+            torch._foreach_lerp_(ms, gs, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, 1 - beta2)
+        # step size lr / (1 - b1^t) and sqrt(1 - b2^t), per tensor, on the device
+        bc1 = [1 - torch.pow(beta1, s) for s in ss]
+        bc2 = torch._foreach_sqrt([1 - torch.pow(beta2, s) for s in ss])
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, bc2)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_mul_(denom, torch._foreach_div(bc1, lr))  # denom / step_size
+        torch._foreach_addcdiv_(ps, ms, torch._foreach_neg(denom))
+
 
 def zeropower_newton_schulz(g: Tensor, steps: int = 3, eps: float = 1e-7,
                             dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """Approximately orthogonalise a matrix (U S V^T -> U S' V^T with S' ~ 1).
+    """Approximately orthogonalise a matrix, or a stack of matrices (..., m, n):
+    U S V^T -> U S' V^T with S' ~ 1.
 
     The quintic Newton-Schulz iteration of Keller Jordan's Muon, with coefficients chosen to
     maximise the slope at zero; a few steps leave singular values spread around 1 (roughly
-    0.5-1.5), which trains as well as the exact U V^T. Runs in bf16 on GPUs; fp32 on CPUs
+    0.5-1.5), which trains as well as the exact U V^T. A stack runs as batched matmuls
+    (one launch per product for all same-shape filters). Runs in bf16 on GPUs; fp32 on CPUs
     without bf16 units, where bf16 matmuls are emulated and far slower.
     """
-    assert g.ndim == 2
+    if g.ndim < 2:
+        raise ValueError(f"expected a matrix or a stack of matrices, got shape {tuple(g.shape)}")
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(dtype)
-    x = x / (x.norm() + eps)  # top singular value <= 1
-    transposed = g.size(0) > g.size(1)
+    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + eps)  # top s.v. <= 1
+    transposed = g.size(-2) > g.size(-1)
     if transposed:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        A = x @ x.T
+        A = x @ x.mT
         B = b * A + c * (A @ A)
         x = a * x + B @ x
     if transposed:
-        x = x.T
+        x = x.mT
     return x
 
 
-class Muon(torch.optim.Optimizer):
-    """Momentum + orthogonalised update for conv filters (airbench94_muon's variant).
+def shape_groups(params: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of `params` grouped by shape (first-seen order): the batches Muon
+    orthogonalises together."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(tuple(p.shape), []).append(i)
+    return list(groups.values())
 
-    Per step and filter W (out x in x kh x kw): buf = m*buf + g; u = g + m*buf (Nesterov) or
-    buf; W is renormalised to norm sqrt(out) (its scale carries no information under the
-    following BatchNorm, and fixing it keeps the effective step size constant); then
-    W -= lr * NS(u reshaped to out x (in*kh*kw)).
-    """
+
+@torch.no_grad()
+def muon_update_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *,
+                 lr: Tensor, momentum: float, nesterov: bool, ns_steps: int,
+                 ns_dtype: torch.dtype, groups: list[list[int]] | None = None) -> None:
+    """Muon for conv filters W (out x in x kh x kw), airbench94_muon's variant:
+    buf = m buf + g;  u = g + m buf (Nesterov) or buf;  W *= sqrt(out) / |W| (its scale
+    carries no information under the following BatchNorm; fixing it keeps the effective
+    step size constant);  W -= lr NS(u as out x (in kh kw)), same-shape filters stacked
+    into one batched Newton-Schulz."""
+    if not params:
+        return
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, grads)
+    upd = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
+    torch._foreach_mul_(params, [math.sqrt(len(p)) / n
+                                 for p, n in zip(params, torch._foreach_norm(params))])
+    for idx in groups or shape_groups(params):
+        stack = torch.stack([upd[i].reshape(len(upd[i]), -1) for i in idx])  # k x out x in*kh*kw
+        ortho = zeropower_newton_schulz(stack, ns_steps, dtype=ns_dtype)
+        ps = [params[i] for i in idx]
+        step = [o.view_as(p).to(p.dtype) for o, p in zip(ortho.unbind(0), ps)]
+        torch._foreach_add_(ps, torch._foreach_mul(step, -lr))
+
+
+def default_ns_dtype(device: torch.device) -> torch.dtype:
+    """bf16 Newton-Schulz on GPUs; fp32 on CPUs, where bf16 matmuls are emulated."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum + orthogonalised update for conv filters (see `muon_update_`)."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.6, nesterov: bool = True,
                  ns_steps: int = 3, ns_dtype: torch.dtype | None = None):
@@ -139,30 +277,65 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            lr, m = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
-                buf = state["momentum_buffer"]
-                buf.mul_(m).add_(g)
-                u = g.add(buf, alpha=m) if group["nesterov"] else buf
-                dtype = self.ns_dtype or (torch.bfloat16 if p.is_cuda else torch.float32)
-                p.mul_(len(p) ** 0.5 / p.norm())
-                upd = zeropower_newton_schulz(u.reshape(len(u), -1), group["ns_steps"],
-                                              dtype=dtype)
-                p.add_(upd.view_as(p).to(p.dtype), alpha=-lr)
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            init_state_(self)
+            lr = group["lr"]
+            muon_update_(ps, [p.grad for p in ps],
+                         [self.state[p]["momentum_buffer"] for p in ps],
+                         lr=lr if isinstance(lr, Tensor) else torch.tensor(lr),
+                         momentum=group["momentum"], nesterov=group["nesterov"],
+                         ns_steps=group["ns_steps"],
+                         ns_dtype=self.ns_dtype or default_ns_dtype(ps[0].device))
         return loss
+
+
+# --------------------------------------------------------------------------- state
+
+def init_state_(opt: torch.optim.Optimizer) -> None:
+    """Create every parameter's optimizer state now (zeros), in the layout torch's
+    optimizers use, instead of lazily at the first step: the step then has a fixed set of
+    tensors (nothing allocated by shape on the fly), which compiling and graph capture
+    need."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            if state:
+                continue
+            if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif group.get("momentum", 0) != 0 or isinstance(opt, Muon):
+                state["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format)
+
+
+def load_state_inplace_(opt: torch.optim.Optimizer, state_dict: dict) -> None:
+    """`opt.load_state_dict(state_dict)`, then copy the loaded values back into the state
+    tensors that existed before, so that anything holding them (a compiled step, a captured
+    CUDA graph) keeps seeing the live state."""
+    before = {id(p): dict(opt.state[p]) for g in opt.param_groups for p in g["params"]}
+    opt.load_state_dict(state_dict)
+    for g in opt.param_groups:
+        for p in g["params"]:
+            old = before.get(id(p), {})
+            for k, v in list(opt.state[p].items()):
+                if isinstance(v, Tensor) and isinstance(old.get(k), Tensor) and \
+                        old[k].shape == v.shape:
+                    old[k].copy_(v)
+                    opt.state[p][k] = old[k]
+                elif isinstance(v, Tensor) and k == "step":
+                    opt.state[p][k] = v.to(device=p.device, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------- building
 
 @dataclass
 class Optimizers:
-    """The run's optimizers (one, or SGD + Muon) seen as one: step, zero_grad, schedules."""
+    """The run's optimizers (one, or SGD + Muon) seen as one: parameter groups, state,
+    zero_grad. `TrainStep` applies their updates (see the module docstring)."""
 
     optimizers: list[torch.optim.Optimizer]
     base_momentum: list[float] = field(default_factory=list)
@@ -170,32 +343,6 @@ class Optimizers:
     @property
     def param_groups(self):
         return [g for opt in self.optimizers for g in opt.param_groups]
-
-    def set_lr(self, factor: float, whiten_factor: float | None = None) -> None:
-        for g in self.param_groups:
-            f = whiten_factor if (g.get("role") == "whiten_bias" and whiten_factor is not None) \
-                else factor
-            g["lr"] = g["base_lr"] * f
-
-    def set_momentum(self, momentum: float) -> None:
-        for opt in self.optimizers:
-            if isinstance(opt, Muon):
-                continue
-            for g in opt.param_groups:
-                if "momentum" in g:
-                    g["momentum"] = momentum
-                elif "betas" in g:
-                    g["betas"] = (momentum, g["betas"][1])
-
-    def step(self, scaler=None, **kwargs) -> None:
-        """Step every optimizer; `kwargs` (e.g. the Triton SGD's ema_decay) go to the
-        optimizers that take them."""
-        for opt in self.optimizers:
-            kw = kwargs if getattr(opt, "accepts_ema_decay", False) else {}
-            if scaler is not None:
-                scaler.step(opt, **kw)
-            else:
-                opt.step(**kw)
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -205,19 +352,15 @@ class Optimizers:
         return [opt.state_dict() for opt in self.optimizers]
 
     def load_state_dict(self, states: list[dict]) -> None:
+        """Load in place (see `load_state_inplace_`)."""
         if len(states) != len(self.optimizers):
             raise ValueError("optimizer state does not match this run's optimizers")
         for opt, st in zip(self.optimizers, states):
-            opt.load_state_dict(st)
-
-
-def _impl_kwargs(impl: str) -> dict:
-    return {"fused": dict(fused=True), "foreach": dict(foreach=True),
-            "for_loop": dict(foreach=False)}.get(impl, {})
+            load_state_inplace_(opt, st)
 
 
 def build_optimizers(model: nn.Module, o: OptimConfig, *, ema_shadows=None) -> Optimizers:
-    """The optimizer(s) for `model` as `o` describes.
+    """The optimizer(s) for `model` as `o` describes, with their state created.
 
     `o.impl` must already be resolved (not "auto"). `ema_shadows` (id(parameter) -> fp32
     shadow, from `EMA.shadows_by_param`) are handed to the Triton SGD, which updates them in
@@ -225,24 +368,26 @@ def build_optimizers(model: nn.Module, o: OptimConfig, *, ema_shadows=None) -> O
     """
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters")
-    kw = _impl_kwargs(o.impl)
+    if o.impl == "auto":
+        raise ConfigError("optim.impl must be resolved (fastres.config.resolve) before "
+                          "building optimizers")
     if o.name == "muon":
+        roles = param_roles(model)
         sgd_groups = param_groups(model, o, roles_for_sgd={"other", "head", "norm", "bias",
                                                             "whiten_bias"})
-        filters = [p for n, p in model.named_parameters()
-                   if param_roles(model).get(n) == "filter"]
+        filters = [p for n, p in model.named_parameters() if roles.get(n) == "filter"]
         opts = []
         if sgd_groups:
             opts.append(torch.optim.SGD(sgd_groups, lr=o.lr, momentum=o.momentum,
-                                        nesterov=o.nesterov, **kw))
+                                        nesterov=o.nesterov))
         if filters:
-            muon = Muon([dict(params=filters, lr=o.muon_lr, base_lr=o.muon_lr, role="filter")],
-                        lr=o.muon_lr, momentum=o.muon_momentum, nesterov=o.nesterov,
-                        ns_steps=o.muon_ns_steps)
-            opts.append(muon)
-        return Optimizers(opts, [o.momentum])
-    groups = param_groups(model, o)
-    if o.name == "sgd":
+            opts.append(Muon([dict(params=filters, lr=o.muon_lr, base_lr=o.muon_lr,
+                                   role="filter")],
+                             lr=o.muon_lr, momentum=o.muon_momentum, nesterov=o.nesterov,
+                             ns_steps=o.muon_ns_steps))
+        result = Optimizers(opts, [o.momentum])
+    elif o.name == "sgd":
+        groups = param_groups(model, o)
         if o.impl == "triton":
             from fastres.kernels import FusedSGD
 
@@ -253,11 +398,15 @@ def build_optimizers(model: nn.Module, o: OptimConfig, *, ema_shadows=None) -> O
             opt = FusedSGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, **ema_kw)
             opt.accepts_ema_decay = ema_shadows is not None
         else:
-            opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                  **kw)
-        return Optimizers([opt], [o.momentum])
-    if o.name in ("adam", "adamw"):
+            opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+        result = Optimizers([opt], [o.momentum])
+    elif o.name in ("adam", "adamw"):
         cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-        opt = cls(groups, lr=o.lr, betas=o.betas, eps=o.eps, **kw)
-        return Optimizers([opt], [o.betas[0]])
-    raise ConfigError(f"unknown optimizer {o.name!r}")
+        result = Optimizers([cls(param_groups(model, o), lr=o.lr, betas=o.betas, eps=o.eps)],
+                            [o.betas[0]])
+    else:
+        raise ConfigError(f"unknown optimizer {o.name!r}")
+    for opt in result.optimizers:
+        if isinstance(opt, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, Muon)):
+            init_state_(opt)  # FusedSGD creates its own (zero) buffers
+    return result

@@ -1,21 +1,20 @@
 """The training loop: `train(cfg, model, loaders) -> RunResult`.
 
-What one step does, in order: set the learning rate (a pure function of the step), forward
-under autocast, loss, backward (through a grad scaler for fp16), optimizer step(s), EMA
-update, and device-side accumulation of the epoch's loss and accuracy. Nothing in the step
-reads a value back to the host; the loop syncs once per epoch (timer, metrics) and every
-`log_every` steps when asked.
+`train` is three parts, each on one screen: `_setup` (device, data-dependent init, DDP and
+compile wrappers, the `TrainStep`, warm-up, resume), a loop of `train_one_epoch` (the steps,
+then the epoch's metrics, logging evaluation and checkpoint), and `_finish` (the timed
+final evaluation and the result). The step itself -- forward, backward, optimizer, EMA,
+schedules -- is `fastres.engine.step.TrainStep`; nothing here touches a gradient. The loop
+reads device values at epoch ends and `log_every` points only.
 
 Timing follows the speed-run convention: the timed region runs from the first training step
 (the speed-run net's data-dependent whitening init included) to the final test accuracy
-(with TTA), and leaves out compilation and warm-up (done on random data of the real shapes,
+(with TTA), and leaves out compilation and warm-up (on random data of the real shapes,
 after which the initial state is restored), the per-epoch evaluations, logging and
 checkpoints. On a GPU it is measured with CUDA events, on a CPU with a synchronised clock.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import signal
 from dataclasses import dataclass, field
@@ -23,21 +22,23 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fastres.bench import Timer, environment
 from fastres.config import Config, to_dict
 from fastres.distributed import Dist, all_reduce_sum, convert_sync_batchnorm
 from fastres.errors import CheckpointError, ConfigError, FastresError, TrainingDiverged
+from fastres.pipelines.base import check_loader
 
 from .ema import EMA
 from .evaluate import autocast_for, evaluate, tta_logits
-from .optim import Optimizers, build_optimizers
 from .progress import Progress
 from .records import RunRecorder
-from .schedules import lr_factor, momentum_at, phase2_start, total_steps, whiten_bias_factor
+from .step import TrainStep, _rng_state, _set_rng_state, unwrap
 
 WHITEN_INIT_IMAGES = 5000  # airbench initialises its whitening conv from 5000 train images
+
+__all__ = ["train", "train_one_epoch", "RunResult", "Interrupted", "unwrap",
+           "WHITEN_INIT_IMAGES"]
 
 
 class Interrupted(FastresError):
@@ -62,46 +63,6 @@ class RunResult:
     @property
     def timed_s(self) -> float:
         return self.final["timed_s"]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under torch.compile and DDP wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
-def _batchnorms(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def _set_train_mode(model: nn.Module, bn_frozen: bool) -> None:
-    model.train()
-    if bn_frozen:  # phase 2: BatchNorm uses (and keeps) its running statistics
-        for m in _batchnorms(model):
-            m.eval()
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _loader_dtype(loader) -> tuple[torch.dtype, tuple]:
-    x = loader.sample(1)
-    return x.dtype, tuple(x.shape[1:])
 
 
 class _SignalStop:
@@ -129,6 +90,45 @@ class _SignalStop:
         return False
 
 
+@dataclass
+class _Run:
+    """Everything a run carries from setup to finish."""
+
+    cfg: Config
+    dist: Dist
+    device: torch.device
+    model: nn.Module
+    step: TrainStep
+    train_loader: object
+    test_loader: object
+    eval_net: nn.Module
+    recorder: RunRecorder
+    timer: Timer
+    env: dict
+    data_init_s: float = 0.0
+    epochs_log: list = field(default_factory=list)
+    reached: dict = field(default_factory=lambda: {"at_s": None, "at_epoch": None})
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.step.steps_per_epoch
+
+    def checkpoint_state(self, epoch_done: int, epoch_step: int) -> dict:
+        return {"config": to_dict(self.cfg), "model": unwrap(self.model).state_dict(),
+                **self.step.state_dict(), "epoch": epoch_done, "epoch_step": epoch_step,
+                "epochs": self.epochs_log, "timed_s": self.timer.total,
+                "world_size": self.dist.world_size, "rng": _rng_state(self.device)}
+
+    def evaluate(self, tta: str) -> dict:
+        r = self.cfg.run
+        ema = self.step.ema
+        kw = dict(precision=r.precision, dist=self.dist, device=self.device)
+        if self.cfg.optim.eval_weights == "ema" and ema is not None:
+            with ema.swapped(self.model):
+                return evaluate(self.eval_net, self.test_loader, tta, **kw)
+        return evaluate(self.eval_net, self.test_loader, tta, **kw)
+
+
 def train(cfg: Config, model: nn.Module, loaders, *, dist: Dist = Dist(),
           data_info: dict | None = None, resume: dict | None = None,
           handle_signals: bool = False,
@@ -140,23 +140,109 @@ def train(cfg: Config, model: nn.Module, loaders, *, dist: Dist = Dist(),
     run's. `handle_signals` (the CLI sets it) makes SIGTERM/Ctrl-C write a checkpoint and
     raise `Interrupted`. `on_epoch` receives each epoch's metrics dict.
     """
-    r, o, s = cfg.run, cfg.optim, cfg.schedule
-    if r.precision == "auto" or r.compile == "auto" or o.impl == "auto" or r.device == "auto":
+    run = _setup(cfg, model, loaders, dist, data_info, resume)
+    r = cfg.run
+    progress = Progress(r.progress, total=run.step.total, initial=run.step.step,
+                        enabled=dist.is_main)
+    n_epochs = math.ceil(run.step.total / run.steps_per_epoch)
+    with _SignalStop(handle_signals) as stopper:
+        for epoch in range(run.step.step // run.steps_per_epoch, n_epochs):
+            if run.step.step >= run.step.total:
+                break
+            metrics = train_one_epoch(run, epoch, progress, stopper)
+            last_epoch = run.step.step >= run.step.total
+            if r.eval_every > 0 and (epoch + 1) % max(1, round(r.eval_every)) == 0 \
+                    and not last_epoch:
+                ev = run.evaluate("none")  # not timed: a logging evaluation
+                metrics.update(test_top1=ev["top1"], test_top5=ev["top5"], test_loss=ev["loss"])
+                if run.reached["at_s"] is None and ev["top1"] >= r.target_acc:
+                    run.reached.update(at_s=run.timer.total, at_epoch=epoch + 1)
+            run.epochs_log.append(metrics)
+            run.recorder.log(metrics)
+            progress.epoch_done(metrics, n_epochs)
+            if not last_epoch and r.checkpoint_every and (epoch + 1) % r.checkpoint_every == 0:
+                run.recorder.checkpoint(run.checkpoint_state(epoch + 1, 0))
+            if on_epoch is not None:
+                on_epoch(metrics)
+    progress.close()
+    return _finish(run, n_epochs)
+
+
+def train_one_epoch(run: _Run, epoch: int, progress: Progress, stopper: _SignalStop) -> dict:
+    """The steps of one epoch (from where a mid-epoch resume left off), timed; returns the
+    epoch's metrics (one host sync, at the end)."""
+    step, loader, r = run.step, run.train_loader, run.cfg.run
+    loader.set_epoch(epoch)
+    step.train_mode()  # after the last epoch's evaluation put the model in eval mode
+    skip = step.step - epoch * run.steps_per_epoch  # batches already done (resume)
+    step.reset_totals()
+    run.timer.start()
+    for i, (x, y) in enumerate(loader):
+        if i < skip:
+            continue
+        if step.step >= step.total:
+            break
+        step(x, y)
+        progress.update()
+        if r.log_every and step.step % r.log_every == 0:
+            totals = _checked_totals(run)
+            denom = totals.steps if run.cfg.optim.loss_reduction == "mean" else \
+                totals.steps * loader.batch_size
+            run.recorder.log({"step": step.step, "epoch": epoch, "lr_factor": step.lr_factor(),
+                              "train_loss_running": totals.loss_sum / max(denom, 1)})
+        if stopper.signal is not None:
+            run.timer.stop()
+            run.recorder.checkpoint(run.checkpoint_state(epoch,
+                                                         step.step - epoch * run.steps_per_epoch))
+            progress.close()
+            raise Interrupted(f"stopped by signal {stopper.signal} at step {step.step}; "
+                              f"checkpoint written to {run.recorder.checkpoint_path}; continue "
+                              "with --resume")
+    epoch_time = run.timer.stop()
+    totals = _checked_totals(run)
+    images = totals.steps * loader.batch_size
+    stats = torch.tensor([totals.loss_sum, totals.correct, images], dtype=torch.float64,
+                         device=run.device)
+    all_reduce_sum(stats, run.dist)
+    tl, tc, tn = stats.tolist()  # host sync: epoch boundary
+    # "mean" accumulates one batch mean per step, "sum" one batch sum per step.
+    train_loss = tl / max(totals.steps * run.dist.world_size, 1) \
+        if run.cfg.optim.loss_reduction == "mean" else tl / max(tn, 1.0)
+    return {"epoch": epoch + 1, "step": step.step, "epoch_steps": totals.steps,
+            "lr_factor": step.lr_factor(), "train_loss": train_loss,
+            "train_acc": tc / max(tn, 1.0), "epoch_s": epoch_time, "timed_s": run.timer.total,
+            "img_per_s": tn / epoch_time if epoch_time > 0 else None,
+            "skipped_steps": totals.skipped}
+
+
+def _checked_totals(run: _Run):
+    """The step's sums (one host sync), raising TrainingDiverged at a non-finite loss."""
+    totals = run.step.epoch_totals()
+    bad = totals.first_nonfinite
+    if bad >= 0 and run.cfg.run.precision != "fp16":  # fp16: skipped by the scaler, counted
+        raise TrainingDiverged(
+            f"the training loss became NaN or infinite at step {bad} (epoch "
+            f"{bad // run.steps_per_epoch + 1}); lower optim.lr, use run.precision=fp32, or "
+            "set optim.grad_clip")
+    return totals
+
+
+def _setup(cfg: Config, model: nn.Module, loaders, dist: Dist, data_info, resume) -> _Run:
+    r = cfg.run
+    if "auto" in (r.precision, r.compile, cfg.optim.impl, r.device, r.cuda_graph):
         raise ConfigError("train() needs a resolved config: call fastres.config.resolve(cfg, "
                           "device) first")
     device = torch.device(r.device)
+    if not isinstance(loaders, (tuple, list)) or len(loaders) != 2:
+        raise ConfigError(f"train() takes loaders=(train_loader, test_loader), got "
+                          f"{type(loaders).__name__}")
     train_loader, test_loader = loaders
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
+    check_loader(train_loader, "train")
+    check_loader(test_loader, "test")
+    if len(train_loader) == 0:
         raise ConfigError(f"the training set ({getattr(train_loader, 'num_examples', '?')} "
                           f"images per rank) is smaller than one batch "
                           f"({train_loader.batch_size}); lower data.batch_size")
-    total = total_steps(s, steps_per_epoch)
-    n_epochs = math.ceil(total / steps_per_epoch)
-    p2 = phase2_start(s, steps_per_epoch)
-    whiten_steps = math.ceil(o.whiten_bias_epochs * steps_per_epoch)
-    global_batch = train_loader.batch_size * dist.world_size
-
     recorder = RunRecorder(r.out_dir, enabled=dist.is_main)
     env = environment(device)
     env.update(world_size=dist.world_size, data=data_info or {})
@@ -165,295 +251,123 @@ def train(cfg: Config, model: nn.Module, loaders, *, dist: Dist = Dist(),
     memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
     timer = Timer(device)
-
-    # Data-dependent initialisation (airbench's whitening conv) is part of the timed run.
     data_init_s = 0.0
-    if resume is None and hasattr(model, "data_init"):
+    if resume is None and hasattr(model, "data_init"):  # part of the timed run
         timer.start()
         model.data_init(train_loader.sample(WHITEN_INIT_IMAGES).to(device))
         data_init_s = timer.stop()
-
     if r.sync_bn and dist.enabled:
         model = convert_sync_batchnorm(model)
     net = model
-    if dist.enabled:
-        # Broadcasts rank 0's parameters and buffers, so all ranks start identical.
+    if dist.enabled:  # broadcasts rank 0's parameters and buffers: all ranks start equal
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_net = torch.compile(net, mode=r.compile_mode) if r.compile == "on" else net
-    eval_net = train_net if not dist.enabled else (
-        torch.compile(model, mode=r.compile_mode) if r.compile == "on" else model)
-
-    if r.compile == "on" or device.type == "cuda":
-        _warm_up(cfg, model, train_net, eval_net, train_loader, test_loader, device)
-
-    ema = EMA(model, o.ema_decay, o.ema_every, o.ema_warmup) if o.ema_decay > 0 else None
-    triton_ema = ema is not None and o.impl == "triton"
-    opts = build_optimizers(model, o, ema_shadows=ema.shadows_by_param(model)
-                            if triton_ema else None)
-    micro = r.micro_batch or train_loader.batch_size
-    scaler = torch.amp.GradScaler(device.type) if r.precision == "fp16" else None
-    criterion_scale = float(dist.world_size) if o.loss_reduction == "sum" else 1.0
-
-    start_step, epochs_log, timed_before = 0, [], 0.0
+    step = TrainStep(cfg, model, steps_per_epoch=len(train_loader), dist=dist, net=net)
+    compiled = r.compile != "off"
+    eval_net = torch.compile(model, mode=r.compile_mode) if compiled else model
+    run = _Run(cfg, dist, device, model, step, train_loader, test_loader, eval_net, recorder,
+               timer, env, data_init_s)
+    if compiled or device.type == "cuda":
+        _warm_up(run)
     if resume is not None:
-        start_step, epochs_log, timed_before = _restore(resume, cfg, model, opts, ema, scaler,
-                                                        dist, device)
-        recorder.truncate_log(start_step)
-    timer.total = timed_before + data_init_s
+        _restore(resume, run)
+        recorder.truncate_log(step.step)
+    return run
 
-    progress = Progress(r.progress, total=total, initial=start_step, enabled=dist.is_main)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    first_bad = torch.full((), -1, device=device, dtype=torch.int64)
-    skipped = torch.zeros((), device=device, dtype=torch.int64)
-    step = start_step
-    eval_weights_ema = o.eval_weights == "ema" and ema is not None
-    best = {"reached_at_s": None, "reached_at_epoch": None}
 
-    def checkpoint_state(epoch_done: int, epoch_step: int) -> dict:
-        return {"config": to_dict(cfg), "model": unwrap(model).state_dict(),
-                "optimizers": opts.state_dict(), "ema": ema.state_dict() if ema else None,
-                "scaler": scaler.state_dict() if scaler else None, "step": step,
-                "epoch": epoch_done, "epoch_step": epoch_step, "epochs": epochs_log,
-                "timed_s": timer.total, "world_size": dist.world_size,
-                "rng": _rng_state(device)}
-
-    def evaluate_now(tta: str) -> dict:
-        if eval_weights_ema:
-            with ema.swapped(model):
-                return evaluate(eval_net, test_loader, tta, precision=r.precision, dist=dist,
-                                device=device)
-        return evaluate(eval_net, test_loader, tta, precision=r.precision, dist=dist,
-                        device=device)
-
-    with _SignalStop(handle_signals) as stopper:
-        start_epoch = start_step // steps_per_epoch
-        for epoch in range(start_epoch, n_epochs):
-            if step >= total:
-                break
-            train_loader.set_epoch(epoch)
-            _set_train_mode(train_net, bn_frozen=step >= p2)
-            skip = step - epoch * steps_per_epoch  # batches already done (mid-epoch resume)
-            epoch_start_step = step
-            loss_sum.zero_()
-            correct.zero_()
-            timer.start()
-            epoch_t0 = timer.total
-            for i, (x, y) in enumerate(train_loader):
-                if i < skip:
-                    continue
-                if step >= total:
-                    break
-                if step == p2 and p2 < total:
-                    _set_train_mode(train_net, bn_frozen=True)
-                factor = lr_factor(step, total, s, p2)
-                opts.set_lr(factor, whiten_bias_factor(step, whiten_steps))
-                if step >= p2:
-                    for g in opts.param_groups:
-                        if g.get("role") == "norm":
-                            g["lr"] = 0.0  # phase 2: frozen affine (robust under DDP/compile)
-                if s.cycle_momentum:
-                    opts.set_momentum(momentum_at(step, total, s, opts.base_momentum[0]))
-
-                due = ema is not None and ema.due(step)
-                loss, batch_correct = _forward_backward(
-                    train_net, x, y, micro, o, r.precision, device, criterion_scale, scaler,
-                    dist)
-                step_kw = {"ema_decay": ema.current_decay() if due else 1.0} \
-                    if triton_ema else {}
-                if scaler is not None:
-                    scale_before = scaler._scale.clone()  # device tensor, no sync
-                    if o.grad_clip > 0:
-                        for opt in opts.optimizers:
-                            scaler.unscale_(opt)
-                        nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                    opts.step(scaler, **step_kw)
-                    scaler.update()
-                    skipped += (scaler._scale < scale_before).long()
-                else:
-                    if o.grad_clip > 0:
-                        nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                    opts.step(**step_kw)
-                opts.zero_grad()
-                if due:
-                    # With the Triton SGD the weights were averaged inside the step; the
-                    # EMA then only follows the buffers (BatchNorm statistics).
-                    ema.update(model, params=not triton_ema)
-
-                bad = ~torch.isfinite(loss)
-                first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
-                loss_sum += torch.where(bad, 0.0, loss)
-                correct += batch_correct
-                step += 1
-                progress.update()
-                if r.log_every and step % r.log_every == 0:
-                    _check_finite(first_bad, skipped, r.precision, steps_per_epoch)
-                    done = step - epoch_start_step
-                    denom = done if o.loss_reduction == "mean" else done * train_loader.batch_size
-                    recorder.log({"step": step, "epoch": epoch, "lr_factor": factor,
-                                  "train_loss_running": loss_sum.item() / max(denom, 1)})
-                if stopper.signal is not None:
-                    timer.stop()
-                    recorder.checkpoint(checkpoint_state(epoch, step - epoch * steps_per_epoch))
-                    progress.close()
-                    raise Interrupted(
-                        f"stopped by signal {stopper.signal} at step {step}; checkpoint "
-                        f"written to {recorder.checkpoint_path}; continue with --resume")
-            epoch_time = timer.stop()
-            _check_finite(first_bad, skipped, r.precision, steps_per_epoch)
-
-            steps_done = step - epoch_start_step
-            stats = torch.stack([loss_sum.double(), correct.double(),
-                                 torch.tensor(float(steps_done * train_loader.batch_size),
-                                              dtype=torch.float64, device=device)])
-            all_reduce_sum(stats, dist)
-            tl, tc, tn = stats.tolist()  # host sync: epoch boundary
-            # "mean" accumulates one batch mean per step, "sum" one batch sum per step.
-            train_loss = tl / max(steps_done * dist.world_size, 1) \
-                if o.loss_reduction == "mean" else tl / max(tn, 1.0)
-            metrics = {"epoch": epoch + 1, "step": step, "epoch_steps": steps_done,
-                       "lr_factor": lr_factor(
-                           max(step - 1, 0), total, s, p2),
-                       "train_loss": train_loss, "train_acc": tc / max(tn, 1.0),
-                       "epoch_s": epoch_time, "timed_s": timer.total,
-                       "img_per_s": tn / epoch_time if epoch_time > 0 else None,
-                       "skipped_steps": int(skipped.item()) if scaler else 0}
-            last_epoch = step >= total
-            eval_due = r.eval_every > 0 and ((epoch + 1) % max(1, round(r.eval_every)) == 0)
-            if eval_due and not last_epoch:
-                ev = evaluate_now("none")  # not timed: logging evaluation
-                metrics.update(test_top1=ev["top1"], test_top5=ev["top5"], test_loss=ev["loss"])
-                if best["reached_at_s"] is None and ev["top1"] >= r.target_acc:
-                    best.update(reached_at_s=timer.total, reached_at_epoch=epoch + 1)
-            epochs_log.append(metrics)
-            recorder.log(metrics)
-            progress.epoch_done(metrics, n_epochs)
-            if not last_epoch and r.checkpoint_every and (epoch + 1) % r.checkpoint_every == 0:
-                recorder.checkpoint(checkpoint_state(epoch + 1, 0))
-            if on_epoch is not None:
-                on_epoch(metrics)
-
-    # Final evaluation: timed, with the configured TTA.
-    timer.start()
-    final_eval = evaluate_now(r.tta)
-    eval_s = timer.stop()
-    plain = evaluate_now("none") if r.tta != "none" else final_eval  # not timed
-    progress.close()
-
-    train_images = step * global_batch
-    train_s = sum(m["epoch_s"] for m in epochs_log)
+def _finish(run: _Run, n_epochs: int) -> RunResult:
+    """The timed final evaluation (with TTA), an untimed plain one, the result record."""
+    r, step = run.cfg.run, run.step
+    run.timer.start()
+    final_eval = run.evaluate(r.tta)
+    eval_s = run.timer.stop()
+    plain = run.evaluate("none") if r.tta != "none" else final_eval  # not timed
+    images = step.step * run.train_loader.batch_size * run.dist.world_size
+    train_s = sum(m["epoch_s"] for m in run.epochs_log)
+    flops = _training_flops(run, images)
     final = {
         "top1": plain["top1"], "top5": plain["top5"], "test_loss": plain["loss"],
         "tta": r.tta, "tta_top1": final_eval["top1"] if r.tta != "none" else None,
         "tta_top5": final_eval["top5"] if r.tta != "none" else None,
-        "eval_weights": "ema" if eval_weights_ema else "raw",
-        "timed_s": timer.total, "train_s": train_s, "data_init_s": data_init_s,
-        "final_eval_s": eval_s, "steps": step, "epochs": step / steps_per_epoch,
-        "images_seen": train_images,
-        "img_per_s": train_images / train_s if train_s > 0 else None,
-        "target_acc": r.target_acc,
-        "reached_target": (final_eval["top1"] >= r.target_acc),
-        "time_to_target_s": best["reached_at_s"] if best["reached_at_s"] is not None else (
-            timer.total if final_eval["top1"] >= r.target_acc else None),
-        "world_size": dist.world_size, "device": env.get("device"),
-        "precision": r.precision, "compile": r.compile,
+        "eval_weights": "ema" if (run.cfg.optim.eval_weights == "ema" and step.ema) else "raw",
+        "timed_s": run.timer.total, "train_s": train_s, "data_init_s": run.data_init_s,
+        "final_eval_s": eval_s, "steps": step.step, "epochs": step.step / run.steps_per_epoch,
+        "images_seen": images, "img_per_s": images / train_s if train_s > 0 else None,
+        "target_acc": r.target_acc, "reached_target": final_eval["top1"] >= r.target_acc,
+        "time_to_target_s": run.reached["at_s"] if run.reached["at_s"] is not None else (
+            run.timer.total if final_eval["top1"] >= r.target_acc else None),
+        "world_size": run.dist.world_size, "device": run.env.get("device"),
+        "precision": r.precision, "compile": r.compile, **flops,
     }
-    recorder.checkpoint(checkpoint_state(n_epochs, 0))
-    recorder.finish(final)
-    return RunResult(final=final, epochs=epochs_log, model=model, ema=ema)
+    run.recorder.checkpoint(run.checkpoint_state(n_epochs, 0))
+    run.recorder.finish(final)
+    return RunResult(final=final, epochs=run.epochs_log, model=run.model, ema=step.ema)
 
 
-def _forward_backward(train_net, x, y, micro: int, o, precision: str, device,
-                      criterion_scale: float, scaler, dist: Dist):
-    """Forward and backward of one batch, in micro-batches of `micro` images when smaller
-    than the batch (gradients accumulate; DDP all-reduces only after the last one).
+def _training_flops(run: _Run, images: int) -> dict:
+    """Training FLOPs of the run (forward + backward, counted once per image) and, on a
+    device with a known peak, the model FLOPs utilisation of the training steps."""
+    from fastres.bench import device_peak, math_mode, mfu, training_flops
 
-    Returns the batch loss (as `o.loss_reduction` defines it over the whole batch) and the
-    number of correct predictions, both as device tensors.
-    """
-    n = len(y)
-    starts = range(0, n, micro)
-    loss_total = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    for i, start in enumerate(starts):
-        xs, ys = x[start:start + micro], y[start:start + micro]
-        last = i == len(starts) - 1
-        sync = contextlib.nullcontext() if last or not dist.enabled else train_net.no_sync()
-        with sync:
-            with autocast_for(device, precision):
-                out = train_net(xs)
-                loss = F.cross_entropy(out.float(), ys, label_smoothing=o.label_smoothing,
-                                       reduction=o.loss_reduction)
-            if o.loss_reduction == "mean" and len(ys) != n:
-                loss = loss * (len(ys) / n)  # the mean over the whole batch
-            backward_loss = loss * criterion_scale if criterion_scale != 1 else loss
-            if scaler is not None:
-                backward_loss = scaler.scale(backward_loss)
-            backward_loss.backward()
-        loss_total += loss.detach().float()
-        correct += (out.detach().argmax(1) == ys).sum()
-    return loss_total, correct
+    x = run.train_loader.sample(1)
+    try:
+        per_image = training_flops(unwrap(run.model), batch=1, count_batch=1,
+                                   num_classes=_num_classes(run.model),
+                                   input_shape=tuple(x.shape[1:]), device=run.device)
+    except Exception:  # a model the counter cannot run on one image: no FLOP figures
+        return {"train_flops": None, "mfu": None}
+    total = per_image["per_step"] * images
+    train_s = sum(m["epoch_s"] for m in run.epochs_log)
+    peak = device_peak(run.env.get("device", ""), math_mode(run.cfg.run.precision, run.device)) \
+        if run.device.type == "cuda" else None
+    # each rank's share of the FLOPs runs on its own device
+    return {"train_flops": total,
+            "mfu": mfu(total / run.dist.world_size, train_s, peak[1] if peak else None)}
 
 
-def _check_finite(first_bad, skipped, precision, steps_per_epoch) -> None:
-    bad = int(first_bad.item())  # host sync: only at epoch ends / log points
-    if bad < 0:
-        return
-    if precision == "fp16":
-        return  # the grad scaler skipped those steps; they are counted, not fatal
-    raise TrainingDiverged(
-        f"the training loss became NaN or infinite at step {bad} (epoch "
-        f"{bad // steps_per_epoch + 1}); lower optim.lr, use run.precision=fp32, or set "
-        f"optim.grad_clip")
+def _num_classes(model: nn.Module) -> int:
+    linears = [m for m in unwrap(model).modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else 10
 
 
-def _warm_up(cfg, model, train_net, eval_net, train_loader, test_loader, device) -> None:
-    """Compile and autotune on random data of the real shapes, then restore the initial
-    state (weights, BN statistics, RNG), so that warm-up does not count as training."""
-    r, o = cfg.run, cfg.optim
-    saved = copy.deepcopy(model.state_dict())
+def _warm_up(run: _Run) -> None:
+    """Compile and autotune the step (both phases) and the evaluation on random data of the
+    real shapes, then restore the initial state, so that warm-up does not count as
+    training."""
+    r, device = run.cfg.run, run.device
+    x = run.train_loader.sample(1)
+    dtype, shape = x.dtype, tuple(x.shape[1:])
     rng = _rng_state(device)
-    dtype, shape = _loader_dtype(train_loader)
-    opts = build_optimizers(model, o)
-    batch = min(r.micro_batch or train_loader.batch_size, train_loader.batch_size)
-    x = torch.randn(batch, *shape, device=device).to(dtype=dtype,
-                                                     memory_format=torch.channels_last)
-    y = torch.randint(0, 2, (batch,), device=device)
-    train_net.train()
-    for _ in range(3):
-        with autocast_for(device, r.precision):
-            loss = F.cross_entropy(train_net(x).float(), y)
-        loss.backward()
-        opts.step()
-        opts.zero_grad()
-    n_test = getattr(test_loader, "num_examples", None)
-    eval_sizes = {test_loader.batch_size}
-    if n_test and n_test % test_loader.batch_size:
-        eval_sizes.add(n_test % test_loader.batch_size)
-    eval_net.eval()
+
+    def batch(n):
+        return torch.randn(n, *shape, device=device).to(dtype=dtype,
+                                                        memory_format=torch.channels_last)
+
+    run.step.warm_up(batch(run.train_loader.batch_size),
+                     torch.randint(0, 2, (run.train_loader.batch_size,), device=device))
+    n_test = getattr(run.test_loader, "num_examples", None)
+    sizes = {run.test_loader.batch_size}
+    if n_test and n_test % run.test_loader.batch_size:
+        sizes.add(n_test % run.test_loader.batch_size)
+    run.eval_net.eval()
     with torch.no_grad():
-        for b in sorted(eval_sizes):
-            xe = torch.randn(b, *shape, device=device).to(dtype=dtype,
-                                                         memory_format=torch.channels_last)
+        for b in sorted(sizes):
             for tta in {"none", r.tta}:
                 with autocast_for(device, r.precision):
-                    tta_logits(eval_net, xe, tta)
+                    tta_logits(run.eval_net, batch(b), tta)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    model.load_state_dict(saved)
     _set_rng_state(rng, device)
-    train_net.train()
+    run.step.train_mode()
 
 
 _RESUME_EXEMPT = {("run", "out_dir"), ("run", "progress"), ("data", "data_dir"),
                   ("data", "download"), ("data", "workers")}
 
 
-def _restore(state: dict, cfg: Config, model, opts: Optimizers, ema, scaler, dist: Dist,
-             device) -> tuple[int, list, float]:
+def _restore(state: dict, run: _Run) -> None:
     saved_cfg = state.get("config", {})
-    now = to_dict(cfg)
+    now = to_dict(run.cfg)
     diffs = [f"{sec}.{k}: checkpoint {saved_cfg.get(sec, {}).get(k)!r} vs now {v!r}"
              for sec, vals in now.items() for k, v in vals.items()
              if (sec, k) not in _RESUME_EXEMPT and saved_cfg.get(sec, {}).get(k, v) != v
@@ -461,17 +375,14 @@ def _restore(state: dict, cfg: Config, model, opts: Optimizers, ema, scaler, dis
     if diffs:
         raise CheckpointError("cannot resume: the config differs from the checkpoint's (" +
                               "; ".join(diffs) + "); resume with the same settings")
-    if state.get("world_size", 1) != dist.world_size:
+    if state.get("world_size", 1) != run.dist.world_size:
         raise CheckpointError(
             f"cannot resume: the checkpoint was written by {state.get('world_size')} "
-            f"process(es) and this run has {dist.world_size}; resume with the same world size "
-            "(--nproc_per_node) so that shards and batches line up")
-    unwrap(model).load_state_dict(state["model"])
-    opts.load_state_dict(state["optimizers"])
-    if ema is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
+            f"process(es) and this run has {run.dist.world_size}; resume with the same world "
+            "size (--nproc_per_node) so that shards and batches line up")
+    unwrap(run.model).load_state_dict(state["model"])
+    run.step.load_state_dict(state)
     if "rng" in state:
-        _set_rng_state(state["rng"], device)
-    return int(state["step"]), list(state.get("epochs", [])), float(state.get("timed_s", 0.0))
+        _set_rng_state(state["rng"], run.device)
+    run.epochs_log[:] = list(state.get("epochs", []))
+    run.timer.total = float(state.get("timed_s", 0.0))
