@@ -25,7 +25,20 @@ class CheckpointError(FastresError):
 
 
 class TrainingDiverged(FastresError):
-    """The loss became NaN or infinite."""
+    """The loss, a parameter or a buffer became NaN or infinite (no checkpoint holds it)."""
+
+
+class RunDirError(FastresError):
+    """A run directory that cannot be used: a file or read-only place, in use by another
+    run, holding a run that was not asked to be resumed or replaced, or a write that
+    failed (a full disk)."""
+
+
+class PeerLost(FastresError):
+    """Another process of a distributed job died; this one cannot go on alone. Not an
+    input error, so the exit status is 1 (torchrun reports the dead rank as the cause)."""
+
+    exit_code = 1
 
 
 def did_you_mean(name: str, choices) -> str:

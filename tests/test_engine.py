@@ -130,7 +130,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(tmp_path):
-    cfg = toy_cfg(tmp_path)
+    cfg = toy_cfg(tmp_path / "part")
     full = run(toy_cfg(tmp_path / "full"))
 
     def send_term(m):
@@ -139,7 +139,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(tmp_path):
 
     with pytest.raises(Interrupted, match="continue with --resume"):
         run(cfg, on_epoch=send_term, handle_signals=True)
-    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    state = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
     assert state["step"] == 9 and state["epoch_step"] == 1  # one step into epoch 2
     resumed = run(cfg, resume=state)
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):

@@ -297,7 +297,8 @@ def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
         "memory_format": "channels_last" if r.channels_last else "contiguous",
         "compile": r.compile, "cuda_graph": r.cuda_graph,
         "fused_kernels": cfg.model.fused_kernels, "optimizer": f"{o.name} ({o.impl})",
-        "batch_size": loader.batch_size, "micro_batch": r.micro_batch or loader.batch_size,
+        "batch_size": loader.batch_size,
+        "micro_batch": min(r.micro_batch or loader.batch_size, loader.batch_size),
         "steps": steps, "warmup_steps": warmup, "warmup_s": warmup_s,
         "img_per_s": imgs / step_s if step_s > 0 else None,
         "step_ms": 1e3 * step_s / steps, "wall_step_ms": 1e3 * wall_s / steps,
@@ -507,10 +508,11 @@ def main(argv=None) -> int:
     math_ = math_mode(cfg.run.precision, device)
     peak = ("--peak-tflops", args.peak_tflops) if args.peak_tflops else (
         device_peak(env["device"], math_) if on_gpu else None)
+    micro = min(cfg.run.micro_batch or batch, batch)
     print(f"fastres profile: {cfg.model.name}, loader {cfg.data.loader}, {cfg.run.precision}"
-          f" ({math_} math), batch {batch} (micro-batches of "
-          f"{cfg.run.micro_batch or batch}), optimizer {cfg.optim.name} ({cfg.optim.impl}), "
-          f"preset {args.preset}")
+          f" ({math_} math), batch {batch}" + (f" (micro-batches of {micro})" if micro < batch
+                                                else "") +
+          f", optimizer {cfg.optim.name} ({cfg.optim.impl}), preset {args.preset}")
     print(f"  {env_line(env)}")
     print(f"  data: {source}; {steps} timed steps per setting", flush=True)
     out = {"schema": SCHEMA, "tool": "fastres profile", "device": env["device"], "env": env,

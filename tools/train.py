@@ -4,21 +4,24 @@
     fastres train --preset resnet-paper --model resnet56 --data-dir data --out runs/r56
     fastres train --preset seed --set optim.ema_decay=0.9999 --data-dir data --out runs/seed
     fastres train --preset smoke --data-dir data --out runs/smoke --resume
+    fastres train --preset smoke --data-dir data --out runs/smoke --overwrite  # old run aside
     torchrun --standalone --nproc_per_node=4 -m fastres train --preset speedrun --data-dir data --out runs/ddp
     fastres train --nproc 4 --preset speedrun ...     # launches the torchrun line above
 
 Flags override the preset; `--set section.key=value` reaches every config field
-(`--help-config` lists them). The resolved config is validated before any data is read.
+(`--help-config` lists them). The resolved config, the run directory (`--out`: location,
+lock, what it holds) and a resume's compatibility are all checked before any data is read
+and before anything in the directory changes (fastres.engine.rundir).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
 from fastres import config as C
-from fastres.errors import CheckpointError, ConfigError
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -48,7 +51,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override any config field (repeatable)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint")
+                   help="continue the run in --out from its last checkpoint (a finished run "
+                        "is reported and left as it is)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a --out that holds one: the old files move to "
+                        "OUT.old-<time> first (nothing is deleted)")
     p.add_argument("--nproc", type=int, default=0,
                    help="launch N processes on this machine through torchrun")
     p.add_argument("--print-config", action="store_true",
@@ -96,6 +103,7 @@ def _launch_torchrun(argv: list[str], nproc: int) -> int:
 
 def main(argv=None) -> int:
     from fastres import distributed as D
+    from fastres.engine import rundir
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = get_args_parser().parse_args(argv)
@@ -109,29 +117,14 @@ def main(argv=None) -> int:
         return _launch_torchrun(argv, args.nproc)
 
     dist = D.from_env(os.environ)
-    resume_state = None
-    base = None
-    # Restarted by torchrun (--max-restarts) after a failure: continue from the last
-    # checkpoint when the first attempt wrote one.
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    resume = args.resume
-    if restarts > 0 and args.out and os.path.exists(
-            os.path.join(args.out, "checkpoints", "last.pt")):
-        resume = True
-        if dist.is_main:
-            print(f"torchrun restart {restarts}: resuming from {args.out}", flush=True)
-    if resume:
-        from fastres.engine.records import load_checkpoint
-
-        if not args.out:
-            raise ConfigError("--resume needs --out, the run directory to continue")
-        ckpt = os.path.join(args.out, "checkpoints", "last.pt")
-        if not os.path.exists(ckpt):
-            raise CheckpointError(f"nothing to resume: {ckpt} does not exist (start the run "
-                                  "without --resume)")
-        resume_state = load_checkpoint(ckpt)
-        base = C.from_dict(resume_state["config"])
-    cfg = config_from_args(args, base)
+    # Resume and restart detection (a torchrun --max-restarts restart of this job resumes
+    # from the last checkpoint by itself): the engine decides, reading only.
+    plan = rundir.plan_run(args.out or None, resume=args.resume, overwrite=args.overwrite,
+                           restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                                             or 0),
+                           job_id=os.environ.get("TORCHELASTIC_RUN_ID"),
+                           check_lock=dist.is_main)
+    cfg = config_from_args(args, C.from_dict(plan.config) if plan.config else None)
 
     from fastres.engine import build, resolve_for, train
     from fastres.models import list_models
@@ -146,11 +139,33 @@ def main(argv=None) -> int:
 
         print(json.dumps(C.to_dict(cfg), indent=2))
         return 0
+    # Everything checkable without the data, before the data are read and before anything
+    # in --out changes.
+    rundir.check_data_fits(cfg, dist.world_size)
+    rundir.check_resume(plan, cfg, dist.world_size)
+    if plan.note and dist.is_main:
+        print(plan.note, flush=True)
+    if plan.finished:
+        if dist.is_main:
+            r = plan.result
+            top1 = f"top-1 {r['top1']:.4f}, " if isinstance(r.get("top1"), float) else ""
+            timed = f"timed {r['timed_s']:.2f} s" if isinstance(r.get("timed_s"), float) else ""
+            print(f"fastres train: {args.out} is already finished ({top1}{timed}); nothing to "
+                  "do, nothing changed (--overwrite starts it again, the old run moved aside)",
+                  flush=True)
+        return 0
     if not cfg.run.out_dir and dist.is_main:
         print("note: no --out given; nothing will be recorded", file=sys.stderr)
 
-    D.init_process_group(dist, cfg.run.device)
+    claimed = None
+    if cfg.run.out_dir and dist.is_main:
+        claimed = rundir.claim(cfg.run.out_dir, plan.claim_mode,
+                               job=os.environ.get("TORCHELASTIC_RUN_ID"))
+        if claimed.moved_to is not None:
+            print(f"--overwrite: the previous run in {args.out} is now in {claimed.moved_to}",
+                  flush=True)
     try:
+        D.init_process_group(dist, cfg.run.device)
         built = build(cfg, dist)
         if dist.is_main:
             d = built.data_info
@@ -160,9 +175,20 @@ def main(argv=None) -> int:
                   f"{d.get('name', '?')} ({'official' if d.get('official') else 'NOT official'})",
                   flush=True)
         result = train(cfg, built.model, built.loaders, dist=dist, data_info=built.data_info,
-                       resume=resume_state, handle_signals=True)
+                       resume=plan.state, handle_signals=True)
+    except RuntimeError as e:
+        if dist.enabled:
+            # torchrun's agent sends SIGTERM to the survivors of a dead rank; outlive it long
+            # enough to say which rank died (instead of dying mid-message).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        lost = D.peer_failure(e, dist)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         D.destroy_process_group()
+        if claimed is not None:
+            claimed.release()
     if dist.is_main:
         f = result.final
         tta = f" | TTA ({f['tta']}) top-1 {f['tta_top1']:.4f}" if f["tta_top1"] is not None \

@@ -2,7 +2,8 @@
 
 Counts are accumulated on the device and read once at the end (one host sync per call);
 under DDP the counts, not the accuracies, are summed over ranks, so uneven shards weigh
-correctly.
+correctly. `progress=` shows a bar or a line every few seconds (images done, ETA) on the
+main rank, counted from batch shapes (no extra sync).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastres.distributed import Dist, all_reduce_sum
+
+from .progress import EvalProgress
 
 TTA_MODES = ("none", "flip", "flip_translate")
 
@@ -53,13 +56,19 @@ def tta_logits(model: nn.Module, x: Tensor, tta: str = "none") -> Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, tta: str = "none", *, precision: str = "fp32",
-             dist: Dist = Dist(), device=None) -> dict:
+             dist: Dist = Dist(), device=None, progress: str | EvalProgress | None = None,
+             label: str = "evaluation") -> dict:
     """Top-1, top-5 (%-free fractions), mean cross-entropy and example count over `loader`.
 
-    The model is put in eval mode and restored to its previous mode afterwards.
+    The model is put in eval mode and restored to its previous mode afterwards. `progress`:
+    None or "none" (silent), "auto", "bar" or "plain" (shown on the main rank, headed
+    `label`), or an EvalProgress.
     """
     if tta not in TTA_MODES:
         raise ValueError(f"unknown tta mode {tta!r}; choose from {TTA_MODES}")
+    if progress is None or isinstance(progress, str):
+        mode = progress if progress and dist.is_main else "none"
+        progress = EvalProgress(mode, total=getattr(loader, "num_examples", None), label=label)
     was_training = model.training
     model.eval()
     stats = None
@@ -76,8 +85,10 @@ def evaluate(model: nn.Module, loader, tta: str = "none", *, precision: str = "f
             stats[1] += hit.any(dim=1).sum()
             stats[2] += F.cross_entropy(logits, y, reduction="sum").double()
             stats[3] += y.numel()
+            progress.update(y.numel())  # a host-known count: no sync
     finally:
         model.train(was_training)
+        progress.close()
     if stats is None:
         stats = torch.zeros(4, dtype=torch.float64,
                             device=device if device is not None else "cpu")

@@ -32,7 +32,8 @@ from fastres.pipelines.base import check_loader
 from .ema import EMA
 from .evaluate import autocast_for, evaluate, tta_logits
 from .progress import Progress
-from .records import RunRecorder
+from .records import FiniteGuard, RunRecorder, load_state_dict_checked
+from .rundir import check_compatible
 from .step import TrainStep, _rng_state, _set_rng_state, unwrap
 
 WHITEN_INIT_IMAGES = 5000  # airbench initialises its whitening conv from 5000 train images
@@ -71,6 +72,7 @@ class _SignalStop:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.signal = None
+        self.interrupt: Exception | None = None  # set: a signal raises it at once
         self._old = {}
 
     def __enter__(self):
@@ -80,6 +82,9 @@ class _SignalStop:
         return self
 
     def _handle(self, signum, frame):
+        if self.interrupt is not None:  # the final evaluation: its state is on disk
+            self.signal = signum
+            raise self.interrupt
         if self.signal is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signal = signum
@@ -107,6 +112,8 @@ class _Run:
     env: dict
     data_init_s: float = 0.0
     epochs_log: list = field(default_factory=list)
+    guard: FiniteGuard | None = None
+    resumed_stage: str | None = None
     reached: dict = field(default_factory=lambda: {"at_s": None, "at_epoch": None})
 
     @property
@@ -119,10 +126,11 @@ class _Run:
                 "epochs": self.epochs_log, "timed_s": self.timer.total,
                 "world_size": self.dist.world_size, "rng": _rng_state(self.device)}
 
-    def evaluate(self, tta: str) -> dict:
+    def evaluate(self, tta: str, label: str | None = None) -> dict:
         r = self.cfg.run
         ema = self.step.ema
-        kw = dict(precision=r.precision, dist=self.dist, device=self.device)
+        kw = dict(precision=r.precision, dist=self.dist, device=self.device,
+                  progress=r.progress if label else None, label=label or "evaluation")
         if self.cfg.optim.eval_weights == "ema" and ema is not None:
             with ema.swapped(self.model):
                 return evaluate(self.eval_net, self.test_loader, tta, **kw)
@@ -164,8 +172,12 @@ def train(cfg: Config, model: nn.Module, loaders, *, dist: Dist = Dist(),
                 run.recorder.checkpoint(run.checkpoint_state(epoch + 1, 0))
             if on_epoch is not None:
                 on_epoch(metrics)
-    progress.close()
-    return _finish(run, n_epochs)
+        progress.close()
+        try:
+            return _finish(run, n_epochs, stopper)
+        except BaseException:
+            run.recorder.close()
+            raise
 
 
 def train_one_epoch(run: _Run, epoch: int, progress: Progress, stopper: _SignalStop) -> dict:
@@ -186,12 +198,15 @@ def train_one_epoch(run: _Run, epoch: int, progress: Progress, stopper: _SignalS
         progress.update()
         if r.log_every and step.step % r.log_every == 0:
             totals = _checked_totals(run)
+            run.guard.check(step.step)
             denom = totals.steps if run.cfg.optim.loss_reduction == "mean" else \
                 totals.steps * loader.batch_size
             run.recorder.log({"step": step.step, "epoch": epoch, "lr_factor": step.lr_factor(),
                               "train_loss_running": totals.loss_sum / max(denom, 1)})
         if stopper.signal is not None:
             run.timer.stop()
+            _checked_totals(run)                 # a NaN loss: say at which step
+            run.guard.check(step.step)           # NaN/inf weights or buffers
             run.recorder.checkpoint(run.checkpoint_state(epoch,
                                                          step.step - epoch * run.steps_per_epoch))
             progress.close()
@@ -200,6 +215,7 @@ def train_one_epoch(run: _Run, epoch: int, progress: Progress, stopper: _SignalS
                               "with --resume")
     epoch_time = run.timer.stop()
     totals = _checked_totals(run)
+    run.guard.check(step.step)  # parameters and buffers too, not only the loss
     images = totals.steps * loader.batch_size
     stats = torch.tensor([totals.loss_sum, totals.correct, images], dtype=torch.float64,
                          device=run.device)
@@ -222,8 +238,8 @@ def _checked_totals(run: _Run):
     if bad >= 0 and run.cfg.run.precision != "fp16":  # fp16: skipped by the scaler, counted
         raise TrainingDiverged(
             f"the training loss became NaN or infinite at step {bad} (epoch "
-            f"{bad // run.steps_per_epoch + 1}); lower optim.lr, use run.precision=fp32, or "
-            "set optim.grad_clip")
+            f"{bad // run.steps_per_epoch + 1}); {run.recorder.kept_note()}; lower optim.lr, "
+            "use run.precision=fp32, or set optim.grad_clip")
     return totals
 
 
@@ -243,6 +259,9 @@ def _setup(cfg: Config, model: nn.Module, loaders, dist: Dist, data_info, resume
         raise ConfigError(f"the training set ({getattr(train_loader, 'num_examples', '?')} "
                           f"images per rank) is smaller than one batch "
                           f"({train_loader.batch_size}); lower data.batch_size")
+    if resume is not None:  # before the recorder writes anything into the directory
+        check_compatible(resume.get("config"), resume.get("world_size", 1), cfg,
+                         dist.world_size)
     recorder = RunRecorder(r.out_dir, enabled=dist.is_main)
     env = environment(device)
     env.update(world_size=dist.world_size, data=data_info or {})
@@ -272,16 +291,30 @@ def _setup(cfg: Config, model: nn.Module, loaders, dist: Dist, data_info, resume
     if resume is not None:
         _restore(resume, run)
         recorder.truncate_log(step.step)
+    run.guard = FiniteGuard(unwrap(model), ema=step.ema, recorder=recorder,
+                            start_step=step.step)
     return run
 
 
-def _finish(run: _Run, n_epochs: int) -> RunResult:
-    """The timed final evaluation (with TTA), an untimed plain one, the result record."""
+def _finish(run: _Run, n_epochs: int, stopper: _SignalStop) -> RunResult:
+    """Checkpoint the end of training, then the timed final evaluation (with TTA), an
+    untimed plain one, the result record. A signal during the evaluations stops at once:
+    `--resume` then runs the evaluations only."""
     r, step = run.cfg.run, run.step
+    if run.resumed_stage != "final_eval":
+        run.guard.check(step.step)
+        run.recorder.checkpoint({**run.checkpoint_state(n_epochs, 0), "stage": "final_eval"})
+    stopper.interrupt = Interrupted(
+        f"stopped by a signal during the final evaluation; training is complete and "
+        f"checkpointed (step {step.step}, {run.recorder.checkpoint_path}); --resume runs the "
+        "final evaluation only")
+    if stopper.signal is not None:  # arrived during the last step
+        raise stopper.interrupt
     run.timer.start()
-    final_eval = run.evaluate(r.tta)
+    final_eval = run.evaluate(r.tta, label="final evaluation")
     eval_s = run.timer.stop()
-    plain = run.evaluate("none") if r.tta != "none" else final_eval  # not timed
+    plain = run.evaluate("none", label="final evaluation, no TTA") \
+        if r.tta != "none" else final_eval  # not timed
     images = step.step * run.train_loader.batch_size * run.dist.world_size
     train_s = sum(m["epoch_s"] for m in run.epochs_log)
     flops = _training_flops(run, images)
@@ -299,8 +332,7 @@ def _finish(run: _Run, n_epochs: int) -> RunResult:
         "world_size": run.dist.world_size, "device": run.env.get("device"),
         "precision": r.precision, "compile": r.compile, **flops,
     }
-    run.recorder.checkpoint(run.checkpoint_state(n_epochs, 0))
-    run.recorder.finish(final)
+    run.recorder.finish(final)  # result.json: the run is finished; releases the directory
     return RunResult(final=final, epochs=run.epochs_log, model=run.model, ema=step.ema)
 
 
@@ -361,27 +393,15 @@ def _warm_up(run: _Run) -> None:
     run.step.train_mode()
 
 
-_RESUME_EXEMPT = {("run", "out_dir"), ("run", "progress"), ("data", "data_dir"),
-                  ("data", "download"), ("data", "workers")}
-
-
 def _restore(state: dict, run: _Run) -> None:
-    saved_cfg = state.get("config", {})
-    now = to_dict(run.cfg)
-    diffs = [f"{sec}.{k}: checkpoint {saved_cfg.get(sec, {}).get(k)!r} vs now {v!r}"
-             for sec, vals in now.items() for k, v in vals.items()
-             if (sec, k) not in _RESUME_EXEMPT and saved_cfg.get(sec, {}).get(k, v) != v
-             and not (isinstance(v, tuple) and list(v) == saved_cfg.get(sec, {}).get(k))]
-    if diffs:
-        raise CheckpointError("cannot resume: the config differs from the checkpoint's (" +
-                              "; ".join(diffs) + "); resume with the same settings")
-    if state.get("world_size", 1) != run.dist.world_size:
-        raise CheckpointError(
-            f"cannot resume: the checkpoint was written by {state.get('world_size')} "
-            f"process(es) and this run has {run.dist.world_size}; resume with the same world "
-            "size (--nproc_per_node) so that shards and batches line up")
-    unwrap(run.model).load_state_dict(state["model"])
-    run.step.load_state_dict(state)
+    load_state_dict_checked(unwrap(run.model), state.get("model"), "the checkpoint resumed")
+    try:
+        run.step.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError) as e:  # optimizer/EMA/scaler state
+        raise CheckpointError(f"the checkpoint resumed does not fit this run's optimizer or "
+                              f"EMA ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
+            from None
+    run.resumed_stage = state.get("stage", "train")
     if "rng" in state:
         _set_rng_state(state["rng"], run.device)
     run.epochs_log[:] = list(state.get("epochs", []))

@@ -1,0 +1,664 @@
+"""Faults a careful user runs into, one test per item of issue 12 (numbered as there).
+
+What is checked: the run directory is the user's data (locked while used, never replaced
+without --resume or --overwrite, unchanged by a refused command, validated before any data
+is read), no checkpoint holds a non-finite state, JSON is strict, every fault ends in one
+line (exit 2, or 130 for a signal, 1 for a dead DDP peer), and evaluations show progress.
+Signals and second processes are real (subprocesses); everything else calls the CLI in
+process. Smoke scale: resnet8 on 128 synthetic images written in the real CIFAR-10 format.
+Timings are never asserted.
+"""
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastres import config as C
+from fastres.engine import rundir
+from fastres.engine.evaluate import evaluate
+from fastres.engine.progress import EvalProgress
+from fastres.engine.records import (FiniteGuard, RunRecorder, atomic_write_json,
+                                    load_checkpoint, load_state_dict_checked, named_tensors,
+                                    nonfinite, save_checkpoint, strict_dumps)
+from fastres.errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged
+from fastres.testing import synthetic, write_cifar
+from fastres.tools.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+MISSING_DATA = "/nonexistent/fastres-data"  # a run that got this far would fail on it
+
+
+# --------------------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("cifar")
+    d = synthetic(128, 128, seed=0)
+    write_cifar(root, train=(d.train.images, d.train.labels),
+                test=(d.test.images, d.test.labels))
+    return str(root)
+
+
+def smoke(data_dir: str, out, *extra: str) -> list[str]:
+    """`fastres train` at smoke scale: 128 train / 64 test images, batch 32, one epoch."""
+    return ["train", "--preset", "smoke", "--data-dir", str(data_dir), "--out", str(out),
+            "--set", "data.train_limit=128", "--set", "data.test_limit=64",
+            "--set", "data.batch_size=32", "--set", "data.eval_batch_size=64",
+            "--set", "run.progress=plain", "--epochs", "1", *extra]
+
+
+def cli(capsys, argv) -> tuple[int, str, str]:
+    rc = cli_main(list(argv))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def error_line(err: str, tool: str = "train") -> str:
+    """The one error line a fault must produce (warnings about the synthetic data aside)."""
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith(f"fastres {tool}"), lines[0]
+    return lines[0]
+
+
+def snapshot(path: Path) -> dict:
+    """Every file under `path` (hidden ones too): content hash and mtime."""
+    return {str(p.relative_to(path)): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                       p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def strict_json_lines(path: Path) -> list[dict]:
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name} in {path}")
+
+    return [json.loads(line, parse_constant=refuse)
+            for line in path.read_text().splitlines() if line.strip()]
+
+
+def finite_checkpoint(path: Path) -> dict:
+    state = load_checkpoint(path)
+    n, bad = nonfinite(named_tensors({k: v for k, v in state.items()
+                                      if k not in ("rng", "config", "epochs")}))
+    assert n > 0 and not bad, f"{path} holds non-finite tensors: {bad[:5]}"
+    return state
+
+
+@pytest.fixture(scope="module")
+def finished(data_dir, tmp_path_factory):
+    """One finished smoke run (in process) and what it printed."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    buf_out, buf_err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(buf_out), contextlib.redirect_stderr(buf_err):
+        rc = cli_main(smoke(data_dir, out))
+    assert rc == 0, buf_err.getvalue()[-3000:]
+    return out, buf_out.getvalue() + buf_err.getvalue()
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, copy_function=shutil.copy2)
+    return dst
+
+
+def wait_for(predicate, proc, timeout: float = 240.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- 1
+
+@pytest.mark.slow
+def test_01_signal_in_the_final_evaluation_resumes_into_evaluation_only(data_dir, tmp_path,
+                                                                        capsys):
+    """The end of training is checkpointed before the final evaluation, signals stay handled
+    through it, and --resume then runs the evaluation only."""
+    out = tmp_path / "run"
+    # All 128 test images with 6-view TTA: a final evaluation long enough to interrupt.
+    argv = smoke(data_dir, out, "--set", "run.tta=flip_translate", "--set",
+                 "data.test_limit=0", "--set", "data.eval_batch_size=16")
+    proc = subprocess.Popen([sys.executable, "-m", "fastres", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    info = out / "checkpoints" / "last.json"
+    in_eval = wait_for(lambda: (read_json(info) or {}).get("stage") == "final_eval", proc)
+    if in_eval:
+        proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert in_eval, ("the run reached its final evaluation without a checkpoint of stage "
+                     "'final_eval' (checkpoints/last.json): " + (stdout + stderr)[-2000:])
+    assert proc.returncode == 130, (stdout + stderr)[-3000:]
+    line = error_line(stderr)
+    assert "--resume" in line and "final evaluation" in line, line
+    assert not (out / "result.json").exists()
+    state = finite_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["stage"] == "final_eval" and state["step"] == 4
+    epochs_before = strict_json_lines(out / "metrics.jsonl")
+
+    rc, printed, err = cli(capsys, [*argv, "--resume"])
+    assert rc == 0, err[-3000:]
+    assert "epoch 1/1" not in printed          # no training, evaluation only
+    assert strict_json_lines(out / "metrics.jsonl") == epochs_before
+    result = read_json(out / "result.json")
+    assert result["steps"] == 4 and result["tta_top1"] is not None
+
+
+# --------------------------------------------------------------------------- 2
+
+SIGTERM_AT = '''"""fastres train, sending itself SIGTERM at the Nth training forward pass."""
+import os, signal, sys
+import fastres.models as M
+
+KILL_AT = int(sys.argv[1])
+_create = M.create_model
+
+
+def create_model(*a, **k):
+    model = _create(*a, **k)
+    calls = [0]
+
+    def hook(module, inputs, output):
+        if module.training:
+            calls[0] += 1
+            if calls[0] == KILL_AT:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    model.register_forward_hook(hook)
+    return model
+
+
+M.create_model = create_model
+from fastres.tools.cli import main
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+@pytest.mark.slow
+def test_02_nan_then_sigterm_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    """Epoch 1 (steps 0-3) is finite and checkpointed; the LR then jumps 1e30-fold, the loss
+    turns NaN at step 5, and SIGTERM arrives at step 5, mid-epoch 2."""
+    script = tmp_path / "sigterm_at.py"
+    script.write_text(SIGTERM_AT)
+    out = tmp_path / "run"
+    argv = smoke(data_dir, out, "--epochs", "2", "--set", "run.checkpoint_every=1",
+                 "--set", "schedule.lr_schedule=step", "--set", "schedule.milestones=(0.5,)",
+                 "--set", "schedule.gamma=1e30", "--set", "run.eval_every=0")
+    proc = subprocess.run([sys.executable, str(script), "6", *argv], capture_output=True,
+                          text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    line = error_line(proc.stderr)
+    assert "NaN or infinite" in line and "step 4" in line, line   # the checkpoint kept
+    assert "continue with --resume" not in line
+    state = finite_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["step"] == 4
+    assert read_json(out / "checkpoints" / "last.json")["step"] == 4
+    strict_json_lines(out / "metrics.jsonl")
+
+
+# --------------------------------------------------------------------------- 3
+
+@pytest.mark.slow
+def test_03_parameters_and_buffers_are_checked_not_only_the_loss(data_dir, tmp_path, capsys):
+    """An LR growing 3000x over the run: the loss stays finite, BatchNorm's running_var
+    does not. The run must not end "done", and no checkpoint may hold the inf."""
+    out = tmp_path / "grow"
+    rc, printed, err = cli(capsys, smoke(data_dir, out, "--epochs", "2", "--set",
+                                         "optim.lr=10", "--set", "schedule.final_factor=3000",
+                                         "--set", "run.checkpoint_every=1", "--set",
+                                         "run.eval_every=0"))
+    assert rc == 2, (printed + err)[-3000:]
+    line = error_line(err)
+    assert "NaN or infinite" in line and "running_var" in line, line
+    assert "done:" not in printed and not (out / "result.json").exists()
+    if (out / "checkpoints" / "last.pt").exists():
+        finite_checkpoint(out / "checkpoints" / "last.pt")
+    strict_json_lines(out / "metrics.jsonl")
+
+    # optim.lr=1e6: running_var is already inf at the end of epoch 1, where the periodic
+    # checkpoint falls: it must not be written as the "last good" one.
+    out = tmp_path / "huge"
+    rc, printed, err = cli(capsys, smoke(data_dir, out, "--epochs", "2", "--set",
+                                         "optim.lr=1e6", "--set", "run.checkpoint_every=1",
+                                         "--set", "run.eval_every=0"))
+    assert rc == 2, (printed + err)[-3000:]
+    assert "NaN or infinite" in error_line(err)
+    if (out / "checkpoints" / "last.pt").exists():
+        finite_checkpoint(out / "checkpoints" / "last.pt")
+
+
+def test_03_finite_guard_names_the_tensors_and_the_kept_checkpoint(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    rec = RunRecorder(tmp_path / "run")
+    rec.start({"run": {}}, {})
+    rec.checkpoint({"model": model.state_dict(), "step": 8, "epoch": 1})
+    guard = FiniteGuard(model, recorder=rec, start_step=8)
+    guard.check(12)
+    assert guard.last_good == 12
+    model[1].running_var[2] = float("inf")
+    with pytest.raises(TrainingDiverged, match=r"between step 12 and step 16 \(1 of 6 "
+                                                r"tensors: 1.running_var\).*step 8"):
+        guard.check(16)
+    with pytest.raises(TrainingDiverged, match="not checkpointing"):
+        rec.checkpoint({"model": model.state_dict(), "step": 16, "epoch": 2})
+    assert load_checkpoint(rec.checkpoint_path)["step"] == 8
+    rec.close()
+
+
+# --------------------------------------------------------------------------- 4
+
+def test_04_records_are_strict_json(tmp_path):
+    rec = RunRecorder(tmp_path / "run")
+    rec.start({"run": {}}, {"peak": float("inf")})
+    rec.log({"step": 1, "train_loss": float("nan"), "img_per_s": 3.0,
+             "extra": {"loss": float("-inf")}})
+    rec.log({"step": 2, "train_loss": 1.5})
+    rows = strict_json_lines(tmp_path / "run" / "metrics.jsonl")
+    assert rows[0]["train_loss"] is None and rows[0]["extra"]["loss"] is None
+    assert rows[0]["nonfinite"] == ["train_loss", "extra.loss"]
+    assert rows[1] == {"step": 2, "train_loss": 1.5}
+    env = json.loads((tmp_path / "run" / "env.json").read_text(),
+                     parse_constant=lambda c: pytest.fail(c))
+    assert env == {"peak": None, "nonfinite": ["peak"]}
+    rec.finish({"top1": torch.tensor(float("nan")), "tta_top1": None})
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result == {"top1": None, "tta_top1": None, "nonfinite": ["top1"]}
+    assert json.loads(strict_dumps([1.0, float("nan")])) == [1.0, None]
+
+
+# --------------------------------------------------------------------------- 5
+
+@pytest.mark.slow
+def test_05_a_second_run_into_a_used_directory_is_refused(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = smoke(data_dir, out)
+    first = subprocess.Popen([sys.executable, "-m", "fastres", *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=ENV)
+    locked = wait_for(lambda: (read_json(out / rundir.LOCK_NAME) or {}).get("pid")
+                      == first.pid, first)
+    assert locked, first.communicate()[1][-3000:]
+    for extra in ([], ["--resume"], ["--overwrite"]):
+        rc, _, err = cli(capsys, [*argv, *extra])
+        assert rc == 2, err[-3000:]
+        line = error_line(err)
+        assert f"pid {first.pid}" in line and "in use" in line, line
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert [r["epoch"] for r in strict_json_lines(out / "metrics.jsonl")] == [1]
+    assert read_json(out / "result.json")["steps"] == 4
+    assert not list(tmp_path.glob("run.old-*"))  # the refused --overwrite moved nothing
+
+
+def test_05_lock_claim_and_release(tmp_path):
+    out = tmp_path / "new" / "run"
+    rd = rundir.claim(out, "new", job="j1")
+    assert rundir.held(out) is rd and rundir.lock_info(out)["pid"] == os.getpid()
+    assert rundir.lock_info(out)["job"] == "j1"
+    rd.release()
+    assert not out.exists()  # created, never written into: removed again
+    rd = rundir.claim(out, "new")
+    rd.started = True
+    (out / "config.json").write_text("{}")
+    rd.release()
+    assert (out / "config.json").exists() and rundir.held(out) is None
+    with pytest.raises(RunDirError, match="already holds a run stopped before its first"):
+        rundir.claim(out, "new")
+
+
+# --------------------------------------------------------------------------- 6
+
+@pytest.mark.slow
+def test_06_a_new_run_never_replaces_a_run_and_overwrite_moves_it_aside(finished, tmp_path,
+                                                                        data_dir, capsys):
+    out = copy_run(finished[0], tmp_path / "run")
+    (out / "notes.txt").write_text("the user's own notes")
+    before = snapshot(out)
+    rc, _, err = cli(capsys, smoke(data_dir, out))
+    assert rc == 2
+    line = error_line(err)
+    assert "already holds a finished run" in line and "--overwrite" in line, line
+    assert snapshot(out) == before
+
+    rc, printed, err = cli(capsys, smoke(data_dir, out, "--overwrite"))
+    assert rc == 0, err[-3000:]
+    aside = list(tmp_path.glob("run.old-*"))
+    assert len(aside) == 1 and str(aside[0]) in printed
+    assert snapshot(aside[0]) == {k: v for k, v in before.items() if k != rundir.LOCK_NAME}
+    assert not (out / "notes.txt").exists()               # no mix of old and new files
+    assert (out / "result.json").exists()
+    assert [r["epoch"] for r in strict_json_lines(out / "metrics.jsonl")] == [1]
+
+
+# --------------------------------------------------------------------------- 7
+
+def test_07_a_refused_resume_changes_nothing(finished, tmp_path, capsys):
+    out = copy_run(finished[0], tmp_path / "run")
+    (out / "result.json").unlink()  # an unfinished run with a checkpoint
+    before = snapshot(out)
+    rc, _, err = cli(capsys, ["train", "--out", str(out), "--resume", "--model", "resnet20",
+                              "--data-dir", MISSING_DATA])
+    assert rc == 2
+    line = error_line(err)
+    assert "model.name: checkpoint 'resnet8' vs now 'resnet20'" in line, line
+    assert snapshot(out) == before
+    assert json.loads((out / "config.json").read_text())["model"]["name"] == "resnet8"
+
+
+# --------------------------------------------------------------------------- 8
+
+def test_08_resume_on_a_finished_run_reports_it_and_changes_nothing(finished, tmp_path,
+                                                                   capsys):
+    out = copy_run(finished[0], tmp_path / "run")
+    before = snapshot(out)
+    rc, printed, err = cli(capsys, ["train", "--out", str(out), "--resume",
+                                    "--data-dir", MISSING_DATA])
+    assert rc == 0, err[-3000:]
+    assert "already finished" in printed and "nothing changed" in printed
+    assert snapshot(out) == before
+
+
+# --------------------------------------------------------------------------- 9
+
+def _unusable(tmp_path) -> dict:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = {"a file": (a_file, "is a file"),
+             "below a file": (a_file / "run", "lies below"),
+             "/proc": ("/proc/fastres-run", "cannot hold"),
+             "/sys (read-only)": ("/sys/fastres-run", "cannot hold")}
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        cases["no write permission"] = (ro / "run", "not writable")
+    return cases
+
+
+def test_09_an_unusable_out_is_one_line_before_the_data(tmp_path, capsys):
+    for name, (out, needle) in _unusable(tmp_path).items():
+        rc, _, err = cli(capsys, ["train", "--preset", "smoke", "--out", str(out),
+                                  "--data-dir", MISSING_DATA])
+        assert rc == 2, name
+        line = error_line(err)
+        assert needle in line and MISSING_DATA not in line, (name, line)
+
+
+def _can_unshare() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    r = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare -rm` for a read-only mount")
+def test_09_a_read_only_mount_is_one_line(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    cmd = (f"mount -t tmpfs -o ro,size=1m tmpfs {ro} && exec {sys.executable} -m fastres "
+           f"train --preset smoke --out {ro}/run --data-dir {MISSING_DATA}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True,
+                          env=ENV, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "read-only file system" in error_line(proc.stderr)
+
+
+# --------------------------------------------------------------------------- 10
+
+@pytest.mark.slow
+def test_10_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(
+        data_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_fsync = os.fsync
+    writes = []
+
+    def fsync(fd):  # the second checkpoint write finds the disk full
+        if ".last.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            writes.append(fd)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    rc, printed, err = cli(capsys, smoke(data_dir, out, "--epochs", "2", "--set",
+                                         "run.checkpoint_every=1"))
+    assert rc == 2, (printed + err)[-3000:]
+    line = error_line(err)
+    assert "No space left on device" in line and "step 4" in line, line
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 4
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_10_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"step": 1})
+    good = path.read_bytes()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(RunDirError, match="No space left on device.*unchanged"):
+        save_checkpoint(path, {"step": 2})
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+# --------------------------------------------------------------------------- 11
+
+def test_11_weights_that_do_not_fit_are_one_short_line(finished, tmp_path, capsys):
+    from fastres.models import create_model
+
+    out = copy_run(finished[0], tmp_path / "run")
+    (out / "result.json").unlink()
+    ckpt = out / "checkpoints" / "last.pt"
+    state = load_checkpoint(ckpt)
+    state.pop("format")
+    state["model"] = create_model("resnet20").state_dict()
+    save_checkpoint(ckpt, state)
+    before = snapshot(out)
+    # train --resume: refused before any data is read, nothing changed
+    rc, _, err = cli(capsys, ["train", "--out", str(out), "--resume",
+                              "--data-dir", MISSING_DATA])
+    assert rc == 2
+    line = error_line(err)
+    assert "does not fit the model" in line and "unexpected (" in line and len(line) < 500, line
+    assert snapshot(out) == before
+
+    # fastres eval: a checkpoint without a model entry
+    bare = tmp_path / "bare.pt"
+    save_checkpoint(bare, {"config": state["config"], "step": 3})
+    rc, _, err = cli(capsys, ["eval", "--checkpoint", str(bare), "--data-dir", MISSING_DATA])
+    assert rc == 2
+    assert "'model' entry missing" in error_line(err, "eval")
+
+
+def test_11_eval_on_another_models_weights(finished, data_dir, tmp_path, capsys):
+    from fastres.models import create_model
+
+    state = load_checkpoint(finished[0] / "checkpoints" / "last.pt")
+    state.pop("format")
+    state["model"] = create_model("resnet20").state_dict()
+    save_checkpoint(tmp_path / "r20.pt", state)
+    rc, _, err = cli(capsys, ["eval", "--checkpoint", str(tmp_path / "r20.pt"),
+                              "--data-dir", data_dir, "--progress", "none"])
+    assert rc == 2
+    line = error_line(err, "eval")
+    assert "unexpected (" in line and len(line) < 500, line
+
+
+def test_11_load_state_dict_checked_summarises():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 4))
+    state = {f"x{i}": torch.zeros(1) for i in range(5)}
+    state["0.weight"] = torch.zeros(5, 5)
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_checked(model, state, "ckpt")
+    msg = str(e.value)
+    assert "3 missing (0.bias, 1.weight, 1.bias)" in msg
+    assert "5 unexpected (x0, x1, x2, ...)" in msg and "1 mis-shaped (0.weight)" in msg
+
+
+# --------------------------------------------------------------------------- 12
+
+def test_12_python_m_fastres_beside_a_checkout_named_fastres(tmp_path):
+    (tmp_path / "fastres").symlink_to(ROOT, target_is_directory=True)
+    proc = subprocess.run([sys.executable, "-m", "fastres", "train", "--preset", "smoke",
+                           "--print-config"], capture_output=True, text=True, cwd=tmp_path,
+                          env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["model"]["name"] == "resnet8"
+    proc = subprocess.run([sys.executable, "-m", "fastres", "--version"], capture_output=True,
+                          text=True, cwd=tmp_path, env=ENV, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("fastres "), proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- 13
+
+KILL_RANK_1 = '''"""fastres train under torchrun; rank 1 kills itself (SIGKILL) in its 3rd step."""
+import os, signal, sys
+import fastres.models as M
+
+_create = M.create_model
+
+
+def create_model(*a, **k):
+    model = _create(*a, **k)
+    calls = [0]
+
+    def hook(module, inputs, output):
+        if module.training:
+            calls[0] += 1
+            if calls[0] == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    model.register_forward_hook(hook)
+    return model
+
+
+if os.environ.get("RANK") == "1":
+    M.create_model = create_model
+from fastres.tools.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+'''
+
+
+@pytest.mark.slow
+def test_13_a_dead_rank_is_named_by_the_survivor(data_dir, tmp_path):
+    script = tmp_path / "kill_rank_1.py"
+    script.write_text(KILL_RANK_1)
+    argv = smoke(data_dir, tmp_path / "run", "--epochs", "4")[1:]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script), *argv],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    both = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "fastres train: [rank 0/2] error: rank 1 (pid" in both, both[-4000:]
+    assert "[rank0]: Traceback" not in both and "pair.cc" not in both, both[-4000:]
+
+
+# --------------------------------------------------------------------------- 14
+
+def test_14_a_batch_larger_than_the_data_is_refused_before_loading(capsys):
+    rc, _, err = cli(capsys, ["train", "--preset", "smoke", "--set", "data.batch_size=1000000",
+                              "--data-dir", MISSING_DATA])
+    assert rc == 2
+    line = error_line(err)
+    assert "1024 images (data.train_limit)" in line and "0 images" not in line, line
+    cfg = C.replace(C.preset("smoke"), data={"batch_size": 1024})
+    rundir.check_data_fits(cfg, 1)
+    with pytest.raises(ConfigError, match="512 per process over 2 processes.*at most 1024"):
+        rundir.check_data_fits(C.replace(cfg, data={"batch_size": 2048}), 2)
+    with pytest.raises(ConfigError, match="at most 512"):
+        rundir.check_data_fits(C.replace(cfg, data={"batch_scope": "per_rank"}), 2)
+
+
+# --------------------------------------------------------------------------- 15
+
+def test_15_eval_progress_lines_count_images_and_give_an_eta():
+    now = [0.0]
+    stream = io.StringIO()
+    p = EvalProgress("plain", total=1000, label="final evaluation", every_s=5.0, stream=stream,
+                     clock=lambda: now[0])
+    for _ in range(10):
+        now[0] += 1.0
+        p.update(100)
+    p.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "final evaluation: started, 1000 images"
+    assert lines[1] == "final evaluation: 500/1000 images, 50%, 100 img/s, eta 0:05"
+    assert lines[2] == "final evaluation: 1000/1000 images, 100%, 100 img/s, eta 0:00"
+    assert lines[3] == "final evaluation: 1000 images in 0:10"
+
+
+def test_15_fastres_eval_shows_progress(finished, data_dir, capsys):
+    rc, printed, err = cli(capsys, ["eval", "--checkpoint",
+                                    str(finished[0] / "checkpoints" / "last.pt"),
+                                    "--data-dir", data_dir, "--progress", "plain", "--json"])
+    assert rc == 0, err[-3000:]
+    assert "fastres eval (tta none): started, 64 images" in err
+    assert "fastres eval (tta none): 64 images in" in err
+    assert json.loads(printed)["n"] == 64   # progress on stderr: stdout stays JSON
+
+
+def test_15_evaluate_progress_needs_no_sync():
+    class Loader:
+        num_examples = 8
+
+        def __iter__(self):
+            for _ in range(2):
+                yield torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
+
+    stream = io.StringIO()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3))
+    res = evaluate(model, Loader(), progress=EvalProgress("plain", total=8, stream=stream))
+    assert res["n"] == 8 and "evaluation: 8 images in" in stream.getvalue()
+
+
+def test_15_the_final_evaluation_shows_progress(finished):
+    assert "final evaluation" in finished[1], finished[1][-2000:]
+
+
+# --------------------------------------------------------------------------- resume planning
+
+def test_resume_and_restart_detection(tmp_path):
+    out = tmp_path / "run"
+    assert rundir.plan_run(out).action == "new"
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        rundir.plan_run(out, resume=True)
+    with pytest.raises(ConfigError, match="give one of them"):
+        rundir.plan_run(out, resume=True, overwrite=True)
+    rd = rundir.claim(out, "new", job="job-1")
+    rd.started = True
+    (out / "config.json").write_text(json.dumps(C.to_dict(C.preset("smoke"))))
+    # A torchrun restart of the same job, before any checkpoint: again from step 0.
+    plan = rundir.plan_run(out, restart_count=1, job_id="job-1")
+    assert plan.action == "restart" and "torchrun restart 1" in plan.note
+    # ... of another job: the ordinary rules (a new run is refused when claimed).
+    assert rundir.plan_run(out, restart_count=1, job_id="job-2").action == "new"
+    save_checkpoint(out / "checkpoints" / "last.pt", {"config": {}, "model": {}, "step": 3,
+                                                      "world_size": 1})
+    plan = rundir.plan_run(out, restart_count=1, job_id="job-1")
+    assert plan.action == "resume" and plan.state["step"] == 3
+    assert rundir.plan_run(out, resume=True).action == "resume"
+    (out / "result.json").write_text(json.dumps({"top1": 0.5, "world_size": 1}))
+    assert rundir.plan_run(out, resume=True).finished
+    rd.release()
