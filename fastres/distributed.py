@@ -9,7 +9,11 @@ below is then a no-op, so the trainer has no `if distributed` branches.
 from __future__ import annotations
 
 import datetime
+import os
+import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -17,8 +21,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from fastres.errors import ConfigError
-from fastres.models.layers import BatchNormAct2d, apply_act
+from fastres.errors import ConfigError, PeerLost
+from fastres.norm_act import BatchNormAct2d, apply_act
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,67 @@ def init_process_group(d: Dist, device: str, timeout_s: float = 600) -> None:
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group(backend=backend, rank=d.rank, world_size=d.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
+    # Who is who, so that a rank that outlives another can name it (`peer_failure`); one
+    # small collective at start-up.
+    peers: list = [None] * d.world_size
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    _PEERS[:] = peers
+
+
+_PEERS: list = []  # (host, pid) of each rank, filled by init_process_group
+
+# What gloo and NCCL say when the other end of a collective has gone away.
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe",
+              "connection refused", "read error", "remote worker crashing", "ncclremoteerror",
+              "socket timeout", "no route to host")
+
+
+def _pid_alive(pid: int) -> bool:
+    """False when `pid` is gone or a zombie (dead, not yet reaped by torchrun)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] not in "ZX"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True
+
+
+def dead_ranks(d: Dist, wait_s: float = 2.0) -> list[int]:
+    """Ranks on this host whose process has ended (waiting up to `wait_s` for one to
+    show), from the (host, pid) table exchanged at start-up."""
+    host = socket.gethostname()
+    mine = [(r, pid) for r, (h, pid) in enumerate(_PEERS) if h == host and r != d.rank]
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = [r for r, pid in mine if not _pid_alive(pid)]
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.1)
+
+
+def peer_failure(exc: BaseException, d: Dist) -> PeerLost | None:
+    """A one-line PeerLost naming the dead rank when `exc` is a collective that failed
+    because another process of the job died; None for any other error."""
+    if not d.enabled or not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc).lower()
+    if not any(m in text for m in _PEER_GONE):
+        return None
+    dead = dead_ranks(d)
+    if dead:
+        who = ", ".join(f"rank {r} (pid {_PEERS[r][1]})" for r in dead)
+        what = f"{who} of {d.world_size} stopped"
+    else:
+        others = sorted(set(range(d.world_size)) - {d.rank})
+        what = (f"a process of the job stopped or lost its connection (rank(s) "
+                f"{', '.join(map(str, others))} on other hosts or not identified)")
+    return PeerLost(f"{what}, so rank {d.rank} cannot go on; see that rank's output for the "
+                    "cause, then continue from the last checkpoint with --resume")
 
 
 def destroy_process_group() -> None:
@@ -86,19 +151,6 @@ def all_reduce_sum(t: Tensor, d: Dist) -> Tensor:
     if d.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def broadcast_object(obj, d: Dist, src: int = 0):
-    if not d.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        dist.barrier()
 
 
 def split_batch(global_batch: int, scope: str, d: Dist) -> int:
@@ -121,7 +173,7 @@ class SyncBatchNormAct2d(nn.SyncBatchNorm):
     whole global batch, then the residual add and the activation."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, act="relu", process_group=None):
+                 track_running_stats=True, act="identity", process_group=None):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, process_group=process_group)
         self.act = act

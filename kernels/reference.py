@@ -4,7 +4,7 @@ eager and `torch.compile` baselines, and the modules fall back to them where the
 do not run (CPU without Triton's interpreter, or the ``FASTRES_KERNELS=0`` kill switch).
 
 - `bn_act_reference`: ``act(batch_norm(x) + residual)``, built from `F.batch_norm`; the
-  module form is `fastres.models.layers.BatchNormAct2d` (re-exported here).
+  module form is `fastres.norm_act.BatchNormAct2d` (re-exported here).
 - `sgd_ema_reference_step`: one multi-tensor SGD step (L2 weight decay, momentum, Nesterov,
   optional grad unscale and inf skip) followed by the EMA update, in `torch._foreach_*` ops,
   with the same arithmetic order as the Triton kernel in `fastres.kernels.sgd`.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastres.models.layers import ACTIVATIONS, BatchNormAct2d, apply_act
+from fastres.norm_act import ACTIVATIONS, BatchNormAct2d, apply_act
 
 __all__ = ["ACTIVATIONS", "BatchNormAct2d", "bn_act_reference", "sgd_ema_reference_step"]
 
@@ -29,13 +29,17 @@ def bn_act_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
                      num_batches_tracked: Optional[Tensor] = None) -> Tensor:
     """``act(F.batch_norm(x, ...) + residual)``; the signature of `fused_bn_act`.
 
-    `momentum=None` is nn.BatchNorm2d's cumulative moving average: the running statistics
-    are updated with factor ``1 / num_batches_tracked`` (which the caller has already
-    incremented for this batch, as nn.BatchNorm2d does). Reading that count is a host sync
-    on CUDA; this is a reference path, not a hot one.
+    `num_batches_tracked`, when given in training, is incremented by one, as
+    nn.BatchNorm2d's forward does before it normalises (so pass the module's counter as it
+    was before this batch). `momentum=None` is nn.BatchNorm2d's cumulative moving average:
+    the running statistics are updated with factor ``1 / num_batches_tracked`` (after the
+    increment). Reading that count is a host sync on CUDA; this is a reference path, not a
+    hot one.
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     if momentum is None:
         if training and running_mean is not None:
             if num_batches_tracked is None:

@@ -1,6 +1,6 @@
 """Fused multi-tensor SGD step with the weight EMA and the AMP unscale / inf skip, in Triton.
 
-What one pass does per element, for every parameter of a group (kernel `_sgd_ema_kernel`):
+What one pass does per element, for every parameter of a group (`_sgd_kernels`):
 
     g   = grad / grad_scale                   (AMP: the GradScaler's scale; optional)
     g   = g + weight_decay * p                (L2 weight decay, exactly torch.optim.SGD's)
@@ -12,157 +12,131 @@ What one pass does per element, for every parameter of a group (kernel `_sgd_ema
     ema = ema + (1 - ema_decay) * (p - ema)   (weight EMA; optional)
     ... and none of it (no write at all) when `found_inf` is non-zero.
 
-Why it exists: `torch.optim.SGD(fused=True)` covers the first five lines. A trainer with
-weight averaging then runs a second multi-tensor pass for the EMA (reading p again and
-ema, writing ema: ~12 B/element in fp32) and more launches. Here the EMA rides along while
-p is in registers. Bytes per element (fp32): read p, g, buf, ema + write p, buf, ema =
-28 B, against 20 B (fused SGD) + 12 B (foreach EMA) = 32 B and two sets of launches.
+Why it exists: `torch.optim.SGD(fused=True)` covers the first five lines; a trainer with
+weight averaging then runs a second multi-tensor pass for the EMA. Here the EMA rides along
+while p is in registers: 28 B per fp32 element (read p, g, buf, ema; write p, buf, ema)
+against 20 + 12 = 32 B, and one launch per group instead of two sets.
 
-Packing: one launch per (param group, param dtype, grad dtype, EMA dtype) -- usually one
-per group. The host builds a small int64 table of addresses (param, grad, momentum buffer,
-EMA) and element counts, and a work list of (tensor index, block start) pairs, one per
-program; the kernel loads its tensor's addresses from the table and casts them to
-pointers. The work list depends only on the tensors' sizes and is cached; the address
-table is rebuilt (one small host-to-device copy) only when an address changes, e.g. when
-`zero_grad(set_to_none=True)` frees the grads and the allocator hands back different
-memory. The alternative -- flattening parameters into one buffer -- would change what
-the model's parameters are (views of an arena), which DDP, checkpoints and user code
-would all notice. Hyper-parameters (lr, momentum, weight decay, EMA decay) are runtime
-fp32 scalars, so a schedule that changes lr every step never recompiles.
+v2 host path (issue 11): per parameter group a cached plan holds the parameter list, the
+momentum buffers and EMA tensors, the layout checks, a device table of addresses (param,
+grad, buffer, EMA, numel) and the work list, all built once. A step reads the grads
+(`[p.grad for p in params]`); when every grad is the same object as last step (grads kept
+across steps: `zero_grad(set_to_none=False)`, or a CUDA graph's static memory) nothing
+else runs before the launch. When grads were reallocated (`zero_grad(set_to_none=True)`),
+their addresses and strides are compared with the table's, and the table is rewritten
+(one small host-to-device copy) only if an address moved. lr and momentum may be Python
+floats (runtime kernel scalars: a new value each step never recompiles) or 0-d tensors on
+the parameters' device (read by the kernel: no `.item()`, no host sync, so the step can be
+captured in a CUDA graph and a schedule can update them in place); weight_decay is a float.
+One persistent launch per (group, dtype combination): the grid is a few programs per SM
+and each program strides over the work list.
+
+Parameters that share memory (the same tensor twice, or overlapping views) are refused at
+construction: the kernel updates each tensor independently, so two programs would
+read-modify-write the same bytes concurrently on a GPU (a race the CPU interpreter, which
+runs programs one after another, would hide; the race check in CI finds it).
 
 Where it runs: CUDA tensors, or CPU tensors under Triton's interpreter (CI); anywhere else
-(or with FASTRES_KERNELS=0) the same step runs as `torch._foreach_*` ops
-(`fastres.kernels.reference.sgd_ema_reference_step`).
+(or with FASTRES_KERNELS=0, or without Triton) the same step runs as `torch._foreach_*` ops
+(`fastres.kernels.reference.sgd_ema_reference_step`). `step` is host code (it builds
+address tables): call it outside `torch.compile`d regions, or capture it in a CUDA graph --
+after one eager step (the first step builds the tables with host-to-device copies, which
+a capture does not allow) and with the grads at fixed addresses (the graph pool's), lr and
+momentum as device tensors if a schedule changes them.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Optional
+import operator
+from typing import Iterable, Optional, Sequence
 
 import torch
-import triton
-import triton.language as tl
+import torch.optim.optimizer as _optim
 from torch import Tensor
 
+from fastres.errors import ConfigError
 from fastres.kernels import _env
 from fastres.kernels.reference import sgd_ema_reference_step
 
-__all__ = ["FusedSGD"]
+if _env.HAS_TRITON:
+    import triton.language as tl
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
-              torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+    from fastres.kernels import _sgd_kernels as _k
 
-@triton.jit
-def _load(ptrs, mask, MASKED: tl.constexpr):
-    if MASKED:
-        value = tl.load(ptrs, mask=mask, other=0.0)
-    else:
-        value = tl.load(ptrs)
-    return value.to(tl.float32)
+    _TL = {torch.float32: tl.float32, torch.float64: tl.float64,
+           torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+else:  # pragma: no cover - exercised by the no-Triton subprocess test
+    _k = None
+    _TL = {}
 
+__all__ = ["FusedSGD", "check_no_shared_memory", "stub_launches"]
 
-@triton.jit
-def _store(ptrs, value, mask, MASKED: tl.constexpr):
-    if MASKED:
-        tl.store(ptrs, value, mask=mask)
-    else:
-        tl.store(ptrs, value)
+_is = operator.is_
+_is_contiguous = Tensor.is_contiguous
+_data_ptr = Tensor.data_ptr
+_get_grad = operator.attrgetter("grad")
 
 
-@triton.jit
-def _sgd_ema_block(p_ptr, g_ptr, b_ptr, e_ptr, offs, mask, GRAD_SCALE, lr, momentum,
-                   weight_decay, ema_alpha, P_DTYPE: tl.constexpr, E_DTYPE: tl.constexpr,
-                   HAS_GRAD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                   NESTEROV: tl.constexpr, HAS_WD: tl.constexpr, HAS_EMA: tl.constexpr,
-                   HAS_SCALE: tl.constexpr, MASKED: tl.constexpr):
-    """The update of one block; MASKED=False for whole blocks, whose loads can then be
-    16-byte vectors (a mask built from a runtime element count defeats vectorisation)."""
-    p = _load(p_ptr + offs, mask, MASKED)
-    if HAS_GRAD:
-        g = _load(g_ptr + offs, mask, MASKED)
-        if HAS_SCALE:
-            g = g / tl.load(GRAD_SCALE).to(tl.float32)
-        if HAS_WD:
-            g = g + weight_decay * p
-        if HAS_MOMENTUM:
-            buf = momentum * _load(b_ptr + offs, mask, MASKED) + g
-            buf = buf.to(P_DTYPE)  # stored at the parameter's precision, as torch does
-            _store(b_ptr + offs, buf, mask, MASKED)
-            if NESTEROV:
-                g = g + momentum * buf.to(tl.float32)
-            else:
-                g = buf.to(tl.float32)
-        p = (p - lr * g).to(P_DTYPE)
-        _store(p_ptr + offs, p, mask, MASKED)
-        p = p.to(tl.float32)  # the EMA averages the stored (rounded) parameter
-    if HAS_EMA:
-        e = _load(e_ptr + offs, mask, MASKED)
-        e = e + ema_alpha * (p - e)
-        _store(e_ptr + offs, e.to(E_DTYPE), mask, MASKED)
+def _launch(kernel, grid, *args, **meta) -> None:
+    kernel.run(*args, grid=grid, warmup=False, **meta)
 
 
-@triton.jit
-def _sgd_ema_kernel(
-    WORK_TENSOR,    # *int32 [n_programs]: index of the tensor this program updates
-    WORK_START,     # *int64 [n_programs]: first element (of that tensor) of this program's block
-    TABLE,          # *int64 [5, T]: addresses of param, grad, momentum buffer, EMA; numel
-    T,              # number of tensors in this launch (row stride of TABLE)
-    GRAD_SCALE,     # *fp32 [1]: AMP loss scale to divide grads by (read only if HAS_SCALE)
-    FOUND_INF,      # *fp32 [1]: non-zero -> skip the whole step (read only if HAS_FOUND_INF)
-    lr,             # runtime fp32: learning rate (changes every step without recompiling)
-    momentum,       # runtime fp32: momentum factor
-    weight_decay,   # runtime fp32: L2 coefficient added to the gradient
-    ema_alpha,      # runtime fp32: 1 - ema_decay
-    P_DTYPE: tl.constexpr,        # parameter (and momentum buffer) element type
-    G_DTYPE: tl.constexpr,        # gradient element type
-    E_DTYPE: tl.constexpr,        # EMA element type (e.g. fp32 shadows of bf16 params)
-    HAS_GRAD: tl.constexpr,       # False: EMA-only launch for parameters without a grad
-    HAS_MOMENTUM: tl.constexpr,   # momentum != 0
-    NESTEROV: tl.constexpr,       # Nesterov momentum
-    HAS_WD: tl.constexpr,         # weight_decay != 0
-    HAS_EMA: tl.constexpr,        # update the EMA tensors
-    HAS_SCALE: tl.constexpr,      # divide grads by *GRAD_SCALE
-    HAS_FOUND_INF: tl.constexpr,  # honour *FOUND_INF
-    ALIGNED: tl.constexpr,        # every address is 16-byte aligned (lets loads vectorise)
-    BLOCK: tl.constexpr,          # elements per program
-):
-    pid = tl.program_id(0)
-    t = tl.load(WORK_TENSOR + pid)
-    start = tl.load(WORK_START + pid)
-    if ALIGNED:
-        start = tl.multiple_of(start, BLOCK)
-    numel = tl.load(TABLE + 4 * T + t)
-    if HAS_FOUND_INF:
-        # A skipped step masks off every load and store: it moves (almost) no bytes.
-        numel = tl.where(tl.load(FOUND_INF) == 0, numel, 0)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
-    p_ptr = tl.load(TABLE + t).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(TABLE + T + t).to(tl.pointer_type(G_DTYPE))
-    b_ptr = tl.load(TABLE + 2 * T + t).to(tl.pointer_type(P_DTYPE))
-    e_ptr = tl.load(TABLE + 3 * T + t).to(tl.pointer_type(E_DTYPE))
-    if ALIGNED:
-        # Addresses loaded from memory carry no alignment facts; the host checked them.
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        b_ptr = tl.multiple_of(b_ptr, 16)
-        e_ptr = tl.multiple_of(e_ptr, 16)
-    if start + BLOCK <= numel:
-        _sgd_ema_block(p_ptr, g_ptr, b_ptr, e_ptr, offs, mask, GRAD_SCALE, lr, momentum,
-                       weight_decay, ema_alpha, P_DTYPE, E_DTYPE, HAS_GRAD, HAS_MOMENTUM,
-                       NESTEROV, HAS_WD, HAS_EMA, HAS_SCALE, MASKED=False)
-    else:
-        _sgd_ema_block(p_ptr, g_ptr, b_ptr, e_ptr, offs, mask, GRAD_SCALE, lr, momentum,
-                       weight_decay, ema_alpha, P_DTYPE, E_DTYPE, HAS_GRAD, HAS_MOMENTUM,
-                       NESTEROV, HAS_WD, HAS_EMA, HAS_SCALE, MASKED=True)
+def _no_launch(kernel, grid, *args, **meta) -> None:
+    return None
 
 
-def _block_for(device: torch.device) -> tuple[int, int]:
-    """(elements per program, warps). GPU: 4096 elements, 8 warps = 16 per thread (4 x 16 B
-    vectors for fp32). Interpreter: large blocks, since each program costs ~ms of Python."""
+_stubbed = False
+
+
+@contextlib.contextmanager
+def stub_launches():
+    """Inside the block steps take the kernel path on any device and skip the launches
+    themselves (parameters are left as they were): what `bench-kernels --host` uses to
+    time the Python host path of a step alone, on any machine with Triton installed."""
+    global _launch, _stubbed
+    previous, _launch, _stubbed = _launch, _no_launch, True
+    try:
+        yield
+    finally:
+        _launch, _stubbed = previous, False
+
+
+def _block_and_grid(device: torch.device, n_work: int) -> tuple[int, int, int]:
+    """(elements per work item, warps, programs). GPU: 4096 elements and 8 warps (16 per
+    thread, 4 x 16 B vectors for fp32), at most 4 programs per SM striding over the work.
+    Interpreter: large blocks (each program costs ~ms of Python) and 2 programs, so the
+    persistent loop runs in CI too."""
     if device.type == "cuda" and not _env.interpreting():
-        return 4096, 8
-    return 65536, 1
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return 4096, 8, max(1, min(n_work, 4 * sms))
+    return 65536, 1, max(1, min(n_work, 2))
+
+
+def _extent(t: Tensor) -> tuple[int, int]:
+    """[first byte, one past the last byte) that `t` can touch."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + span * t.element_size()
+
+
+def check_no_shared_memory(tensors: Sequence[Tensor], names: Sequence[str]) -> None:
+    """ConfigError naming the first two of `tensors` whose memory overlaps (the same
+    tensor twice, or views whose byte ranges intersect). Disjoint views of one storage are
+    fine: no byte is updated twice."""
+    spans = []
+    for t, name in zip(tensors, names):
+        lo, hi = _extent(t)
+        if hi > lo:
+            spans.append((t.device, lo, hi, name))
+    spans.sort(key=lambda s: (str(s[0]), s[1]))
+    for a, b in zip(spans, spans[1:]):
+        if a[0] == b[0] and b[1] < a[2]:
+            raise ConfigError(
+                f"FusedSGD: {a[3]} and {b[3]} share memory (overlapping byte ranges "
+                f"[{a[1]:#x}, {a[2]:#x}) and [{b[1]:#x}, {b[2]:#x})); the fused kernel would "
+                f"update those bytes twice, racing on a GPU. Pass each parameter once, as a "
+                f"tensor of its own (tied weights: one Parameter, used twice in the model)")
 
 
 def _kernel_layout_ok(p: Tensor, *others: Optional[Tensor]) -> bool:
@@ -176,13 +150,17 @@ def _kernel_layout_ok(p: Tensor, *others: Optional[Tensor]) -> bool:
 
 
 class _Launch:
-    """Cached tables for one kernel launch (a set of tensors of one dtype combination)."""
+    """One kernel launch of a group plan: a set of tensors of one dtype combination."""
 
-    __slots__ = ("sizes", "addresses", "table", "work_tensor", "work_start", "aligned")
+    __slots__ = ("items", "rows", "table", "table_ptrs", "work_tensor", "work_start",
+                 "n_work", "grid", "meta", "has_grad", "device")
 
-    def __init__(self):
-        self.sizes = None
-        self.addresses = None
+
+class _GroupPlan:
+    """Everything a group's step needs that does not change between steps."""
+
+    __slots__ = ("params", "grads", "grad_ptrs", "with_grad", "without_grad", "contig", "cl",
+                 "kind", "launches", "fallback", "device")
 
 
 class FusedSGD(torch.optim.Optimizer):
@@ -190,17 +168,22 @@ class FusedSGD(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups (per-group lr, momentum, nesterov and
-            weight_decay as in torch.optim.SGD).
-        lr, momentum, nesterov, weight_decay: as `torch.optim.SGD` (dampening is fixed at
-            0; `lr` must be a float -- a tensor lr would need a device read per step).
-        ema_decay: None for no EMA; otherwise the default decay of the EMA of every
-            parameter, updated in the same pass after each step (`step(ema_decay=...)`
-            overrides it for one step, e.g. for a warm-up ramp; 1.0 skips the update).
+            weight_decay as in torch.optim.SGD). Parameters must not share memory
+            (ConfigError otherwise).
+        lr, momentum: Python floats, or 0-d tensors on the parameters' device that the
+            kernel reads (no host sync; update them in place between steps, e.g. from a
+            schedule, without rebuilding anything). Also per group.
+        nesterov, weight_decay: as `torch.optim.SGD` (weight_decay a float; dampening is
+            fixed at 0).
+        ema_decay: None for no EMA; otherwise the default decay (float or 0-d device
+            tensor) of the EMA of every parameter, updated in the same pass after each
+            step (`step(ema_decay=...)` overrides it for one step, e.g. a warm-up ramp;
+            a float 1.0 skips the update).
         ema_tensors: optional tensors to hold the EMA, one per parameter in the order of
-            `[p for g in param_groups for p in g["params"]]`, same shape and device (any
-            float dtype, e.g. fp32 shadows of bf16 weights): pass the parameters of an EMA
-            model copy, or an engine's shadow list, to have them updated in place. Without
-            it, the EMA starts as a copy of the parameters at construction.
+            `[p for g in param_groups for p in g["params"]]`, same shape, strides and
+            device (any float dtype, e.g. fp32 shadows of bf16 weights), not sharing
+            memory with the parameters or each other. Without it, the EMA starts as a copy
+            of the parameters at construction.
 
     AMP: `_step_supports_amp_scaling = True`, so `torch.amp.GradScaler.step(opt)` hands the
     scale and the inf flag over (as the `grad_scale` / `found_inf` attributes) instead of
@@ -213,74 +196,89 @@ class FusedSGD(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0,
-                 nesterov: bool = False, weight_decay: float = 0.0, *,
-                 ema_decay: Optional[float] = None,
+    def __init__(self, params, lr=1e-3, momentum=0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, *, ema_decay=None,
                  ema_tensors: Optional[Iterable[Tensor]] = None):
-        if isinstance(lr, Tensor):
-            raise ValueError("FusedSGD takes lr as a Python float (it is passed to the kernel "
-                             "as a runtime scalar); call float() on a tensor lr once, outside "
-                             "the training loop")
-        if lr < 0.0:
-            raise ValueError(f"invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"invalid momentum: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"invalid weight_decay: {weight_decay}")
-        if nesterov and momentum <= 0:
-            raise ValueError("Nesterov momentum requires momentum > 0")
-        if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
+        for name, value in (("lr", lr), ("momentum", momentum)):
+            if isinstance(value, Tensor):
+                if value.numel() != 1 or not value.is_floating_point():
+                    raise ConfigError(f"FusedSGD: a tensor {name} must be a 0-d float tensor "
+                                      f"on the parameters' device, got shape "
+                                      f"{tuple(value.shape)} {value.dtype}")
+            elif value < 0.0:
+                raise ConfigError(f"invalid {'learning rate' if name == 'lr' else name}: "
+                                  f"{value}")
+        if isinstance(weight_decay, Tensor) or weight_decay < 0.0:
+            raise ConfigError(f"invalid weight_decay: {weight_decay!r} (a float >= 0)")
+        if nesterov and not isinstance(momentum, Tensor) and momentum <= 0:
+            raise ConfigError("Nesterov momentum requires momentum > 0")
+        _check_decay(ema_decay)
         defaults = dict(lr=lr, momentum=momentum, dampening=0.0, nesterov=nesterov,
                         weight_decay=weight_decay)
+        self._plans: dict = {}
         super().__init__(params, defaults)
         self.ema_decay = ema_decay
-        self._launches: dict = {}
+        params_all = [p for g in self.param_groups for p in g["params"]]
+        check_no_shared_memory(params_all, [f"parameter {i}" for i in range(len(params_all))])
         if ema_decay is None:
             if ema_tensors is not None:
-                raise ValueError("ema_tensors given without ema_decay")
+                raise ConfigError("ema_tensors given without ema_decay")
             return
-        params_all = [p for g in self.param_groups for p in g["params"]]
         if ema_tensors is None:
             emas = [p.detach().clone() for p in params_all]
         else:
             emas = list(ema_tensors)
             if len(emas) != len(params_all):
-                raise ValueError(f"ema_tensors has {len(emas)} tensors for "
-                                 f"{len(params_all)} parameters")
+                raise ConfigError(f"ema_tensors has {len(emas)} tensors for "
+                                  f"{len(params_all)} parameters")
             for i, (p, e) in enumerate(zip(params_all, emas)):
                 if e.shape != p.shape or e.device != p.device or not e.is_floating_point():
-                    raise ValueError(f"ema_tensors[{i}] must be a float tensor of shape "
-                                     f"{tuple(p.shape)} on {p.device}, got {tuple(e.shape)} "
-                                     f"{e.dtype} on {e.device}")
+                    raise ConfigError(f"ema_tensors[{i}] must be a float tensor of shape "
+                                      f"{tuple(p.shape)} on {p.device}, got "
+                                      f"{tuple(e.shape)} {e.dtype} on {e.device}")
                 if e.stride() != p.stride():
-                    raise ValueError(f"ema_tensors[{i}] must have its parameter's strides "
-                                     f"{p.stride()} (same memory format), got {e.stride()}")
+                    raise ConfigError(f"ema_tensors[{i}] must have its parameter's strides "
+                                      f"{p.stride()} (same memory format), got {e.stride()}")
+            check_no_shared_memory(
+                params_all + emas, [f"parameter {i}" for i in range(len(params_all))]
+                + [f"ema_tensors[{i}]" for i in range(len(emas))])
         for p, e in zip(params_all, emas):
             self.state[p]["ema"] = e
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._launches = {}
+        self._plans = {}
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        params_all = [p for g in self.param_groups for p in g["params"]]
+        check_no_shared_memory(params_all, [f"parameter {i}" for i in range(len(params_all))])
         if getattr(self, "ema_decay", None) is not None:
             for p in self.param_groups[-1]["params"]:
                 self.state[p].setdefault("ema", p.detach().clone())
-        self._launches = {}
+        self._plans = {}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # External EMA tensors keep their identity: copy the loaded values into them.
+        # External EMA tensors and device-scalar hyper-parameters (a schedule may hold and
+        # write them) keep their identity: the loaded values are copied into them.
         external = {p: self.state[p]["ema"] for g in self.param_groups for p in g["params"]
                     if "ema" in self.state.get(p, {})}
+        scalars = [{k: g[k] for k in ("lr", "momentum") if isinstance(g.get(k), Tensor)}
+                   for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, held in zip(self.param_groups, scalars):
+            for key, tensor in held.items():
+                loaded = group[key]
+                if loaded is not tensor:
+                    with torch.no_grad():
+                        tensor.copy_(torch.as_tensor(loaded, dtype=tensor.dtype))
+                    group[key] = tensor
         for p, e in external.items():
             loaded = self.state[p].get("ema")
             if loaded is not None and loaded is not e:
                 e.copy_(loaded)
                 self.state[p]["ema"] = e
-        self._launches = {}
+        self._plans = {}
 
     def ema_params(self) -> list[Tensor]:
         """The EMA tensors, in the order of `[p for g in param_groups for p in g["params"]]`."""
@@ -288,11 +286,27 @@ class FusedSGD(torch.optim.Optimizer):
             raise RuntimeError("this FusedSGD keeps no EMA (ema_decay=None)")
         return [self.state[p]["ema"] for g in self.param_groups for p in g["params"]]
 
-    @torch.no_grad()
-    def step(self, closure=None, *, ema_decay: Optional[float] = None,
-             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None):
+    def step(self, closure=None, *, ema_decay=None, grad_scale: Optional[Tensor] = None,
+             found_inf: Optional[Tensor] = None):
         """One step for every group. `grad_scale` / `found_inf` default to the attributes
-        that GradScaler sets; `ema_decay` overrides the constructor's for this step."""
+        that GradScaler sets; `ema_decay` (float or 0-d device tensor) overrides the
+        constructor's for this step.
+
+        torch.optim wraps every optimizer's step in a profiler label and the step-hook
+        loop (~10 µs); here that wrapper runs only when a hook is registered or the
+        profiler is on, so the common step costs the kernel launches and little else."""
+        if (_optim._global_optimizer_pre_hooks or _optim._global_optimizer_post_hooks
+                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or _profiler_enabled()):
+            return _hooked_step(self, closure, ema_decay=ema_decay, grad_scale=grad_scale,
+                                found_inf=found_inf)
+        return self._step(closure, ema_decay=ema_decay, grad_scale=grad_scale,
+                          found_inf=found_inf)
+
+    step.hooked = True  # tells torch.optim not to wrap it (see above)
+
+    def _step(self, closure=None, *, ema_decay=None, grad_scale: Optional[Tensor] = None,
+              found_inf: Optional[Tensor] = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -301,113 +315,232 @@ class FusedSGD(torch.optim.Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
-        decay = self.ema_decay if ema_decay is None else ema_decay
-        use_ema = self.ema_decay is not None and decay is not None and decay != 1.0
-        if use_ema and not 0.0 <= decay <= 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1], got {decay}")
+        decay = None
+        if self.ema_decay is not None:
+            decay = self.ema_decay if ema_decay is None else ema_decay
+            if not isinstance(decay, Tensor):
+                decay = float(decay)
+                if decay == 1.0:
+                    decay = None  # the EMA does not move: skip its bytes
+            if decay is not None:
+                _check_decay(decay)
         for gi, group in enumerate(self.param_groups):
-            self._step_group(gi, group, decay if use_ema else None, grad_scale, found_inf)
+            self._step_group(gi, group, decay, grad_scale, found_inf)
         return loss
 
     # ---------------------------------------------------------------------------- internals
 
-    def _step_group(self, gi: int, group: dict, decay: Optional[float],
-                    grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    def _step_group(self, gi: int, group: dict, decay, grad_scale: Optional[Tensor],
+                    found_inf: Optional[Tensor]) -> None:
+        lr = group["lr"]
         momentum = group["momentum"]
-        if group.get("dampening", 0.0) != 0.0:
-            raise ValueError("FusedSGD supports dampening=0 only")
-        if isinstance(group["lr"], Tensor):
-            raise ValueError("FusedSGD takes lr as a Python float, got a tensor in a param group")
-        # Bucket by (device, dtypes, has grad): each bucket is one launch.
+        wd = group["weight_decay"]
+        params = group["params"]
+        kind = (type(lr) is Tensor, type(momentum) is Tensor or momentum != 0,
+                type(momentum) is Tensor, bool(group["nesterov"]), wd != 0,
+                decay is not None, type(decay) is Tensor, group.get("dampening", 0.0),
+                bool(params) and (_stubbed or _env.use_triton(params[0].device)))
+        plan = self._plans.get(gi)
+        grads = list(map(_get_grad, params))
+        if plan is None or plan.kind != kind or len(plan.grads) != len(grads) \
+                or not all(map(_is, grads, plan.grads)):
+            if plan is None or plan.kind != kind or not self._grads_still_fit(plan, grads):
+                plan = self._plans[gi] = self._build(group, grads, kind)
+            plan.grads = grads
+        device = plan.device
+        if grad_scale is not None and grad_scale.device != device:
+            grad_scale = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None and found_inf.device != device:
+            found_inf = found_inf.to(device, non_blocking=True)
+        lr_f = 0.0 if kind[0] else float(lr)
+        mom_f = 0.0 if kind[2] else float(momentum)
+        alpha = 0.0 if decay is None or kind[6] else 1.0 - float(decay)
+        for launch in plan.launches:
+            dummy = launch.table
+            _launch(_k.sgd_ema_kernel, launch.grid, launch.work_tensor, launch.work_start,
+                    launch.table, len(launch.items), launch.n_work,
+                    grad_scale if grad_scale is not None else dummy,
+                    found_inf if found_inf is not None else dummy,
+                    lr if kind[0] else dummy, momentum if kind[2] else dummy,
+                    decay if kind[6] else dummy, lr_f, mom_f, float(wd), alpha,
+                    HAS_SCALE=grad_scale is not None and launch.has_grad,
+                    HAS_FOUND_INF=found_inf is not None, **launch.meta)
+        if plan.fallback:
+            with torch.no_grad():
+                self._fallback_step(plan, group, decay, grad_scale, found_inf)
+
+    def _grads_still_fit(self, plan: _GroupPlan, grads: list) -> bool:
+        """Grads were replaced (new objects, e.g. after zero_grad(set_to_none=True)): do the
+        new ones fit the plan? They have their parameters' shapes, dtypes and devices
+        (torch's grad setter and autograd enforce those), so the layout is the one thing to
+        check -- contiguous (or channels-last) like the grads the plan was built from,
+        which with equal shapes means the same element order -- and then only the
+        addresses may have moved: the grad row of each table is rewritten (one small
+        copy) if one did. Costs ~0.1 µs per grad (C-level map calls, no per-grad Python)."""
+        if len(grads) != len(plan.grads) or plan.contig is None:
+            return False
+        try:
+            if plan.without_grad:
+                present = [grads[i] for i in plan.with_grad]
+            else:
+                present = grads
+            contig = present if not plan.cl else [grads[i] for i in plan.contig]
+            if not (all(map(_is_contiguous, contig)) and
+                    all(grads[i].is_contiguous(memory_format=torch.channels_last)
+                        for i in plan.cl)):
+                return False
+            ptrs = list(map(_data_ptr, present))
+        except (TypeError, RuntimeError, AttributeError):  # a None or a sparse grad
+            return False
+        if any(grads[i] is not None for i in plan.without_grad):
+            return False
+        if ptrs != plan.grad_ptrs:
+            plan.grad_ptrs = ptrs
+            full = [0] * len(grads)
+            for i, a in zip(plan.with_grad, ptrs):
+                full[i] = a
+            for launch in plan.launches:
+                if launch.has_grad:
+                    _write_table(launch, [full[r] for r in launch.rows])
+        return True
+
+    def _build(self, group: dict, grads: list, kind: tuple) -> _GroupPlan:
+        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        lr_dev, has_momentum, mom_dev, nesterov, has_wd, has_ema, ema_dev, dampening, kern = kind
+        if dampening != 0.0:
+            raise ConfigError("FusedSGD supports dampening=0 only")
+        params = list(group["params"])
+        plan = _GroupPlan()
+        plan.kind = kind
+        plan.params = params
+        plan.grads = grads
+        plan.device = params[0].device if params else torch.device("cpu")
+        for name, value in (("lr", lr if lr_dev else None),
+                            ("momentum", momentum if mom_dev else None)):
+            if value is not None and (value.device != plan.device or value.numel() != 1):
+                raise ConfigError(f"FusedSGD: the tensor {name} must be a 0-d tensor on the "
+                                  f"parameters' device {plan.device}, got shape "
+                                  f"{tuple(value.shape)} on {value.device}")
+        plan.with_grad = [i for i, g in enumerate(grads) if g is not None]
+        plan.without_grad = [i for i, g in enumerate(grads) if g is None]
+        plan.grad_ptrs = [grads[i].data_ptr() for i in plan.with_grad]
+        plan.contig = [i for i in plan.with_grad if grads[i].is_contiguous()]
+        plan.cl = [i for i in plan.with_grad if not grads[i].is_contiguous()
+                   and grads[i].dim() == 4
+                   and grads[i].is_contiguous(memory_format=torch.channels_last)]
+        if len(plan.contig) + len(plan.cl) != len(plan.with_grad):
+            plan.contig = None  # an odd layout: every new grad object rebuilds the plan
         buckets: dict = {}
-        for p in group["params"]:
+        plan.fallback = []
+        for i, (p, g) in enumerate(zip(params, grads)):
             state = self.state[p]
-            ema = state.get("ema") if decay is not None else None
-            g = p.grad
+            ema = state.get("ema") if has_ema else None
             if g is None:
                 if ema is None:
                     continue
-                key = (p.device, p.dtype, None, ema.dtype, False)
-                buckets.setdefault(key + (_kernel_layout_ok(p, ema),), []).append(
-                    (p, None, None, ema))
+                buf = None
+            else:
+                if g.is_sparse:
+                    raise ConfigError("FusedSGD does not support sparse gradients")
+                buf = None
+                if has_momentum:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        # Zeros, not torch's clone(grad): with dampening 0 the first update
+                        # momentum * 0 + g gives exactly g, and a first step skipped by
+                        # found_inf leaves a valid (zero) buffer behind.
+                        buf = state["momentum_buffer"] = torch.zeros_like(p)
+            item = (i, p, g, buf, ema)
+            if not (kern and p.device == plan.device
+                    and _kernel_layout_ok(p, g, buf, ema) and p.dtype in _TL
+                    and (g is None or g.dtype in _TL) and (ema is None or ema.dtype in _TL)):
+                plan.fallback.append(item)
                 continue
-            if g.is_sparse:
-                raise RuntimeError("FusedSGD does not support sparse gradients")
-            buf = None
-            if momentum != 0:
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    # Zeros, not torch's clone(grad): with dampening 0 the first update
-                    # momentum * 0 + g gives exactly g, and a first step skipped by
-                    # found_inf leaves a valid (zero) buffer behind.
-                    buf = state["momentum_buffer"] = torch.zeros_like(p)
-            key = (p.device, p.dtype, g.dtype, ema.dtype if ema is not None else None, True)
-            buckets.setdefault(key + (_kernel_layout_ok(p, g, buf, ema),), []).append(
-                (p, g, buf, ema))
-        for key, items in buckets.items():
-            device = key[0]
-            scale = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
-            inf = found_inf.to(device, non_blocking=True) if found_inf is not None else None
-            has_grad = key[4]
-            if _env.use_triton(device) and key[5]:
-                self._launch(gi, key[:5], items, group, decay, scale, inf)
+            key = (p.dtype, g.dtype if g is not None else None,
+                   ema.dtype if ema is not None else None, g is not None)
+            buckets.setdefault(key, []).append(item)
+        plan.launches = [self._make_launch(key, items, kind, plan.device)
+                         for key, items in buckets.items()]
+        return plan
+
+    def _make_launch(self, key, items, kind, device) -> _Launch:
+        p_dtype, g_dtype, e_dtype, has_grad = key
+        lr_dev, has_momentum, mom_dev, nesterov, has_wd, has_ema, ema_dev, _, _ = kind
+        launch = _Launch()
+        launch.items = items
+        launch.rows = [it[0] for it in items]
+        launch.has_grad = has_grad
+        launch.device = device
+        sizes = [it[1].numel() for it in items]
+        block = _block_and_grid(device, 1)[0]
+        block, warps, programs = _block_and_grid(device, sum(_cdiv(n, block) for n in sizes))
+        tensor_ids, starts = [], []
+        for t, n in enumerate(sizes):
+            for s in range(0, n, block):
+                tensor_ids.append(t)
+                starts.append(s)
+        launch.work_tensor = torch.tensor(tensor_ids, dtype=torch.int32, device=device)
+        launch.work_start = torch.tensor(starts, dtype=torch.int64, device=device)
+        launch.n_work = len(tensor_ids)
+        launch.grid = (max(1, min(launch.n_work, programs)),)
+        rows = [[it[r].data_ptr() if it[r] is not None else 0 for it in items]
+                for r in (1, 2, 3, 4)]
+        launch.table = torch.tensor(rows + [sizes], dtype=torch.int64, device=device)
+        aligned = all(a % 16 == 0 for row in rows for a in row)
+        has_m = has_grad and has_momentum
+        launch.meta = dict(
+            P_DTYPE=_TL[p_dtype], G_DTYPE=_TL[g_dtype or p_dtype],
+            E_DTYPE=_TL[e_dtype or p_dtype], HAS_GRAD=has_grad, HAS_MOMENTUM=has_m,
+            NESTEROV=nesterov and has_m, HAS_WD=has_grad and has_wd, HAS_EMA=has_ema,
+            LR_ON_DEVICE=lr_dev and has_grad, MOMENTUM_ON_DEVICE=mom_dev and has_m,
+            EMA_ON_DEVICE=ema_dev and has_ema, ALIGNED=aligned, BLOCK=block, num_warps=warps)
+        return launch
+
+    def _fallback_step(self, plan, group, decay, grad_scale, found_inf) -> None:
+        """The foreach reference for tensors the kernel does not take (layout, device, no
+        Triton): one call per (has grad) set."""
+        lr, momentum = group["lr"], group["momentum"]
+        if isinstance(lr, Tensor) or isinstance(momentum, Tensor) or isinstance(decay, Tensor):
+            # The reference takes floats: a host read, on the fallback path only.
+            lr = float(lr)
+            momentum = float(momentum)
+            decay = float(decay) if decay is not None else None
+        for has_grad in (True, False):
+            items = [it for it in plan.fallback if (it[2] is not None) == has_grad]
+            if not items:
                 continue
-            params = [it[0] for it in items]
             sgd_ema_reference_step(
-                params, [it[1] for it in items] if has_grad else [],
-                [it[2] for it in items] if has_grad and momentum != 0 else None,
-                [it[3] for it in items] if decay is not None else None,
-                lr=group["lr"], momentum=momentum, nesterov=group["nesterov"],
+                [it[1] for it in items], [it[2] for it in items] if has_grad else [],
+                [it[3] for it in items] if has_grad and momentum != 0 else None,
+                [it[4] for it in items] if decay is not None else None,
+                lr=lr, momentum=momentum, nesterov=group["nesterov"],
                 weight_decay=group["weight_decay"], ema_decay=decay,
-                grad_scale=scale, found_inf=inf)
+                grad_scale=grad_scale, found_inf=found_inf)
 
-    def _launch(self, gi: int, key: tuple, items: list, group: dict, decay: Optional[float],
-                grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        device, p_dtype, g_dtype, e_dtype, has_grad = key
-        momentum = group["momentum"]
-        has_momentum = has_grad and momentum != 0
-        has_ema = decay is not None
-        launch = self._launches.setdefault((gi, key), _Launch())
-        block, warps = _block_for(device)
-        sizes = tuple(it[0].numel() for it in items)
-        if launch.sizes != sizes:
-            # Work list: one (tensor, start) pair per BLOCK elements. Sizes never change
-            # between steps, so this runs once per launch key.
-            tensor_ids, starts = [], []
-            for i, n in enumerate(sizes):
-                for s in range(0, n, block):
-                    tensor_ids.append(i)
-                    starts.append(s)
-            launch.work_tensor = torch.tensor(tensor_ids, dtype=torch.int32, device=device)
-            launch.work_start = torch.tensor(starts, dtype=torch.int64, device=device)
-            launch.sizes = sizes
-            launch.addresses = None
-        # Addresses: cheap to collect; the device table is re-sent only when one changed.
-        addresses = tuple(
-            t.data_ptr() if t is not None else 0
-            for row in range(4) for t in (it[row] for it in items))
-        if launch.addresses != addresses:
-            T = len(items)
-            rows = [list(addresses[r * T:(r + 1) * T]) for r in range(4)] + [list(sizes)]
-            launch.table = torch.tensor(rows, dtype=torch.int64, device=device)
-            launch.addresses = addresses
-            launch.aligned = all(a % 16 == 0 for a in addresses)
-        T = len(items)
-        dummy = launch.table
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            _sgd_ema_kernel[(launch.work_tensor.numel(),)](
-                launch.work_tensor, launch.work_start, launch.table, T,
-                grad_scale if grad_scale is not None else dummy,
-                found_inf if found_inf is not None else dummy,
-                float(group["lr"]), float(momentum), float(group["weight_decay"]),
-                float(1.0 - decay) if has_ema else 0.0,
-                P_DTYPE=_TL_DTYPES[p_dtype],
-                G_DTYPE=_TL_DTYPES[g_dtype] if g_dtype is not None else _TL_DTYPES[p_dtype],
-                E_DTYPE=_TL_DTYPES[e_dtype] if e_dtype is not None else _TL_DTYPES[p_dtype],
-                HAS_GRAD=has_grad, HAS_MOMENTUM=has_momentum,
-                NESTEROV=bool(group["nesterov"]) and has_momentum,
-                HAS_WD=has_grad and group["weight_decay"] != 0, HAS_EMA=has_ema,
-                HAS_SCALE=grad_scale is not None and has_grad,
-                HAS_FOUND_INF=found_inf is not None, ALIGNED=launch.aligned,
-                BLOCK=block, num_warps=warps)
 
+_hooked_step = torch.optim.Optimizer.profile_hook_step(FusedSGD._step)
+_profiler_enabled = torch._C._autograd._profiler_enabled
+
+
+def _write_table(launch: _Launch, grad_ptrs: list) -> None:
+    """Rewrite the grad row of a launch's address table (grads were reallocated)."""
+    row = torch.tensor(grad_ptrs, dtype=torch.int64)
+    launch.table[1].copy_(row, non_blocking=False)
+    if any(a % 16 for a in grad_ptrs) and launch.meta["ALIGNED"]:
+        launch.meta = dict(launch.meta, ALIGNED=False)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_decay(decay) -> None:
+    if decay is None:
+        return
+    if isinstance(decay, Tensor):
+        if decay.numel() != 1 or not decay.is_floating_point():
+            raise ConfigError(f"ema_decay as a tensor must be a 0-d float tensor, got shape "
+                              f"{tuple(decay.shape)} {decay.dtype}")
+        return
+    if not 0.0 <= decay <= 1.0:
+        raise ConfigError(f"ema_decay must be in [0, 1], got {decay}")

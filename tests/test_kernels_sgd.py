@@ -1,5 +1,6 @@
 """FusedSGD (SGD + EMA + AMP unscale/inf-skip in one Triton pass) against
-torch.optim.SGD(foreach=True) plus a separately written EMA, after K steps.
+torch.optim.SGD(foreach=True) plus a separately written EMA, after K steps; device-scalar
+hyper-parameters, the cached host path, and the refusal of parameters that share memory.
 
 Without CUDA the kernel runs on CPU tensors through Triton's interpreter (conftest.py);
 with CUDA the same tests run on the GPU.
@@ -11,8 +12,10 @@ import copy
 import pytest
 import torch
 
+from fastres.errors import ConfigError
 from fastres.kernels import FusedSGD, kernels_enabled
 from fastres.kernels import _env
+from fastres.kernels import sgd as S
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNELS_RUN = _env.HAS_TRITON and (DEVICE.type == "cuda" or _env.INTERPRET_AT_IMPORT)
@@ -174,11 +177,15 @@ def test_external_fp32_ema_of_bf16_params():
             ref_p[i] = (ref_p[i].float() - 0.1 * buf.float()).to(torch.bfloat16)
             ref_e[i] = ref_e[i] + 0.2 * (ref_p[i].float() - ref_e[i])
     assert [id(e) for e in opt.ema_params()] == ids
-    # One or two bf16 ulps: Triton's interpreter (3.8) rounds fp32 -> bf16 toward zero
-    # (even with fp_downcast_rounding="rtne"); compiled kernels round to nearest even.
+    # Same fp32 arithmetic, rounded to nearest even on store: on a GPU and on the
+    # interpreter under the harness's GPU-like rounding, the bf16 parameters agree bit for
+    # bit with torch's (an fp32 contraction or reordering may move a value by one ulp: at
+    # most a handful of elements).
     for i in range(len(ps)):
-        assert_close(ps[i], ref_p[i], f"bf16 param {i}", atol=2e-2, rtol=2e-2)
-        assert_close(opt.ema_params()[i], ref_e[i], f"fp32 ema {i}", atol=2e-2, rtol=2e-2)
+        off = (ps[i].detach().float() != ref_p[i].float()).sum().item()
+        assert off <= max(2, ps[i].numel() // 1000), (i, off)
+        assert_close(ps[i], ref_p[i], f"bf16 param {i}", atol=1e-2, rtol=8e-3)
+        assert_close(opt.ema_params()[i], ref_e[i], f"fp32 ema {i}", atol=1e-2, rtol=8e-3)
         assert opt.ema_params()[i].dtype == torch.float32
 
 
@@ -314,7 +321,7 @@ def test_kill_switch_runs_the_foreach_reference(monkeypatch):
         oa.step(found_inf=torch.tensor(float(step == 1), device=DEVICE))
         with monkeypatch.context() as m:
             m.setenv("FASTRES_KERNELS", "0")
-            m.setattr(FusedSGD, "_launch", boom)
+            m.setattr(S, "_launch", boom)
             assert not kernels_enabled()
             ob.step(found_inf=torch.tensor(float(step == 1), device=DEVICE))
     for a, b in zip(pa + oa.ema_params(), pb + ob.ema_params()):
@@ -328,20 +335,145 @@ def test_addresses_change_between_steps():
 
 def test_bad_arguments():
     ps = _params()
-    with pytest.raises(ValueError, match="Python float"):
-        FusedSGD(ps, lr=torch.tensor(0.1))
+    with pytest.raises(ValueError, match="0-d float tensor"):
+        FusedSGD(ps, lr=torch.tensor([0.1, 0.2]))
     with pytest.raises(ValueError, match="Nesterov"):
         FusedSGD(ps, lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="ema_decay"):
         FusedSGD(ps, lr=0.1, ema_decay=1.5)
     with pytest.raises(ValueError, match="ema_tensors has"):
         FusedSGD(ps, lr=0.1, ema_decay=0.9, ema_tensors=[torch.zeros(1)])
+    with pytest.raises(ValueError, match="weight_decay"):
+        FusedSGD(ps, lr=0.1, weight_decay=torch.tensor(0.1))
     opt = FusedSGD(ps, lr=0.1, momentum=0.9)
     opt.param_groups[0]["dampening"] = 0.1
     for p in ps:
         p.grad = torch.zeros_like(p)
     with pytest.raises(ValueError, match="dampening"):
         opt.step()
+    if DEVICE.type == "cuda":  # a CPU lr for CUDA parameters would need a copy per step
+        opt = FusedSGD(ps, lr=torch.tensor(0.1))
+        with pytest.raises(ConfigError, match="parameters' device"):
+            opt.step()
+
+
+# ------------------------------------------------------------- device-scalar hyper-params
+
+def test_device_scalar_hyperparameters():
+    """lr and momentum as 0-d device tensors (and the EMA decay): a schedule writes them in
+    place between steps; the kernel reads them, nothing is rebuilt, the results are
+    torch's SGD with the same floats."""
+    lr = torch.tensor(0.1, device=DEVICE)
+    mom = torch.tensor(0.9, device=DEVICE)
+    decay = torch.tensor(0.8, device=DEVICE)
+    ps = _params()
+    ref_ps = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = FusedSGD(ps, lr=lr, momentum=mom, nesterov=True, weight_decay=5e-4, ema_decay=decay)
+    ref = torch.optim.SGD(ref_ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                          foreach=True)
+    emas = [p.detach().clone() for p in ref_ps]
+    plan = None
+    for step in range(3):
+        value = 0.1 * (1 - step / 4)
+        lr.fill_(value)  # in place, as a device-side schedule would
+        ref.param_groups[0]["lr"] = value
+        for p, g in zip(ps, _grads(ps, step)):
+            p.grad = g
+        for p, g in zip(ref_ps, _grads(ref_ps, step)):
+            p.grad = g
+        opt.step()
+        ref.step()
+        with torch.no_grad():
+            for e, p in zip(emas, ref_ps):
+                e.add_(p - e, alpha=0.2)
+        if plan is None:
+            plan = opt._plans[0]
+        assert opt._plans[0] is plan  # the plan survives new values (and new grads)
+    for i, (a, b) in enumerate(zip(ps, ref_ps)):
+        assert_close(a, b, f"param {i}")
+    for i, (a, b) in enumerate(zip(opt.ema_params(), emas)):
+        assert_close(a, b, f"ema {i}")
+    assert opt.state_dict()["param_groups"][0]["lr"] is lr
+    # A checkpoint round trip keeps the schedule's tensor (its value is loaded into it).
+    sd = copy.deepcopy(opt.state_dict())
+    lr.fill_(0.5)
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.1 * (1 - 2 / 4))
+
+
+def test_ema_decay_tensor_override():
+    ps = _params()
+    opt = FusedSGD(ps, lr=0.1, ema_decay=0.99)
+    for p, g in zip(ps, _grads(ps, 0)):
+        p.grad = g
+    opt.step(ema_decay=torch.tensor(0.0, device=DEVICE))  # the EMA becomes the weights
+    for e, p in zip(opt.ema_params(), ps):
+        assert_close(e, p, "ema at decay 0 (tensor)")
+
+
+# ------------------------------------------------------------------------- host path
+
+def test_host_path_reuses_its_tables():
+    """Grads kept (same objects): nothing is rebuilt. Grads reallocated at the same
+    addresses: no table rewrite. At new addresses: the grad row is rewritten in place."""
+    ps = _params()
+    opt = FusedSGD(ps, lr=0.1, momentum=0.9)
+    grads = _grads(ps, 0)
+    for p, g in zip(ps, grads):
+        p.grad = g
+    opt.step()
+    plan = opt._plans[0]
+    table = plan.launches[0].table
+    rows_before = table.clone()
+    opt.step()
+    for p, g in zip(ps, grads):  # new tensor objects over the same memory
+        p.grad = g.view_as(g)
+    opt.step()
+    assert opt._plans[0] is plan and torch.equal(plan.launches[0].table, rows_before)
+    for p, g in zip(ps, _grads(ps, 1)):  # new memory
+        p.grad = g
+    opt.step()
+    assert opt._plans[0] is plan and plan.launches[0].table is table
+    assert not torch.equal(table[1], rows_before[1]) and torch.equal(table[0], rows_before[0])
+    with S.stub_launches():  # the host path alone runs (what bench-kernels --host times)
+        opt.step()
+
+
+# --------------------------------------------------------------------- shared memory
+
+def test_parameters_that_share_memory_are_refused():
+    base = torch.nn.Parameter(torch.randn(10, device=DEVICE))
+    other = torch.nn.Parameter(torch.randn(3, device=DEVICE))
+    with pytest.raises(ConfigError, match="share memory"):
+        FusedSGD([base, other, base], lr=0.1)
+    flat = torch.randn(20, device=DEVICE)
+    a = torch.nn.Parameter(flat[0:12])
+    b = torch.nn.Parameter(flat[8:20])  # overlaps a by 4 elements
+    with pytest.raises(ConfigError, match="share memory"):
+        FusedSGD([a, b], lr=0.1)
+    c = torch.nn.Parameter(flat[12:20])  # disjoint views of one storage are fine
+    FusedSGD([a, c], lr=0.1)
+    opt = FusedSGD([a], lr=0.1)
+    with pytest.raises(ConfigError, match="share memory"):
+        opt.add_param_group({"params": [torch.nn.Parameter(flat[4:6])]})
+    with pytest.raises(ConfigError, match="ema_tensors"):
+        FusedSGD([other], lr=0.1, ema_decay=0.9, ema_tensors=[other.detach()])
+
+
+@pytest.mark.skipif(not _env.INTERPRET_AT_IMPORT, reason="the race check is the interpreter's")
+def test_aliased_parameters_race_and_the_race_check_sees_it(monkeypatch):
+    """Why they are refused: with the refusal bypassed, two programs update the same bytes
+    (on a GPU, concurrently); the interpreter would silently apply both updates in turn,
+    the race check fails the launch."""
+    from fastres.kernels import _harness as H
+
+    monkeypatch.setattr(S, "check_no_shared_memory", lambda *a, **k: None)
+    p = torch.nn.Parameter(torch.randn(8))
+    opt = FusedSGD([p, p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(8)
+    with H.configured(race_check=True):
+        with pytest.raises(H.RaceError, match="sgd_ema_kernel"):
+            opt.step()
 
 
 @pytest.mark.gpu
@@ -374,23 +506,26 @@ import json, os
 os.environ.pop("TRITON_INTERPRET", None)
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
-from fastres.kernels import sgd as S
+from fastres.kernels import _sgd_kernels as S
 
-fn = S._sgd_ema_kernel
-types = dict(WORK_TENSOR="*i32", WORK_START="*i64", TABLE="*i64", T="i32", GRAD_SCALE="*fp32",
-             FOUND_INF="*fp32", lr="fp32", momentum="fp32", weight_decay="fp32",
+fn = S.sgd_ema_kernel
+types = dict(WORK_TENSOR="*i32", WORK_START="*i64", TABLE="*i64", T="i32", n_work="i32",
+             GRAD_SCALE="*fp32", FOUND_INF="*fp32", LR="*fp32", MOMENTUM="*fp32",
+             EMA_DECAY="*fp32", lr="fp32", momentum="fp32", weight_decay="fp32",
              ema_alpha="fp32")
+DEV = dict(LR_ON_DEVICE=False, MOMENTUM_ON_DEVICE=False, EMA_ON_DEVICE=False)
 out = {}
 for name, consts in {
     "fp32 all features aligned": dict(P_DTYPE=tl.float32, G_DTYPE=tl.float32,
         E_DTYPE=tl.float32, HAS_GRAD=True, HAS_MOMENTUM=True, NESTEROV=True, HAS_WD=True,
-        HAS_EMA=True, HAS_SCALE=True, HAS_FOUND_INF=True, ALIGNED=True, BLOCK=4096),
+        HAS_EMA=True, HAS_SCALE=True, HAS_FOUND_INF=True, ALIGNED=True, BLOCK=4096,
+        LR_ON_DEVICE=True, MOMENTUM_ON_DEVICE=True, EMA_ON_DEVICE=True),
     "fp32 unaligned": dict(P_DTYPE=tl.float32, G_DTYPE=tl.float32, E_DTYPE=tl.float32,
         HAS_GRAD=True, HAS_MOMENTUM=True, NESTEROV=False, HAS_WD=False, HAS_EMA=True,
-        HAS_SCALE=False, HAS_FOUND_INF=False, ALIGNED=False, BLOCK=4096),
+        HAS_SCALE=False, HAS_FOUND_INF=False, ALIGNED=False, BLOCK=4096, **DEV),
     "bf16 ema only": dict(P_DTYPE=tl.bfloat16, G_DTYPE=tl.bfloat16, E_DTYPE=tl.float32,
         HAS_GRAD=False, HAS_MOMENTUM=False, NESTEROV=False, HAS_WD=False, HAS_EMA=True,
-        HAS_SCALE=False, HAS_FOUND_INF=False, ALIGNED=True, BLOCK=4096),
+        HAS_SCALE=False, HAS_FOUND_INF=False, ALIGNED=True, BLOCK=4096, **DEV),
 }.items():
     sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
@@ -406,7 +541,8 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run it")
+@pytest.mark.skipif(torch.cuda.is_available() or not _env.HAS_TRITON,
+                    reason="the GPU tests compile and run it")
 def test_kernel_compiles_for_sm90_with_vector_loads():
     """Compile for sm_90 on the CPU (Triton's compiler + bundled ptxas, nothing launched):
     catches what the interpreter accepts but the compiler rejects, and checks that the

@@ -1,13 +1,16 @@
-"""`fastres bench-kernels`: the fused BN-add-ReLU kernels and the fused optimizer step,
-timed against the strongest PyTorch baselines on the same device.
+"""`fastres bench-kernels`: the fused BN-add-act kernels and the fused optimizer step,
+timed against the strongest PyTorch baselines on the same device; their host cost; and the
+decisive GPU correctness experiment.
 
     fastres bench-kernels                      # GPU: CIFAR ResNet shapes, fp32 + bf16
     fastres bench-kernels --json out.json      # also write every figure as JSON
+    fastres bench-kernels --host               # Python host cost, launches stubbed (any machine)
+    fastres bench-kernels --decisive           # GPU: relu-fp32 512x64x8x8 vs an fp64 truth
     fastres bench-kernels --sweep              # GPU: time the candidate tile configs too
     fastres bench-kernels --quick              # tiny smoke run (what the tests use)
 
-What is timed (training mode, channels-last, y = relu(batch_norm(x) + residual)):
-  eager     F.batch_norm + add + relu, PyTorch's own kernels (cuDNN BN on GPUs)
+What is timed (training mode, channels-last, y = act(batch_norm(x) + residual)):
+  eager     F.batch_norm + add + act, PyTorch's own kernels (cuDNN BN on GPUs)
   compile   torch.compile of that same function (Inductor fuses it into Triton kernels)
   fused     fastres.kernels.fused_bn_act (this project's Triton kernels)
 for the forward pass, the backward pass alone (autograd.grad on a retained graph) and both.
@@ -15,32 +18,24 @@ Optimizer: torch.optim.SGD(fused=True) and SGD(foreach=True), fused SGD followed
 foreach EMA (what a trainer with weight averaging runs today), and FusedSGD without and with
 its one-pass EMA, on the parameter sets of ResNet-18 (CIFAR stem) and ResNet-20.
 
-Timing: median of `triton.testing.do_bench` on GPUs (CUDA events, L2 flushed between
-runs), median of wall-clock repeats on CPUs. On a CPU only the references run (eager and
-compile; Triton kernels have no CPU backend -- the interpreter is for correctness, not
-speed), with small shapes and few repeats, and the header says so.
+Timing: `fastres.bench.time_fn` (CUDA events on a GPU, a clock on a CPU; medians). The GPU
+kernel tables use `triton.testing.do_bench` instead, because it flushes the L2 cache
+between repetitions: the CIFAR activations (30-70 MB) are the size of an H100/H200's L2,
+and timing them warm would report L2 bandwidth, not the DRAM bandwidth the floor is
+counted in. On a CPU only the references run (the interpreter is for correctness).
 
-Bytes moved (the floor, counted for the fused design; GB/s = these bytes / time, so for
-eager and compile -- which move more -- it is an "effective" bandwidth on the same scale):
-  M = N*H*W rows, C channels, s = element size, MC = M*C
-  forward   read x (stats) + read x + read residual + write y          = 4 * MC * s
-  backward  read dy, y, x + write dres  |  read dres, x + write dx      = 7 * MC * s
-  both                                                                 = 11 * MC * s
-  (per-channel partials and statistics, O(P*C), are ignored)
-  optimizer, per parameter element (fp32): SGD with momentum reads p, g, buf and writes
-  p, buf = 20 B; with the EMA also reads and writes ema = 28 B; fused SGD + a separate
-  foreach EMA moves 20 + 12 (read ema, p; write ema) = 32 B.
-Percent of peak uses the datasheet HBM bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s,
-A100 2.0 TB/s) and, as the practical ceiling, a measured device-to-device copy.
+Bytes: "11-pass" counts one activation tensor (M*C*s bytes) per pass of the v1 design
+(forward 4: x, x, residual, y; backward 7) -- the yardstick of the issue's target (>= 85%
+of the datasheet bandwidth counted on these bytes). "v2" counts what the v2 kernels move:
+forward (3 + r) s + 1/8 (the 1-bit ReLU mask), backward relu + res 6 s + 2/8.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
+import shutil
+import subprocess
 import sys
-import time
 from typing import Callable, Optional
 
 import torch
@@ -51,7 +46,11 @@ GPU_SHAPES = [  # (N, C, H, W): CIFAR ResNet-20/56 stages, then ResNet-18-CIFAR 
 ]
 CPU_SHAPES = [(64, 16, 32, 32), (64, 64, 8, 8)]
 QUICK_SHAPES = [(8, 16, 8, 8)]
-PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
+HOST_SHAPE_GPU = (512, 64, 32, 32)
+HOST_SHAPE_CPU = (4, 64, 8, 8)   # 64 KB: under glibc's mmap threshold (a GPU-sized tensor,
+                                 # or even 128 KB, would time mmap/munmap calls, not fastres)
+DECISIVE_SHAPE = (512, 64, 8, 8)
+HOST_TARGETS_US = {"fwd+bwd": 40.0, "fused_sgd": 20.0}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -77,8 +76,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="GPU: time CUDA-graph replays (triton.testing.do_bench_cudagraph), "
                         "which removes Python/launch overhead for every implementation alike: "
                         "kernel time only, but no L2 flush between repeats")
+    p.add_argument("--host", action="store_true",
+                   help="only the Python host cost of the fused BN-act (one forward, one "
+                        "forward+backward) and of a FusedSGD step, kernel launches stubbed: "
+                        "runs on any machine")
+    p.add_argument("--decisive", action="store_true",
+                   help="only the decisive experiment (GPU): relu-fp32 512x64x8x8, fused and "
+                        "cuDNN each against an fp64 CPU truth, reruns, variants, and "
+                        "compute-sanitizer when installed")
+    p.add_argument("--sanitizer-timeout", type=float, default=120.0,
+                   help="--decisive: seconds for the compute-sanitizer run (0 skips it)")
+    p.add_argument("--decisive-once", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, default=None,
-                   help="CPU: timed repeats per figure (default 5; GPU uses do_bench's 100 ms)")
+                   help="timed repeats per figure (CPU default 5; --host default 300 samples "
+                        "of 2 calls; GPU kernel tables use do_bench's 100 ms)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU: torch threads (default: torch's own; on a shared, loaded CPU "
                         "1 avoids OpenMP threads waiting on each other)")
@@ -133,8 +144,9 @@ def _dtype_name(dt: torch.dtype) -> str:
     return {v: k for k, v in _DTYPES.items()}[dt]
 
 
-class Timer:
-    """Median milliseconds of a callable on the given device."""
+class _Timer:
+    """Median milliseconds of a callable: do_bench on a GPU (L2 flushed between repeats;
+    see the module docstring), fastres.bench.time_fn on a CPU."""
 
     def __init__(self, device: torch.device, reps: int, cuda_graphs: bool = False):
         self.device = device
@@ -151,76 +163,37 @@ class Timer:
                                                                    return_mode="median"))
                 return float(triton.testing.do_bench(fn, warmup=25, rep=100,
                                                      return_mode="median"))
-        for _ in range(3):  # warm-up (and compilation, for compiled callables)
-            fn()
-        times = []
-        for _ in range(self.reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
+        from fastres.bench import time_fn
+
+        return time_fn(fn, device=self.device, repeats=self.reps, warmup=3).median_ms
 
 
-def bn_act_bytes(shape, elem_size: int, residual: bool = True,
-                 act: str = "relu") -> dict[str, int]:
-    """Floor bytes per pass for the fused design, in units of one activation tensor
-    (M*C*s); see the module docstring and fastres/kernels/bn_act.py."""
+def bn_act_bytes(shape, elem_size: int, residual: bool = True, act: str = "relu",
+                 design: str = "v2") -> dict[str, int]:
+    """Bytes moved per pass (training) by the fused design; see the module docstring and
+    fastres/kernels/bn_act.py. design="v1" gives the 11-pass yardstick (relu + residual)."""
     n, c, h, w = shape
-    tensor = n * c * h * w * elem_size
+    mc = n * c * h * w
+    s = elem_size
     r = 1 if residual else 0
-    fwd = 3 + r                      # x, x, [res], y
-    if act == "relu":                # reduce: dy, y, x, [dres]; dx: (dres | dy, y), x, dx
-        bwd = 7
-    elif residual:                   # identity: dy, x, dres | dres, x, dx (gelu: + res)
-        bwd = 6 if act == "identity" else 7
-    else:                            # dy, x | dy, x, dx
-        bwd = 5
-    return {"fwd": fwd * tensor, "bwd": bwd * tensor, "fwd+bwd": (fwd + bwd) * tensor}
-
-
-def _peak_gbps(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_GBPS.items():
-        if key in name:
-            return value
-    return None
-
-
-def _copy_gbps(device: torch.device, timer: Timer) -> Optional[float]:
-    """Device-to-device copy of 1 GiB, bytes read + written: the practical ceiling."""
-    if device.type != "cuda":
-        return None
-    n = 2 ** 28  # fp32 elements = 1 GiB
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src))
-    del src, dst
-    return 2 * n * 4 / ms / 1e6
-
-
-def _header(device: torch.device, copy_gbps, peak) -> dict:
-    info = {
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"CPU ({platform.processor() or platform.machine()}, "
-                        f"{torch.get_num_threads()} threads)"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:  # pragma: no cover
-        info["triton"] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["sm_count"] = props.multi_processor_count
-        info["capability"] = f"sm_{props.major}{props.minor}"
-    info["peak_gbps"] = peak
-    info["copy_gbps"] = copy_gbps
-    return info
+    if design == "v1":
+        fwd = (3 + r) * s
+        if act == "relu":
+            bwd = 7 * s
+        elif residual:
+            bwd = (6 if act == "identity" else 7) * s
+        else:
+            bwd = 5 * s
+        return {"fwd": fwd * mc, "bwd": bwd * mc, "fwd+bwd": (fwd + bwd) * mc}
+    mask = 1 / 8 if act == "relu" else 0.0
+    fwd = (3 + r) * s + mask
+    if act == "relu":
+        bwd = (2 * s + mask + r * s) + (3 * s + mask)      # reduce | dx
+    elif act == "identity":
+        bwd = (2 * s + r * s) + 3 * s
+    else:  # gelu: z rebuilt from the residual in both passes (dz read back only from fp32)
+        bwd = (2 * s + 2 * r * s) + (3 * s + (0 if s == 4 and r else r * s))
+    return {"fwd": int(fwd * mc), "bwd": int(bwd * mc), "fwd+bwd": int((fwd + bwd) * mc)}
 
 
 # ------------------------------------------------------------------------------ BN-act
@@ -282,7 +255,8 @@ def _bn_act_case(shape, dtype, device, act, timer, do_compile, sweep):
     best = None
     if sweep and device.type == "cuda":
         results = []
-        for cfg in K.candidate_configs(n * h * w, c, x.element_size(), device):
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        for cfg in K.candidate_configs(n * h * w, c, x.element_size(), sms):
             with K.forced_config(cfg):
                 torch.autograd.grad(fused(*inputs), inputs, dy)
                 ms = timer(lambda: torch.autograd.grad(fused(*inputs), inputs, dy))
@@ -293,7 +267,7 @@ def _bn_act_case(shape, dtype, device, act, timer, do_compile, sweep):
 
 
 def _print_bn_table(rows, peak, copy_gbps):
-    cols = ["shape", "dtype", "pass", "eager ms", "compile ms", "fused ms", "GB/s",
+    cols = ["shape", "dtype", "pass", "eager ms", "compile ms", "fused ms", "GB/s 11p",
             "%peak", "%copy", "x eager", "x compile"]
     print("  ".join(f"{c:>11}" if i > 2 else f"{c:<15}" if i == 0 else f"{c:<8}"
                     for i, c in enumerate(cols)))
@@ -308,7 +282,7 @@ def _print_bn_table(rows, peak, copy_gbps):
             cmp_ = t.get("compile", {}).get(p)
             f = t.get("fused", {}).get(p)
             ref = f if f is not None else (cmp_ if cmp_ is not None else e)
-            gbps = row["bytes"][p] / ref / 1e6 if ref else None
+            gbps = row["bytes_v1"][p] / ref / 1e6 if ref else None
             print("  ".join([
                 f"{row['shape']:<15}", f"{row['dtype']:<8}", f"{p:<8}",
                 f"{fmt(e, '.3f'):>11}", f"{fmt(cmp_, '.3f'):>11}", f"{fmt(f, '.3f'):>11}",
@@ -322,23 +296,13 @@ def _print_bn_table(rows, peak, copy_gbps):
 # --------------------------------------------------------------------------- optimizer
 
 def _param_set(name: str, device: torch.device) -> list[torch.Tensor]:
-    try:
-        from fastres.models import create_model
+    from fastres.models import create_model
 
-        model = create_model(name)
-        return [p.detach().to(device) for p in model.parameters()]
-    except Exception:  # the zoo is optional here: fall back to the layer shapes
-        shapes = {"resnet20": [(16, 3, 3, 3)] + [(16, 16, 3, 3)] * 6 + [(32, 16, 3, 3)]
-                  + [(32, 32, 3, 3)] * 5 + [(64, 32, 3, 3)] + [(64, 64, 3, 3)] * 5
-                  + [(10, 64), (10,)],
-                  "resnet18_cifar": [(64, 3, 3, 3)] + [(64, 64, 3, 3)] * 4
-                  + [(128, 64, 3, 3)] + [(128, 128, 3, 3)] * 3
-                  + [(256, 128, 3, 3)] + [(256, 256, 3, 3)] * 3
-                  + [(512, 256, 3, 3)] + [(512, 512, 3, 3)] * 3 + [(10, 512), (10,)]}[name]
-        return [torch.randn(s, device=device) for s in shapes]
+    model = create_model(name)
+    return [p.detach().to(device) for p in model.parameters()]
 
 
-def _optimizer_case(name: str, device: torch.device, timer: Timer):
+def _optimizer_case(name: str, device: torch.device, timer: _Timer):
     from fastres.kernels import FusedSGD, _env
     from fastres.kernels.reference import sgd_ema_reference_step
 
@@ -369,7 +333,7 @@ def _optimizer_case(name: str, device: torch.device, timer: Timer):
         torch._foreach_lerp_(emas, live, 0.001)
 
     results["SGD(fused) + foreach EMA"] = (timer(fused_then_ema), 32)
-    if _env.use_triton(device) and device.type == "cuda":
+    if device.type == "cuda" and _env.use_triton(device):
         ps = fresh()
         opt = FusedSGD(ps, **hp)
         results["FusedSGD"] = (timer(opt.step), 20)
@@ -387,12 +351,229 @@ def _optimizer_case(name: str, device: torch.device, timer: Timer):
     return numel, results
 
 
+# ---------------------------------------------------------------------------- host cost
+
+class _EmptyBNAct(torch.autograd.Function):
+    """The autograd floor: a Function with the fused op's inputs and outputs (and output
+    allocations) and nothing else, to separate torch's per-call autograd cost from ours."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual):
+        ctx.save_for_backward(weight)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (weight,) = ctx.saved_tensors
+        return (torch.empty_like(dy), torch.empty_like(weight), torch.empty_like(weight),
+                torch.empty_like(dy))
+
+
+def host_cost(device: torch.device, reps: int, inner: int = 2) -> dict:
+    """Python host cost, in µs, of the fused BN-act (training, residual, relu: one forward,
+    one forward + backward through `torch.autograd.grad`) and of a FusedSGD step on
+    ResNet-18-CIFAR's 62 tensors, with every kernel launch stubbed (`stub_launches`): what
+    the CPU spends per call before the GPU sees any work. Runs on any machine.
+
+    Also measured, the same way: the autograd floor (an empty autograd.Function with the
+    same inputs and outputs: torch's own per-call cost, which any implementation pays), so
+    "own" = total - floor is what fastres's host path adds. Medians (the headline) and
+    minima over `reps` samples of `inner` calls."""
+    from fastres.bench import time_fn
+    from fastres.kernels import FusedBatchNormAct2d, FusedSGD
+    from fastres.kernels import bn_act as K
+    from fastres.kernels import sgd as S
+
+    shape = HOST_SHAPE_GPU if device.type == "cuda" else HOST_SHAPE_CPU
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cl = torch.channels_last
+    x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=cl).requires_grad_()
+    r = torch.randn(shape, device=device, dtype=dtype).to(memory_format=cl).requires_grad_()
+    dy = torch.randn(shape, device=device, dtype=dtype).to(memory_format=cl)
+    mod = FusedBatchNormAct2d(shape[1], act="relu").to(device)
+    wrt = (x, r, mod.weight, mod.bias)
+
+    ps = [torch.nn.Parameter(p) for p in _param_set("resnet18_cifar", device)]
+    grads = [torch.zeros_like(p) for p in ps]
+    for p, g in zip(ps, grads):
+        p.grad = g
+    opt = FusedSGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                   ema_decay=0.999)
+
+    stale = [object()] * len(ps)
+
+    def revalidate_step():
+        # As after zero_grad(set_to_none=True) and a backward whose allocations the caching
+        # allocator served from the same blocks: new grad objects, same addresses. The
+        # plan's record of the grad objects is made stale, so the step re-validates every
+        # grad (strides, addresses) -- without timing 62 `p.grad = ...` assignments.
+        opt._plans[0].grads = stale
+        opt.step()
+
+    calls = {
+        "fwd": lambda: mod(x, r),
+        "fwd+bwd": lambda: torch.autograd.grad(mod(x, r), wrt, dy),
+        "floor fwd": lambda: _EmptyBNAct.apply(x, mod.weight, mod.bias, r),
+        "floor fwd+bwd": lambda: torch.autograd.grad(
+            _EmptyBNAct.apply(x, mod.weight, mod.bias, r), wrt, dy),
+        "sgd kept": opt.step,
+        "sgd reallocated": revalidate_step,
+    }
+    med, low = {}, {}
+    with K.stub_launches(), S.stub_launches():
+        for name, fn in calls.items():
+            t = time_fn(fn, device="cpu", repeats=reps, warmup=3, inner=inner)
+            med[name], low[name] = t.median_us, min(t.samples) * 1e6
+    out = {"shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
+           "fwd": med["fwd"], "fwd+bwd": med["fwd+bwd"],
+           "autograd_floor": {"fwd": med["floor fwd"], "fwd+bwd": med["floor fwd+bwd"]},
+           "own": {"fwd": med["fwd"] - med["floor fwd"],
+                   "fwd+bwd": med["fwd+bwd"] - med["floor fwd+bwd"]},
+           "min": {k: v for k, v in low.items() if not k.startswith("sgd")}}
+    out["fused_sgd"] = {
+        "params": "resnet18_cifar", "tensors": len(ps), "grads kept": med["sgd kept"],
+        "grads reallocated": med["sgd reallocated"],
+        "min": {"grads kept": low["sgd kept"], "grads reallocated": low["sgd reallocated"]}}
+    out["timing"] = f"fastres.bench.time_fn: median (and min) of {reps} samples of {inner} calls"
+    out["targets"] = HOST_TARGETS_US
+    return out
+
+
+def _print_host(h: dict) -> None:
+    s = h["fused_sgd"]
+    f, o, m = h["autograd_floor"], h["own"], h["min"]
+    print(f"fused BN+add+ReLU, training, {h['shape']} {h['dtype']}, launches stubbed "
+          f"({h['timing']}):")
+    print(f"host µs: fwd {h['fwd']:.1f}, fwd+bwd {h['fwd+bwd']:.1f}   "
+          f"(target fwd+bwd <= {h['targets']['fwd+bwd']:.0f}; min fwd {m['fwd']:.1f}, "
+          f"fwd+bwd {m['fwd+bwd']:.1f})")
+    print(f"  of which torch's autograd floor (an empty autograd.Function, same inputs and "
+          f"outputs): fwd {f['fwd']:.1f}, fwd+bwd {f['fwd+bwd']:.1f}; fastres's own: fwd "
+          f"{o['fwd']:.1f}, fwd+bwd {o['fwd+bwd']:.1f}")
+    print(f"FusedSGD host µs per step ({s['params']}, {s['tensors']} tensors, with EMA): "
+          f"grads kept {s['grads kept']:.1f}, grads reallocated {s['grads reallocated']:.1f}"
+          f"   (target <= {h['targets']['fused_sgd']:.0f}; min {s['min']['grads kept']:.1f}, "
+          f"{s['min']['grads reallocated']:.1f})")
+
+
+# ---------------------------------------------------------------- decisive experiment
+
+def _decisive_once(device: torch.device) -> None:
+    """One fused training forward + backward at the decisive shape (the process that
+    compute-sanitizer watches)."""
+    from fastres.kernels import FusedBatchNormAct2d
+
+    cl = torch.channels_last
+    x = torch.randn(DECISIVE_SHAPE, device=device).to(memory_format=cl).requires_grad_()
+    r = torch.randn(DECISIVE_SHAPE, device=device).to(memory_format=cl).requires_grad_()
+    m = FusedBatchNormAct2d(DECISIVE_SHAPE[1], act="relu").to(device)
+    torch.autograd.grad(m(x, r), (x, r, m.weight, m.bias), torch.randn_like(x))
+    torch.cuda.synchronize(device)
+    print("done")
+
+
+def _sanitizer(timeout: float) -> dict:
+    exe = shutil.which("compute-sanitizer")
+    if exe is None:
+        return {"status": "not installed"}
+    if timeout <= 0:
+        return {"status": "skipped (--sanitizer-timeout 0)"}
+    cmd = [exe, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-m",
+           "fastres.tools.bench_kernels", "--decisive-once"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout:.0f} s", "command": " ".join(cmd)}
+    tail = (proc.stdout + proc.stderr)[-2000:]
+    return {"status": "clean" if proc.returncode == 0 else f"exit {proc.returncode}",
+            "command": " ".join(cmd), "output_tail": tail}
+
+
+def _print_decisive(res: dict) -> None:
+    print(f"decisive experiment: {res['act']}-{res['dtype']} {res['shape']} on "
+          f"{res['device']}, training, residual; fp64 CPU truth; ReLU tie band "
+          f"{res['tie_band_elements']} elements excluded")
+    print(f"tile config: {res['config']}")
+    names = ["y", "dx", "dres", "dweight", "dbias", "running_mean", "running_var"]
+    print(f"{'implementation':<26}" + "".join(f"{n:>13}" for n in names)
+          + f"{'deterministic':>15}")
+    for impl, run in res["runs"].items():
+        print(f"{impl:<26}" + "".join(f"{run['off_truth'].get(n, '-'):>13}" for n in names)
+              + f"{str(run['deterministic']):>15}")
+    print("(elements off the fp64 truth, per result)")
+    for impl, run in res["runs"].items():
+        for msg in run["messages"].values():
+            print(f"  {impl}: {msg}")
+    if "sanitizer" in res:
+        print(f"compute-sanitizer memcheck: {res['sanitizer']['status']}")
+
+
 # -------------------------------------------------------------------------------- main
+
+def _write(path: Optional[str], payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1)
+        print(f"\nwrote {path}")
+
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     device = _device(args.device)
+    threads = torch.get_num_threads()
+    if args.threads and device.type != "cuda":
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, device)
+    finally:
+        torch.set_num_threads(threads)  # main() is also called in-process (tests)
+
+
+def _run(args, device: torch.device) -> int:
+    shapes_arg = _parse_shapes(args.shapes) if args.shapes else None  # input errors first
+    dtypes_arg = _parse_dtypes(args.dtypes) if args.dtypes else None
     on_gpu = device.type == "cuda"
+    if on_gpu:
+        # torch 2.11 rejects an index-less "cuda" device here (seen on the H200 machine).
+        torch.cuda.set_device(torch.device(device).index or 0)
+    from fastres.bench import copy_bandwidth, environment, peak_bandwidth
+
+    if args.decisive_once:
+        _decisive_once(device)
+        return 0
+    env = environment(device)
+    print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
+          f"python {env['python']} | git {env['git_sha']}")
+
+    if args.host:
+        from fastres.kernels import _env
+
+        if not _env.HAS_TRITON:
+            print("skipped: needs Triton (the launch path being timed is Triton's)")
+            _write(args.json, {"environment": env, "skipped": "needs Triton"})
+            return 0
+        # Many short samples: on a shared CPU a sample of milliseconds often contains a
+        # lost scheduler slice (~4 ms), which shifts the median; 2-call samples rarely do.
+        reps = args.reps or (20 if args.quick else 300)
+        h = host_cost(device, reps, inner=2)
+        _print_host(h)
+        _write(args.json, {"environment": env, "host_us": h})
+        return 0
+
+    if args.decisive:
+        if not on_gpu:
+            print("skipped: needs a CUDA device (the experiment compares the compiled "
+                  "kernels and cuDNN with an fp64 CPU truth)")
+            _write(args.json, {"environment": env, "skipped": "needs a CUDA device"})
+            return 0
+        from fastres.kernels import testing as T
+
+        res = T.decisive_experiment(device, shape=DECISIVE_SHAPE)
+        res["sanitizer"] = _sanitizer(args.sanitizer_timeout)
+        _print_decisive(res)
+        _write(args.json, {"environment": env, "decisive": res})
+        return 0
+
     if args.quick:
         shapes, dtypes, do_compile, opt_sets = QUICK_SHAPES, [torch.float32], False, ["resnet20"]
     else:
@@ -400,51 +581,45 @@ def main(argv=None) -> int:
         dtypes = [torch.float32, torch.bfloat16] if on_gpu else [torch.float32]
         do_compile = not args.no_compile
         opt_sets = ["resnet18_cifar", "resnet20"]
-    if args.shapes:
-        shapes = _parse_shapes(args.shapes)
-    if args.dtypes:
-        dtypes = _parse_dtypes(args.dtypes)
+    if shapes_arg:
+        shapes = shapes_arg
+    if dtypes_arg:
+        dtypes = dtypes_arg
     if args.no_optimizer:
         opt_sets = []
-    if args.threads and not on_gpu:
-        torch.set_num_threads(args.threads)
     reps = args.reps or (3 if args.quick else 5)
-    timer = Timer(device, reps, cuda_graphs=args.cuda_graphs and on_gpu)
-    if on_gpu:
-        # torch 2.11 rejects an index-less "cuda" device here (seen on the H200 machine).
-        torch.cuda.set_device(torch.device(device).index or 0)
+    timer = _Timer(device, reps, cuda_graphs=args.cuda_graphs and on_gpu)
     if do_compile:
         _allow_retained_backward()
-    peak = _peak_gbps(device)
-    copy_gbps = _copy_gbps(device, timer)
-    header = _header(device, copy_gbps, peak)
-    print(f"device: {header['device']} | torch {header['torch']} | triton {header['triton']}"
-          f" | python {header['python']}")
-    header["timing"] = ("do_bench_cudagraph median (graph replays; no L2 flush)"
-                        if timer.cuda_graphs else
-                        "do_bench median (CUDA events, L2 flushed)" if on_gpu else
-                        f"wall-clock median of {reps}")
+    peak = copy_gbps = None
+    if on_gpu:
+        found = peak_bandwidth(env["device"])
+        peak = found[1] if found else None
+        copy_gbps = copy_bandwidth(device)
+    timing = ("do_bench_cudagraph median (graph replays; no L2 flush)" if timer.cuda_graphs
+              else "do_bench median (CUDA events, L2 flushed)" if on_gpu
+              else f"fastres.bench.time_fn median of {reps}")
     if on_gpu:
         print(f"peak HBM: {peak or 'unknown'} GB/s (datasheet) | device-to-device copy: "
-              f"{copy_gbps:.0f} GB/s (measured, read + write) | {header['sm_count']} SMs | "
-              f"timing: {header['timing']}")
+              f"{copy_gbps:.0f} GB/s (measured, read + write) | {env.get('sm_count')} SMs | "
+              f"timing: {timing}")
     else:
         print("CPU: references only (eager vs torch.compile); the Triton kernels need a GPU "
-              "(the interpreter is for correctness). Timings are wall-clock medians of "
-              f"{reps} repeats.")
-    fb = bn_act_bytes((1, 1, 1, 1), 1, True, args.act)
-    print(f"\nBN + add + {args.act}, training mode, channels-last; GB/s = floor bytes "
-          f"(fwd {fb['fwd']}*MC*s, bwd {fb['bwd']}*MC*s) / time of the fused kernels (of "
-          f"compile, else eager, where fused did not run); x eager / x compile = speed-up "
-          f"of fused")
+              f"(the interpreter is for correctness). Timing: {timing}.")
+    fb = bn_act_bytes((1, 1, 1, 1), 1, True, args.act, design="v1")
+    print(f"\nBN + add + {args.act}, training mode, channels-last; GB/s 11p = the 11-pass "
+          f"bytes (fwd {fb['fwd']}*MC*s, bwd {fb['bwd']}*MC*s) / time of the fused kernels "
+          f"(of compile, else eager, where fused did not run); x eager / x compile = "
+          f"speed-up of fused")
     rows = []
     for shape in shapes:
         for dtype in dtypes:
             ms, best = _bn_act_case(shape, dtype, device, args.act, timer, do_compile,
                                     args.sweep)
+            size = torch.empty(0, dtype=dtype).element_size()
             row = {"shape": "x".join(map(str, shape)), "dtype": _dtype_name(dtype),
-                   "bytes": bn_act_bytes(shape, torch.empty(0, dtype=dtype).element_size(),
-                                         True, args.act),
+                   "bytes": bn_act_bytes(shape, size, True, args.act),
+                   "bytes_v1": bn_act_bytes(shape, size, True, args.act, design="v1"),
                    "ms": ms}
             if best is not None:
                 row["best_config"] = best
@@ -467,11 +642,9 @@ def main(argv=None) -> int:
                 print(f"{name + f' ({numel / 1e6:.2f}M)':<24}{label:<36}{ms:>9.3f}{gbps:>9.0f}")
                 opt_rows.append({"params": name, "numel": numel, "optimizer": label, "ms": ms,
                                  "bytes_per_param": bpe, "gbps": gbps})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "act": args.act, "bn_act": rows,
-                       "optimizer": opt_rows}, f, indent=1)
-        print(f"\nwrote {args.json}")
+    _write(args.json, {"environment": env, "timing": timing, "peak_gbps": peak,
+                       "copy_gbps": copy_gbps, "act": args.act, "bn_act": rows,
+                       "optimizer": opt_rows})
     return 0
 
 
