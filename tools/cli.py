@@ -21,7 +21,11 @@ COMMANDS = {
     "bench-kernels": ("fastres.tools.bench_kernels", "fused BN-act and optimizer benchmarks"),
     "bench-loaders": ("fastres.tools.bench_loaders", "data loader throughput"),
     "scaling": ("fastres.tools.scaling", "training img/s at 1, 2, ... processes (DDP)"),
-    "device-check": ("fastres.tools.device_check", "one-shot GPU check script"),
+    "device-check": ("fastres.tools.device_check", "every GPU path in one timed run (--dry-run: "
+                     "the CPU rehearsal)"),
+    "pack-dali": ("fastres.tools.pack_dali", "offline install kit for DALI, in parts"),
+    "loader-parity": ("fastres.tools.loader_parity", "DALI vs tensor loader: same batches, "
+                      "same augmentation statistics"),
 }
 
 

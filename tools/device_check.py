@@ -1,24 +1,34 @@
-"""`fastres device-check`: everything that needs a GPU, in one go, inside a time budget.
+"""`fastres device-check`: every GPU path of fastres in one prepared run of at most 9 minutes.
 
-Made for a GPU machine lent for a few minutes: it runs each stage as a subprocess with its
-own time limit, writes every log and JSON under one folder, and prints a summary table last.
+Made for a GPU machine lent for minutes, offline, that returns at most 8 files: each stage
+runs its commands as subprocesses, each under its own time limit, inside a cap on the whole
+run; every log and JSON goes under --out, a summary table is printed last, and --bundle
+packs the results into at most 8 files. A stage whose prerequisite is missing prints
+"skipped: why" instead of failing the run.
 
-    python tools/device_check.py --out OUT --data-dir D            # all stages
-    python tools/device_check.py --out OUT --stages tests,kernels   # a subset
-    python tools/device_check.py --out OUT --jpeg-pack shared/data/cifar10-jpeg75
+    fastres device-check --out /tmp/dc --bundle $OUT --jpeg-pack data/cifar10-jpeg75
+    fastres device-check --out /tmp/dc --stages env,kernels         # a subset
+    fastres device-check --out /tmp/dc --dry-run --data-dir D       # the CPU rehearsal
 
-Stages (default budget in seconds):
-    env       GPU, driver, torch/triton/CUDA versions, a copy-bandwidth and matmul ceiling
-    tests     the GPU-marked tests plus the kernel tests on the real device            (150)
-    kernels   tools/bench_kernels.py: fused BN-act and optimizer step vs torch          (120)
-    loaders   tools/bench_loaders.py: tensor (and DALI if installed) vs DataLoader       (60)
-    profile   tools/profile_step.py --compare on the speed-run net                            (90)
-    speedrun  tools/speedrun.py: the speedrun preset over N seeds                       (240)
+Stages (default time limit in seconds; the whole run is capped by --total, 540):
+  env       versions, device, DALI, copy bandwidth, bf16 matmul rate                (20)
+  kernels   the GPU kernel tests; bench-kernels --decisive, --host, and the full run (130)
+  step      profile --modes eager,model,step,step+graph: speed-run net and
+            resnet18_cifar at batch 512; profile --busy (GPU-busy share of a step)    (130)
+  loaders   DALI (needs `import nvidia.dali`; see `fastres pack-dali`): parity with the
+            tensor loader, bench-loaders img/s, `train --loader dali` for 2 epochs     (90)
+  speedrun  speedrun --preset speedrun over --runs seeds                              (80)
+  table     table --train on four models x the seed and fast recipes, in budget       (60)
 
-`--data-dir` is a folder with cifar-10-batches-py/; or give `--jpeg-pack` (the folder that
-holds train.npz.xz, test.npz.xz and prepare.py from shared/data/cifar10-jpeg75, 18 MB, easy
-to carry) and the data are decoded first. Results on that copy are not CIFAR-10 accuracy:
-the JPEG-75 copy scores ~3 points lower (see its README).
+--dry-run runs every command on the CPU with tiny scales (one profile step at batch 8, one
+speed-run of one epoch on 64 images, --scale smoke, bench-kernels --quick, ...), with
+compilation off and 3x the time limits: a GPU run never meets a typo, a renamed flag or a
+missing file. It needs --data-dir (small data will do) for the stages that train.
+
+`--data-dir` is a folder with cifar-10-batches-py/; or give `--jpeg-pack` (the folder with
+train.npz.xz, test.npz.xz and prepare.py from shared/data/cifar10-jpeg75, 18 MB) and the
+data are decoded into OUT/data first. Accuracy on that copy is not CIFAR-10 accuracy: it
+scores ~3 points lower (see its README).
 """
 from __future__ import annotations
 
@@ -29,184 +39,486 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-STAGES = ("env", "tests", "kernels", "loaders", "profile", "speedrun")
-BUDGET_S = {"env": 60, "tests": 150, "kernels": 120, "loaders": 60, "profile": 90,
-            "speedrun": 240}
+STAGES = ("env", "kernels", "step", "loaders", "speedrun", "table")
+BUDGET_S = {"env": 20, "kernels": 130, "step": 130, "loaders": 90, "speedrun": 80,
+            "table": 60}
+TOTAL_S = 540               # 9 minutes: a 10-minute device call with room to install
+PREPARE_S = 30              # decoding the JPEG pack (~15 s on 2 cores)
+# compute-sanitizer's share of the decisive kernel experiment (bench-kernels' default, 120 s,
+# would take the whole kernels stage).
+SANITIZER_S = 40
+MIN_START_S = 10            # a step with less time than this left is skipped, not started
+BUNDLE_MAX_FILES = 8
+TABLE_MODELS = "resnet20,resnet56,resnet110,preact_resnet18"
+# The dry run's data limits: enough for a few steps of every training command.
+DRY_TRAIN, DRY_TEST, DRY_BATCH = 64, 64, 32
+# The rehearsal runs the GPU budgets' commands on a CPU, where one step of the speed-run net
+# takes seconds: its time limits (and the cap) are this many times the GPU run's.
+DRY_SLACK = 3.0
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("fastres device-check", add_help=add_help,
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for logs and results")
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastres device-check", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="folder for every log and JSON (created)")
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)}")
-    p.add_argument("--data-dir", help="folder with cifar-10-batches-py/ (for speedrun)")
+    p.add_argument("--data-dir", help="folder with cifar-10-batches-py/ (loaders' training "
+                   "run, speedrun, table)")
     p.add_argument("--jpeg-pack", help="folder with the JPEG-75 pack and prepare.py; decoded "
                    "into OUT/data first")
-    p.add_argument("--runs", type=int, default=5, help="speed-run seeds")
+    p.add_argument("--runs", type=int, default=5, help="speed-run seeds (default 5)")
     p.add_argument("--budget", action="append", default=[], metavar="STAGE=SECONDS",
-                   help="override a stage's time limit")
-    p.add_argument("--speedrun-args", default="", help="extra arguments for the speedrun")
-    p.add_argument("--bundle", help="also write report.txt (every log), results.json (every "
-                   "JSON) and the speed-run plot into this folder: three files to fetch")
+                   help="override a stage's time limit (repeatable)")
+    p.add_argument("--total", type=float, default=TOTAL_S,
+                   help=f"cap on the whole run in seconds (default {TOTAL_S})")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the CPU rehearsal: every command, tiny scales, compilation off")
+    p.add_argument("--bundle", metavar="DIR",
+                   help=f"also write the results into DIR as at most {BUNDLE_MAX_FILES} files: "
+                        "summary.md, report.txt (every log), results.json (every JSON), "
+                        "and the plots")
+    p.add_argument("--env-probe", metavar="JSON", help=argparse.SUPPRESS)
+    p.add_argument("--probe-small", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
-def _bundle(out: Path, dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    logs = sorted(out.glob("*.log"))
-    with open(dest / "report.txt", "w") as f:
-        for log in logs:
-            f.write(f"===== {log.name} =====\n{log.read_text(errors='replace')}\n")
-    merged = {}
-    for js in sorted(out.rglob("*.json")):
-        try:
-            merged[str(js.relative_to(out))] = json.loads(js.read_text())
-        except (json.JSONDecodeError, OSError) as e:
-            merged[str(js.relative_to(out))] = f"unreadable: {e}"
-    (dest / "results.json").write_text(json.dumps(merged, indent=1))
-    for png in out.rglob("*.png"):
-        (dest / png.name).write_bytes(png.read_bytes())
+# --------------------------------------------------------------------------- env probe
 
-
-def _run(name: str, cmd: list[str], out: Path, limit: float) -> dict:
-    """Run one stage; its stdout+stderr go to OUT/NAME.log; never raises."""
-    log = out / f"{name}.log"
-    t0 = time.time()
-    print(f"[{name}] {' '.join(shlex.quote(c) for c in cmd)}  (limit {limit:.0f} s)",
-          flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log, "w") as f:
-        try:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=limit,
-                                  env=env)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    dt = time.time() - t0
-    tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-    print("\n".join(f"    {line}" for line in tail), flush=True)
-    print(f"[{name}] rc={rc} in {dt:.0f} s", flush=True)
-    return {"stage": name, "rc": rc, "seconds": round(dt, 1), "log": log.name}
-
-
-def _env_stage(out: Path) -> dict:
+def env_probe(path: Path, small: bool) -> dict:
+    """The env stage's work, run in a child process so that its limit holds even if the
+    driver hangs: environment record, nvidia-smi, DALI, and two measured ceilings."""
     import torch
 
-    from fastres.bench import environment
+    from fastres.bench import copy_bandwidth, environment, time_fn
 
-    info = {"nvidia_smi": None}
+    gpu = torch.cuda.is_available()
+    dev = torch.device("cuda" if gpu else "cpu")
+    small = small or not gpu             # a CPU gets the small sizes: 1 GiB copies take long
+    info = {"environment": environment(dev), "cuda_available": gpu}
     try:
         info["nvidia_smi"] = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-             "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    if torch.cuda.is_available():
-        dev = torch.device("cuda")
-        info.update(environment(dev))
-        # Two ceilings measured here, not taken from a datasheet: device-to-device copy
-        # bandwidth (bytes read + written) and a large bf16 matmul rate (random data).
-        x = torch.randn(2**28, device=dev)
-        y = torch.empty_like(x)
-        for _ in range(3):
-            y.copy_(x)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-        start.record()
-        for _ in range(10):
-            y.copy_(x)
-        end.record()
-        end.synchronize()
-        info["copy_tb_per_s"] = round(2 * x.numel() * 4 * 10 / (start.elapsed_time(end) / 1e3)
-                                      / 1e12, 3)
-        del x, y
-        a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-        b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-        for _ in range(3):
-            a @ b
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(10):
-            a @ b
-        end.record()
-        end.synchronize()
-        info["bf16_matmul_tflops"] = round(2 * 8192**3 * 10 / (start.elapsed_time(end) / 1e3)
-                                           / 1e12, 1)
-    else:
-        info.update(environment("cpu"))
-        info["warning"] = "no CUDA device: GPU stages will skip or run their CPU paths"
-    (out / "env.json").write_text(json.dumps(info, indent=2))
-    print(json.dumps(info, indent=2), flush=True)
-    return {"stage": "env", "rc": 0, "seconds": 0, "log": "env.json"}
+             "--format=csv,noheader"], capture_output=True, text=True,
+            timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        info["nvidia_smi"] = f"unavailable ({type(e).__name__})"
+    try:
+        import nvidia.dali as dali
 
+        info["dali_import"] = {"version": dali.__version__, "path": str(Path(
+            dali.__file__).parent)}
+    except Exception as e:  # noqa: BLE001 - any failure means "not usable here"
+        info["dali_import"] = f"fails: {type(e).__name__}: {e}"
+    # Two ceilings measured here, not read off a datasheet: device-to-device copy (bytes
+    # read + written) and a large bf16 matrix product on random data (zeros run faster).
+    nbytes = 2**22 if small else 2**30
+    info["copy_gbps"] = round(copy_bandwidth(dev, nbytes=nbytes, repeats=5 if small else 10), 1)
+    n = 256 if small else 8192
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    t = time_fn(lambda: a @ b, device=dev, repeats=3 if small else 10, warmup=1 if small else 3)
+    info["bf16_matmul"] = {"n": n, "median_ms": round(t.median_ms, 3),
+                           "tflops": round(2 * n**3 / t.median_s / 1e12, 3)}
+    path.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    e = info["environment"]
+    print(f"device {e['device']} | torch {e['torch']} | triton {e['triton']} | CUDA "
+          f"{e['cuda']} | python {e['python']} | git {e['git_sha']}")
+    print(f"nvidia-smi: {info['nvidia_smi']}")
+    print(f"DALI: {info['dali_import']}")
+    print(f"copy {info['copy_gbps']} GB/s (read + write, {nbytes >> 20} MiB); bf16 matmul "
+          f"{n}^3: {info['bf16_matmul']['tflops']} TFLOP/s")
+    return info
+
+
+# --------------------------------------------------------------------------- the plan
+
+@dataclass
+class Step:
+    """One command of a stage. `share`: its part of the stage's time limit. `dry`: what the
+    dry run adds (or replaces: a flag given here replaces the same flag's value)."""
+
+    name: str
+    argv: list[str]
+    share: float
+    dry: list[str] = field(default_factory=list)
+    skip: str | None = None          # "why" when a prerequisite is missing
+    env: dict = field(default_factory=dict)
+
+
+def _merge(argv: list[str], extra: list[str]) -> list[str]:
+    """argv with `extra`'s flags: a flag already in argv gets extra's value; the rest is
+    appended. A flag's value is the next item unless that starts with '--'."""
+    out = list(argv)
+    i = 0
+    while i < len(extra):
+        flag = extra[i]
+        has_value = i + 1 < len(extra) and not extra[i + 1].startswith("--")
+        value = extra[i + 1] if has_value else None
+        i += 2 if has_value else 1
+        if flag in out and flag != "--set":
+            j = out.index(flag)
+            if value is not None and j + 1 < len(out) and not out[j + 1].startswith("--"):
+                out[j + 1] = value
+            continue
+        out += [flag] + ([value] if value is not None else [])
+    return out
+
+
+def plan(stage: str, *, out: Path, py: str, repo: Path, data_dir: str | None, runs: int,
+         dry: bool, limit: float, dali: str | None, gpu: bool) -> list[Step]:
+    """The steps of one stage, with the dry run's additions applied."""
+    fr = [py, "-m", "fastres"]
+    no_gpu = None if gpu or dry else "skipped: no CUDA device (--dry-run rehearses on the CPU)"
+    no_data = None if data_dir else "skipped: no --data-dir or --jpeg-pack"
+    small = ["--set", f"data.train_limit={DRY_TRAIN}", "--set", f"data.test_limit={DRY_TEST}",
+             "--batch-size", str(DRY_BATCH), "--set", f"data.eval_batch_size={DRY_BATCH}"]
+    steps: list[Step] = []
+    if stage == "env":
+        steps = [Step("env", fr + ["device-check", "--env-probe", str(out / "env.json")], 1.0,
+                      dry=["--probe-small"])]
+    elif stage == "kernels":
+        tests = [str(repo / "tests" / f) for f in ("test_kernels_bn_act.py",
+                                                    "test_kernels_sgd.py")]
+        steps = [
+            Step("kernel_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
+                                  "gpu", *tests], 0.3),
+            Step("kernels_decisive", fr + ["bench-kernels", "--decisive", "--json",
+                                           str(out / "kernels_decisive.json"),
+                                           "--sanitizer-timeout", str(SANITIZER_S)], 0.4,
+                 dry=["--quick"]),
+            Step("kernels_host", fr + ["bench-kernels", "--host", "--json",
+                                       str(out / "kernels_host.json")], 0.07, dry=["--quick"]),
+            Step("kernels_bench", fr + ["bench-kernels", "--json", str(out / "kernels.json")],
+                 0.23, dry=["--quick"]),
+        ]
+        for s in steps:
+            s.skip = no_gpu
+    elif stage == "step":
+        modes = ["--modes", "eager,model,step,step+graph"]
+        dry_prof = ["--steps", "1", "--warmup", "0", "--batch-size", "8", "--images", "16"]
+        steps = [
+            Step("step_speedrun", fr + ["profile", "--preset", "speedrun", *modes, "--steps",
+                                        "50", "--json", str(out / "step_speedrun.json")],
+                 0.42, dry=dry_prof),
+            Step("step_resnet18", fr + ["profile", "--preset", "resnet-paper", "--model",
+                                        "resnet18_cifar", "--batch-size", "512", *modes,
+                                        "--steps", "50", "--json",
+                                        str(out / "step_resnet18.json")], 0.38, dry=dry_prof),
+            Step("step_busy", fr + ["profile", "--preset", "speedrun", "--busy", "--json",
+                                    str(out / "step_busy.json")], 0.2, dry=dry_prof),
+        ]
+        for s in steps:
+            s.skip = no_gpu
+    elif stage == "loaders":
+        no_dali = None if dali else "skipped: DALI not installed (see pack-dali)"
+        steps = [
+            Step("dali_parity", fr + ["loader-parity", "--json", str(out / "parity.json")],
+                 0.25, dry=["--device", "cpu", "--images", "128", "--batch-size", "32"]),
+            Step("dali_bench", fr + ["bench-loaders", "--loaders", "tensor,dali",
+                                     "--batch-sizes", "2000", "--model", "airbench94",
+                                     "--json", str(out / "loaders.json")], 0.25,
+                 dry=["--synthetic", "512", "--batch-sizes", "64", "--repeats", "1",
+                      "--batches", "2", "--warmup", "1", "--model", "resnet8",
+                      "--train-steps", "1"]),
+            Step("dali_train", fr + ["train", "--preset", "speedrun", "--loader", "dali",
+                                     "--epochs", "2", "--data-dir", str(data_dir),
+                                     "--out", str(out / "train_dali")], 0.5, dry=small),
+        ]
+        for s in steps:
+            s.skip = no_gpu or no_dali
+        steps[2].skip = steps[2].skip or no_data
+    elif stage == "speedrun":
+        steps = [Step("speedrun", fr + ["speedrun", "--preset", "speedrun", "--runs",
+                                        str(runs), "--data-dir", str(data_dir), "--out",
+                                        str(out / "speedrun")], 1.0,
+                      dry=["--runs", "1", "--epochs", "1", "--warmup-steps", "0", *small],
+                      skip=no_gpu or no_data)]
+    elif stage == "table":
+        # The table tool sizes its runs to fit --budget-min; leave it a margin for start-up
+        # and writing the table.
+        minutes = max(0.1, (limit - 15) / 60)
+        steps = [Step("table", fr + ["table", "--train", "--models", TABLE_MODELS, "--recipes",
+                                     "seed,fast", "--scale", "full", "--budget-min",
+                                     f"{minutes:.2f}", "--data-dir", str(data_dir), "--out",
+                                     str(out / "table")], 1.0,
+                      dry=["--scale", "smoke", "--budget-min", "0.2"],
+                      skip=no_gpu or no_data)]
+    if dry:
+        for s in steps:
+            s.argv = _merge(s.argv, s.dry)
+            # No compilation in the rehearsal: inductor on a 2-core CPU takes minutes, and
+            # the rehearsal is about commands and flags, not compiled speed.
+            s.env["TORCHDYNAMO_DISABLE"] = "1"
+            if "--device" not in s.argv and s.argv[:3] == fr and s.argv[3] in (
+                    "train", "speedrun", "profile", "table", "bench-kernels",
+                    "bench-loaders"):
+                s.argv += ["--device", "cpu"]
+    return steps
+
+
+# --------------------------------------------------------------------------- running
+
+def _tail(path: Path, n: int) -> list[str]:
+    try:
+        return path.read_text(errors="replace").strip().splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def run_step(step: Step, out: Path, limit: float) -> dict:
+    """Run one step; stdout and stderr go to OUT/<name>.log; never raises."""
+    rec = {"step": step.name, "cmd": " ".join(shlex.quote(c) for c in step.argv),
+           "limit_s": round(limit, 1), "log": f"{step.name}.log"}
+    if step.skip:
+        print(f"[{step.name}] {step.skip}", flush=True)
+        (out / rec["log"]).write_text(f"$ {rec['cmd']}\n{step.skip}\n")
+        return {**rec, "rc": step.skip, "seconds": 0.0}
+    if limit < MIN_START_S:
+        why = f"skipped: out of time (only {max(limit, 0):.0f} s left for it)"
+        print(f"[{step.name}] {why}", flush=True)
+        (out / rec["log"]).write_text(f"$ {rec['cmd']}\n{why}\n")
+        return {**rec, "rc": why, "seconds": 0.0}
+    print(f"[{step.name}] {rec['cmd']}  (limit {limit:.0f} s)", flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **step.env)
+    t0 = time.perf_counter()
+    log = out / rec["log"]
+    with open(log, "w") as f:
+        f.write(f"$ {rec['cmd']}\n")
+        f.flush()
+        # A new session, so a timeout ends the command's children (DataLoader workers,
+        # compile workers) with it.
+        proc = subprocess.Popen(step.argv, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            rc = "timeout"
+    dt = time.perf_counter() - t0
+    if rc == "timeout":
+        with open(log, "a") as f:
+            f.write(f"\n[device-check] stopped at its {limit:.0f} s limit\n")
+    print("\n".join(f"    {line}" for line in _tail(log, 12)), flush=True)
+    print(f"[{step.name}] rc={rc} in {dt:.0f} s", flush=True)
+    return {**rec, "rc": rc, "seconds": round(dt, 1)}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    for sig, wait in ((signal.SIGINT, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)    # the group this step started, nothing else
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _dali_importable(py: str) -> tuple[str | None, str]:
+    """(version, where) when `import nvidia.dali` works in a fresh interpreter; else
+    (None, why)."""
+    try:
+        p = subprocess.run([py, "-c", "import nvidia.dali as d, os; print(d.__version__, "
+                            "os.path.dirname(d.__file__))"], capture_output=True, text=True,
+                           timeout=120)
+    except subprocess.TimeoutExpired:
+        return None, "import nvidia.dali took over 120 s"
+    if p.returncode == 0:
+        v, _, where = p.stdout.strip().partition(" ")
+        return v, where
+    last = (p.stderr.strip().splitlines() or ["?"])[-1]
+    return None, last
+
+
+# --------------------------------------------------------------------------- results
+
+def _ok(rc) -> bool:
+    return rc == 0
+
+
+def summary_markdown(results: list[dict], *, total: float, dry: bool, env: dict | None,
+                     out: Path) -> str:
+    from fastres.tools._common import env_line, markdown_table
+
+    lines = [f"# fastres device-check{' (dry run, CPU)' if dry else ''}", ""]
+    if env:
+        e = env.get("environment", {})
+        lines += [env_line(e), "",
+                  f"nvidia-smi: {env.get('nvidia_smi')}", f"DALI: {env.get('dali_import')}",
+                  f"copy bandwidth: {env.get('copy_gbps')} GB/s; bf16 matmul: "
+                  f"{env.get('bf16_matmul', {}).get('tflops')} TFLOP/s", ""]
+    rows = [[r["stage"], r["step"], "ok" if _ok(r["rc"]) else str(r["rc"]),
+             f"{r['seconds']:.0f}", f"{r['limit_s']:.0f}"] for r in results]
+    lines += [markdown_table(["stage", "step", "result", "s", "limit s"], rows,
+                             align="llrrr"), "",
+              f"total {total:.0f} s; {sum(_ok(r['rc']) for r in results)} of {len(results)} "
+              f"steps ok", ""]
+    for r in results:
+        if isinstance(r["rc"], str) and r["rc"].startswith("skipped"):
+            continue
+        tail = [t for t in _tail(out / r["log"], 9) if t != f"$ {r['cmd']}"][-8:]
+        lines += [f"## {r['step']}", "", "```", f"$ {r['cmd']}", *tail, "```", ""]
+    return "\n".join(lines)
+
+
+def bundle(out: Path, dest: Path, results: list[dict], summary: str) -> list[Path]:
+    """At most BUNDLE_MAX_FILES files in `dest`: summary.md, report.txt (every log and text
+    result), results.json (every JSON), then plots while room is left."""
+    dest.mkdir(parents=True, exist_ok=True)
+    written = [dest / "summary.md"]
+    written[0].write_text(summary + "\n")
+    parts = [summary, ""]
+    for r in results:
+        log = out / r["log"]
+        text = log.read_text(errors="replace") if log.is_file() else "(no log)"
+        if len(text) > 2_000_000:       # keep the file well under the 16 MiB a file cap
+            text = text[:200_000] + "\n[... cut ...]\n" + text[-1_000_000:]
+        parts.append(f"===== {r['step']} (rc={r['rc']}, {r['seconds']} s) =====\n{text}")
+    for extra in sorted(out.rglob("*")):
+        if extra.suffix in (".md", ".csv") and extra.is_file() and extra.stat().st_size < 2e6:
+            parts.append(f"===== {extra.relative_to(out)} =====\n"
+                         f"{extra.read_text(errors='replace')}")
+    (dest / "report.txt").write_text("\n".join(parts))
+    written.append(dest / "report.txt")
+    merged = {"summary": results}
+    for js in sorted(out.rglob("*.json")):
+        if js.stat().st_size > 4e6:
+            merged[str(js.relative_to(out))] = f"skipped: {js.stat().st_size} bytes"
+            continue
+        try:
+            merged[str(js.relative_to(out))] = json.loads(js.read_text())
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+            merged[str(js.relative_to(out))] = f"unreadable: {e}"
+    (dest / "results.json").write_text(json.dumps(merged, indent=1, default=str))
+    written.append(dest / "results.json")
+    for png in sorted(out.rglob("*.png")):
+        if len(written) >= BUNDLE_MAX_FILES:
+            break
+        name = str(png.relative_to(out)).replace(os.sep, "_")
+        (dest / name).write_bytes(png.read_bytes())
+        written.append(dest / name)
+    return written
+
+
+# --------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from fastres.errors import ConfigError
+
+    if args.env_probe:
+        env_probe(Path(args.env_probe), args.probe_small)
+        return 0
+    if not args.out:
+        raise ConfigError("--out is required: the folder for every log and JSON")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        from fastres.errors import ConfigError
-
-        raise ConfigError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    if unknown or not stages:
+        raise ConfigError(f"unknown stage(s) {unknown or args.stages!r}; choose from "
+                          f"{', '.join(STAGES)}")
     budget = dict(BUDGET_S)
     for item in args.budget:
         k, _, v = item.partition("=")
-        budget[k] = float(v)
+        if k not in budget:
+            raise ConfigError(f"--budget {item!r}: unknown stage {k!r}; choose from "
+                              f"{', '.join(STAGES)}")
+        try:
+            budget[k] = float(v)
+        except ValueError:
+            raise ConfigError(f"--budget {item!r}: expected STAGE=SECONDS") from None
+    cap = args.total
+    if args.dry_run:
+        budget = {k: v * DRY_SLACK for k, v in budget.items()}
+        cap *= DRY_SLACK
+    if args.runs < 1:
+        raise ConfigError(f"--runs must be at least 1, got {args.runs}")
+    if args.data_dir and args.jpeg_pack:
+        raise ConfigError("give --data-dir or --jpeg-pack, not both")
+    if args.jpeg_pack and not (Path(args.jpeg_pack) / "prepare.py").is_file():
+        raise ConfigError(f"--jpeg-pack {args.jpeg_pack}: no prepare.py there (the folder "
+                          f"shared/data/cifar10-jpeg75, copied whole)")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        raise ConfigError(f"--data-dir {args.data_dir}: no such folder")
+    out = Path(args.out).resolve()
+    if out.is_dir() and any(out.iterdir()) or out.exists() and not out.is_dir():
+        # The training commands refuse to write over earlier runs, and the bundle would mix
+        # two checks' results: one check, one folder.
+        raise ConfigError(f"--out {out} is not empty (an earlier check?); give a new folder")
+    out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     repo = Path(__file__).resolve().parent.parent
-    results = []
-    t_start = time.time()
+    t_start = time.perf_counter()
 
-    data_dir = args.data_dir
-    if "speedrun" in stages and args.jpeg_pack and not data_dir:
+    def left() -> float:
+        return cap - (time.perf_counter() - t_start)
+
+    import torch
+
+    gpu = torch.cuda.is_available()
+    print(f"fastres device-check{' --dry-run (CPU rehearsal)' if args.dry_run else ''}: "
+          f"stages {','.join(stages)}; cap {cap:.0f} s; out {out}", flush=True)
+    if not gpu and not args.dry_run:
+        print("no CUDA device: GPU stages are skipped (--dry-run rehearses them on the CPU)")
+    results: list[dict] = []
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    needs_data = {"loaders", "speedrun", "table"} & set(stages)
+    if args.jpeg_pack and needs_data:
         data_dir = str(out / "data")
-        results.append(_run("prepare_data", [py, str(Path(args.jpeg_pack) / "prepare.py"),
-                                             data_dir], out, 120))
-
+        step = Step("prepare_data", [py, str(Path(args.jpeg_pack).resolve() / "prepare.py"),
+                                     data_dir], 1.0)
+        rec = run_step(step, out, min(PREPARE_S * (DRY_SLACK if args.dry_run else 1), left()))
+        results.append({"stage": "prepare", **rec})
+        if not _ok(rec["rc"]):
+            data_dir = None
+    dali = None
+    if "loaders" in stages:
+        version, where = _dali_importable(py)
+        dali = version
+        print(f"DALI: {version} from {where}" if version else
+              f"DALI: not importable ({where})", flush=True)
     for stage in stages:
-        limit = budget[stage]
-        if stage == "env":
-            results.append(_env_stage(out))
-        elif stage == "tests":
-            results.append(_run("tests", [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                                          str(repo / "tests"), "-m", "gpu"], out, limit))
-        elif stage == "kernels":
-            results.append(_run("kernels", [py, "-m", "fastres", "bench-kernels", "--json",
-                                            str(out / "kernels.json")], out, limit))
-        elif stage == "loaders":
-            results.append(_run("loaders", [py, "-m", "fastres", "bench-loaders", "--json",
-                                            str(out / "loaders.json")], out, limit))
-        elif stage == "profile":
-            results.append(_run("profile", [py, "-m", "fastres", "profile", "--model",
-                                            "airbench94", "--batch-size", "2000", "--compare",
-                                            "--memory-formats", "channels_last", "--steps",
-                                            "30", "--json", str(out / "profile.json")], out,
-                                limit))
-        elif stage == "speedrun":
-            if not data_dir:
-                results.append({"stage": "speedrun", "rc": "skipped (no --data-dir or "
-                                "--jpeg-pack)", "seconds": 0, "log": ""})
-                continue
-            cmd = [py, "-m", "fastres", "speedrun", "--preset", "speedrun", "--data-dir",
-                   data_dir, "--runs", str(args.runs), "--out", str(out / "speedrun")]
-            results.append(_run("speedrun", cmd + shlex.split(args.speedrun_args), out, limit))
-
-    total = time.time() - t_start
-    (out / "summary.json").write_text(json.dumps({"stages": results, "seconds": total},
-                                                 indent=2))
+        stage_end = time.perf_counter() + min(budget[stage], max(0.0, left()))
+        steps = plan(stage, out=out, py=py, repo=repo, data_dir=data_dir, runs=args.runs,
+                     dry=args.dry_run, limit=min(budget[stage], left()), dali=dali, gpu=gpu)
+        for i, step in enumerate(steps):
+            # This step's limit: its share of the stage's time left, against the shares of
+            # the steps after it; time a step leaves unused flows on to the next ones.
+            later = sum(s.share for s in steps[i + 1:] if not s.skip)
+            limit = (stage_end - time.perf_counter()) * step.share / (step.share + later)
+            results.append({"stage": stage, **run_step(step, out, min(limit, left()))})
+    total = time.perf_counter() - t_start
+    env = None
+    if (out / "env.json").is_file():
+        try:
+            env = json.loads((out / "env.json").read_text())
+        except json.JSONDecodeError:
+            env = None
+    summary = summary_markdown(results, total=total, dry=args.dry_run, env=env, out=out)
+    (out / "summary.json").write_text(json.dumps({"dry_run": args.dry_run, "seconds": total,
+                                                  "steps": results}, indent=2) + "\n")
+    (out / "summary.md").write_text(summary + "\n")
     print("\n== device check summary ==")
     for r in results:
-        print(f"  {r['stage']:<14} rc={str(r['rc']):<10} {r['seconds']:>6} s   {r['log']}")
-    print(f"  total {total:.0f} s; logs in {out}")
+        res = "ok" if _ok(r["rc"]) else str(r["rc"])
+        print(f"  {r['stage']:<9} {r['step']:<17} {res:<44.44} {r['seconds']:>5.0f} s")
+    failed = [r["step"] for r in results if not _ok(r["rc"])
+              and not str(r["rc"]).startswith("skipped")]
+    print(f"  total {total:.0f} s of a {cap:.0f} s cap; "
+          f"{'all steps ok' if not failed else 'failed: ' + ', '.join(failed)}; logs in {out}")
     if args.bundle:
-        _bundle(out, Path(args.bundle))
-    return 0 if all(r["rc"] == 0 for r in results) else 1
+        files = bundle(out, Path(args.bundle), results, summary)
+        print(f"  bundle: {len(files)} files in {args.bundle}: "
+              f"{', '.join(f.name for f in files)}")
+    return 0 if not failed else 1
 
 
 if __name__ == "__main__":
