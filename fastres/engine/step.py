@@ -226,7 +226,7 @@ class TrainStep:
     def _gather_groups(self) -> list[_Group]:
         groups = []
         for oi, opt in enumerate(self.optimizers.optimizers):
-            kind = ("triton" if opt.__class__.__name__ == "FusedSGD" else
+            kind = ("triton" if self.cfg.optim.impl == "triton" else  # FusedSGD
                     "muon" if isinstance(opt, Muon) else
                     "adam" if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) else "sgd")
             for g in opt.param_groups:
@@ -241,7 +241,7 @@ class TrainStep:
     def _build_tables(self) -> None:
         """Per-step values of every schedule, as device tables indexed by the step counter
         (rows: parameter groups for lr). Computed once from the pure schedule functions."""
-        s, o = self.cfg.schedule, self.cfg.optim
+        s = self.cfg.schedule
         n = max(self.total, 1)
         factor = [lr_factor(t, self.total, s, self.phase2) for t in range(n)]
         whiten = [whiten_bias_factor(t, self.whiten_steps) for t in range(n)]
@@ -409,19 +409,15 @@ class TrainStep:
         else:
             state = g.state
         grads = [p.grad for p in ps]
-        impl = o.impl
+        impl = o.impl  # fused never meets a momentum schedule: config.validate refuses it
         if g.kind == "sgd":
             m = momentum if momentum is not None else group["momentum"]
-            if impl == "fused" and isinstance(m, Tensor):
-                impl = "foreach"  # a momentum schedule needs the tensor form
             sgd_update_(ps, grads, state.get("momentum_buffer"), lr=lr, momentum=m,
                         weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                         impl=impl)
         elif g.kind == "adam":
             beta1, beta2 = group["betas"]
             b1 = momentum if momentum is not None else beta1
-            if impl == "fused" and isinstance(b1, Tensor):
-                impl = "foreach"
             adam_update_(ps, grads, state["exp_avg"], state["exp_avg_sq"], state["step"],
                          lr=lr, beta1=b1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"],
