@@ -28,6 +28,7 @@ imports Triton unless it is importable.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -131,3 +132,34 @@ def _install_interpreter_harness() -> None:
 
 if INTERPRET_AT_IMPORT:
     _install_interpreter_harness()
+
+
+# ------------------------------------------------------------------ launches
+
+_stub_depth = 0  # > 0 inside `stub_launches`
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """Launch a Triton kernel (every fastres launch goes through here), or do nothing
+    inside `stub_launches`."""
+    if _stub_depth:
+        return
+    kernel.run(*args, grid=grid, warmup=False, **meta)
+
+
+def stubbed() -> bool:
+    return _stub_depth > 0
+
+
+@contextlib.contextmanager
+def stub_launches():
+    """Inside the block every fused op takes the kernel path on any device (CPU tensors
+    too, interpreter or not) and skips the launches themselves, leaving outputs (and, for
+    FusedSGD, parameters) as they were: what `bench-kernels --host` uses to time the Python
+    host path alone, on any machine with Triton installed. Nests."""
+    global _stub_depth
+    _stub_depth += 1
+    try:
+        yield
+    finally:
+        _stub_depth -= 1

@@ -275,29 +275,7 @@ def _bwd_plan(key: tuple) -> _Plan:
     return p
 
 
-def _launch(kernel, grid, *args, **meta) -> None:
-    kernel.run(*args, grid=grid, warmup=False, **meta)
-
-
-def _no_launch(kernel, grid, *args, **meta) -> None:
-    return None
-
-
-_stubbed = False
-
-
-@contextlib.contextmanager
-def stub_launches():
-    """Inside the block every call takes the kernel path on any device (CPU tensors too,
-    interpreter or not) and skips the launches themselves, leaving the outputs
-    uninitialised: what `bench-kernels --host` uses to time the Python host path alone, on
-    any machine with Triton installed."""
-    global _launch, _stubbed
-    previous, _launch, _stubbed = _launch, _no_launch, True
-    try:
-        yield
-    finally:
-        _launch, _stubbed = previous, False
+stub_launches = _env.stub_launches  # re-exported: `bench-kernels --host`
 
 
 # ============================================================================== launchers
@@ -337,17 +315,17 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     mask = torch.empty((M, plan.CB), device=device, dtype=torch.uint8) if store_mask else None
     dummy = y
     if training:
-        _launch(_k.bn_fwd_stats_kernel, plan.grid_red, x, plan.part, plan.counter, stats,
-                running_mean if update else dummy, running_var if update else dummy,
-                nbt if nbt is not None else dummy, M, C, plan.ncb, plan.P, plan.rpp,
-                0.0 if momentum is None else float(momentum), float(eps), **plan.meta_red)
-    _launch(_k.bn_fwd_apply_kernel, plan.grid_ew, x,
-            residual if residual is not None else dummy, y,
-            mask if mask is not None else dummy, stats if training else dummy,
-            running_mean if not training else dummy, running_var if not training else dummy,
-            stats if store_stats else dummy, weight if weight is not None else dummy,
-            bias if bias is not None else dummy, nbt if inc_nbt else dummy,
-            M, C, plan.CB, plan.ncb, float(eps), **plan.meta_ew)
+        _env.launch(_k.bn_fwd_stats_kernel, plan.grid_red, x, plan.part, plan.counter, stats,
+                    running_mean if update else dummy, running_var if update else dummy,
+                    nbt if nbt is not None else dummy, M, C, plan.ncb, plan.P, plan.rpp,
+                    0.0 if momentum is None else float(momentum), float(eps), **plan.meta_red)
+    _env.launch(_k.bn_fwd_apply_kernel, plan.grid_ew, x,
+                residual if residual is not None else dummy, y,
+                mask if mask is not None else dummy, stats if training else dummy,
+                running_mean if not training else dummy, running_var if not training else dummy,
+                stats if store_stats else dummy, weight if weight is not None else dummy,
+                bias if bias is not None else dummy, nbt if inc_nbt else dummy,
+                M, C, plan.CB, plan.ncb, float(eps), **plan.meta_ew)
     return y, mask, stats
 
 
@@ -398,16 +376,16 @@ def _backward(dy: Tensor, x: Tensor, mask: Optional[Tensor], residual: Optional[
     res_ = residual if residual is not None else dummy
     w_ = weight if weight is not None else dummy
     b_ = bias if bias is not None else dummy
-    _launch(_k.bn_bwd_reduce_kernel, plan.grid_red, dy, x, mask_, res_, stats, w_, b_,
-            dres if dres is not None else dummy, dx if store_dx else dummy,
-            plan.part if need_sums else dummy, plan.counter if need_sums else dummy,
-            plan.sums if need_sums else dummy, dw if dw is not None else dummy,
-            db if db is not None else dummy, M, C, plan.CB, plan.ncb, plan.P, plan.rpp,
-            **plan.meta_red)
+    _env.launch(_k.bn_bwd_reduce_kernel, plan.grid_red, dy, x, mask_, res_, stats, w_, b_,
+                dres if dres is not None else dummy, dx if store_dx else dummy,
+                plan.part if need_sums else dummy, plan.counter if need_sums else dummy,
+                plan.sums if need_sums else dummy, dw if dw is not None else dummy,
+                db if db is not None else dummy, M, C, plan.CB, plan.ncb, plan.P, plan.rpp,
+                **plan.meta_red)
     if training and needs_dx:
-        _launch(_k.bn_bwd_dx_kernel, plan.grid_ew, dy, x, mask_, res_,
-                dres if plan.dz_stored else dummy, stats, w_, b_, plan.sums, dx,
-                M, C, plan.CB, plan.ncb, **plan.meta_ew)
+        _env.launch(_k.bn_bwd_dx_kernel, plan.grid_ew, dy, x, mask_, res_,
+                    dres if plan.dz_stored else dummy, stats, w_, b_, plan.sums, dx,
+                    M, C, plan.CB, plan.ncb, **plan.meta_ew)
     return dx, dres, dw, db
 
 
@@ -578,15 +556,7 @@ def _check_args(x, weight, bias, running_mean, running_var, training, momentum, 
                 act, num_batches_tracked) -> None:
     if act not in _ACT_IDS:
         check_act(act)
-    check_layout(x, "the input")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ConfigError(f"fused BN-act takes float32/bfloat16/float16/float64 input, got "
-                          f"{x.dtype}")
-    if residual is not None:
-        if residual.shape != x.shape:
-            raise ConfigError(f"residual shape {tuple(residual.shape)} must equal the input "
-                              f"shape {tuple(x.shape)} (no broadcasting in the fused kernel)")
-        check_layout(residual, "the residual")
+    _check_input(x, residual, training)
     C = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
@@ -596,9 +566,6 @@ def _check_args(x, weight, bias, running_mean, running_var, training, momentum, 
         raise ConfigError("pass both running_mean and running_var, or neither")
     if not training and running_mean is None:
         raise ConfigError("eval mode (training=False) needs running_mean and running_var")
-    if training and (x.numel() // C if C else 0) <= 1:
-        raise ConfigError(f"expected more than 1 value per channel when training, got input "
-                          f"of shape {tuple(x.shape)}")
     if training and running_mean is not None and momentum is None \
             and num_batches_tracked is None:
         raise ConfigError("momentum=None (cumulative average) needs num_batches_tracked")
@@ -637,7 +604,7 @@ def fused_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     """
     _check_args(x, weight, bias, running_mean, running_var, training, momentum, residual,
                 act, num_batches_tracked)
-    if not (_stubbed or _env.use_triton(x.device)):
+    if not (_env.stubbed() or _env.use_triton(x.device)):
         return bn_act_reference(x, weight, bias, running_mean, running_var, training,
                                 momentum, eps, residual, act,
                                 num_batches_tracked=num_batches_tracked)
@@ -667,7 +634,7 @@ class FusedBatchNormAct2d(BatchNormAct2d):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"expected 4D input (got {x.dim()}D input)")
-        if not (_stubbed or _env.use_triton(x.device)):
+        if not (_env.stubbed() or _env.use_triton(x.device)):
             check_layout(x, "the input")
             if residual is not None:
                 check_layout(residual, "the residual")

@@ -46,7 +46,6 @@ momentum as device tensors if a schedule changes them.
 """
 from __future__ import annotations
 
-import contextlib
 import operator
 from typing import Iterable, Optional, Sequence
 
@@ -77,28 +76,7 @@ _data_ptr = Tensor.data_ptr
 _get_grad = operator.attrgetter("grad")
 
 
-def _launch(kernel, grid, *args, **meta) -> None:
-    kernel.run(*args, grid=grid, warmup=False, **meta)
-
-
-def _no_launch(kernel, grid, *args, **meta) -> None:
-    return None
-
-
-_stubbed = False
-
-
-@contextlib.contextmanager
-def stub_launches():
-    """Inside the block steps take the kernel path on any device and skip the launches
-    themselves (parameters are left as they were): what `bench-kernels --host` uses to
-    time the Python host path of a step alone, on any machine with Triton installed."""
-    global _launch, _stubbed
-    previous, _launch, _stubbed = _launch, _no_launch, True
-    try:
-        yield
-    finally:
-        _launch, _stubbed = previous, False
+stub_launches = _env.stub_launches  # re-exported: `bench-kernels --host`
 
 
 def _block_and_grid(device: torch.device, n_work: int) -> tuple[int, int, int]:
@@ -339,7 +317,7 @@ class FusedSGD(torch.optim.Optimizer):
         kind = (type(lr) is Tensor, type(momentum) is Tensor or momentum != 0,
                 type(momentum) is Tensor, bool(group["nesterov"]), wd != 0,
                 decay is not None, type(decay) is Tensor, group.get("dampening", 0.0),
-                bool(params) and (_stubbed or _env.use_triton(params[0].device)))
+                bool(params) and (_env.stubbed() or _env.use_triton(params[0].device)))
         plan = self._plans.get(gi)
         grads = list(map(_get_grad, params))
         if plan is None or plan.kind != kind or len(plan.grads) != len(grads) \
@@ -357,14 +335,14 @@ class FusedSGD(torch.optim.Optimizer):
         alpha = 0.0 if decay is None or kind[6] else 1.0 - float(decay)
         for launch in plan.launches:
             dummy = launch.table
-            _launch(_k.sgd_ema_kernel, launch.grid, launch.work_tensor, launch.work_start,
-                    launch.table, len(launch.items), launch.n_work,
-                    grad_scale if grad_scale is not None else dummy,
-                    found_inf if found_inf is not None else dummy,
-                    lr if kind[0] else dummy, momentum if kind[2] else dummy,
-                    decay if kind[6] else dummy, lr_f, mom_f, float(wd), alpha,
-                    HAS_SCALE=grad_scale is not None and launch.has_grad,
-                    HAS_FOUND_INF=found_inf is not None, **launch.meta)
+            _env.launch(_k.sgd_ema_kernel, launch.grid, launch.work_tensor, launch.work_start,
+                        launch.table, len(launch.items), launch.n_work,
+                        grad_scale if grad_scale is not None else dummy,
+                        found_inf if found_inf is not None else dummy,
+                        lr if kind[0] else dummy, momentum if kind[2] else dummy,
+                        decay if kind[6] else dummy, lr_f, mom_f, float(wd), alpha,
+                        HAS_SCALE=grad_scale is not None and launch.has_grad,
+                        HAS_FOUND_INF=found_inf is not None, **launch.meta)
         if plan.fallback:
             with torch.no_grad():
                 self._fallback_step(plan, group, decay, grad_scale, found_inf)

@@ -381,7 +381,7 @@ def test_kill_switch_selects_reference(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("kernel launched despite FASTRES_KERNELS=0")
 
-    monkeypatch.setattr(K, "_launch", boom)
+    monkeypatch.setattr(K._env, "launch", boom)
     monkeypatch.setenv("FASTRES_KERNELS", "0")
     assert not kernels_enabled()
     ref, fus = _make(6, cls=BatchNormAct2d), _make(6)

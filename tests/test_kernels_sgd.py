@@ -321,7 +321,7 @@ def test_kill_switch_runs_the_foreach_reference(monkeypatch):
         oa.step(found_inf=torch.tensor(float(step == 1), device=DEVICE))
         with monkeypatch.context() as m:
             m.setenv("FASTRES_KERNELS", "0")
-            m.setattr(S, "_launch", boom)
+            m.setattr(S._env, "launch", boom)
             assert not kernels_enabled()
             ob.step(found_inf=torch.tensor(float(step == 1), device=DEVICE))
     for a, b in zip(pa + oa.ema_params(), pb + ob.ema_params()):

@@ -92,6 +92,24 @@ def csv_list(text: str, what: str) -> list[str]:
     return items
 
 
+def device_arg(name: str):
+    """A tool's --device value as a torch.device: auto (cuda when present), cpu, cuda,
+    cuda:N; a one-line error for a malformed name or CUDA asked for without a device."""
+    import torch
+
+    from fastres.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return dev
+
+
 # --------------------------------------------------------------------------- numbers
 
 def summarize(values: Iterable[float | None]) -> dict:

@@ -101,18 +101,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------ helpers
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from fastres.errors import ConfigError
-
-        raise ConfigError("--device cuda asked for, but no CUDA device is available; "
-                          "use --device cpu")
-    return dev
-
-
 def _parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
     from fastres.errors import ConfigError
 
@@ -519,7 +507,9 @@ def _write(path: Optional[str], payload: dict) -> None:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    device = _device(args.device)
+    from fastres.tools._common import device_arg
+
+    device = device_arg(args.device)
     threads = torch.get_num_threads()
     if args.threads and device.type != "cuda":
         torch.set_num_threads(args.threads)

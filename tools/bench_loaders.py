@@ -188,15 +188,11 @@ def main(argv=None) -> int:
     from fastres.pipelines.base import check_augment
     from fastres.pipelines.dali import dali_available
     from fastres.bench import environment
+    from fastres.tools._common import device_arg
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {args.device}: CUDA is not available here")
+    device = device_arg(args.device)
     gpu = device.type == "cuda"
     dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "fp32": torch.float32,
              "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]

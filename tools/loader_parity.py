@@ -333,13 +333,9 @@ def main(argv=None) -> int:
     from fastres.bench import environment
     from fastres.errors import ConfigError, unknown_choice
     from fastres.pipelines.dali import dali_available
+    from fastres.tools._common import device_arg
 
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {args.device}: CUDA is not available here")
+    device = device_arg(args.device)
     gpu = device.type == "cuda"
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     for c in cases:
