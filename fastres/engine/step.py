@@ -218,6 +218,13 @@ class TrainStep:
             kw = dict(fullgraph=fullgraph, mode=mode)
             self._compiled = (torch.compile(self._phase1_step, **kw),
                               torch.compile(self._phase2_step, **kw))
+            if r.cuda_graph == "on":
+                # The step mutates its state in place (optimizer state, EMA, tables'
+                # counter, sums): CUDA-graph trees replay such a graph only when the
+                # mutated tensors have fixed addresses, as torch's compiled optimizers
+                # mark theirs. (Parameters and module buffers are static already.)
+                for t in self._state_tensors():
+                    torch._dynamo.mark_static_address(t)
         self._frozen = None
         self.train_mode()
 
@@ -293,8 +300,7 @@ class TrainStep:
         if self._compiled is not None:
             if on_phase is not None:
                 on_phase("step")
-            with _trace_autograd():
-                out = self._compiled[1 if frozen else 0](x, y)
+            out = _traced_call(self._compiled[1 if frozen else 0], x, y)
         else:
             out = self._body(x, y, on_phase)
         self.step += 1
@@ -435,6 +441,18 @@ class TrainStep:
         if g.index not in cache:
             cache[g.index] = shape_groups(g.params)
         return cache[g.index]
+
+    def _state_tensors(self) -> list[Tensor]:
+        """Every tensor the step keeps besides the model's own: optimizer and EMA state,
+        schedule tables, counters, sums, the loss scale."""
+        out = [t for g in self._groups for vs in g.state.values() for t in vs]
+        if self._ema_pairs is not None:
+            out += list(self._ema_pairs[0]) + [s for s, _ in self._ema_pairs[2]]
+        out += [t for t in (self._lr, self._momentum, self._ema_decay) if t is not None]
+        out += [self._t, self._loss_sum, self._correct, self._first_bad, self._skipped]
+        if self.scaler is not None:
+            out += [self.scaler.scale, self.scaler.growth_tracker]
+        return out
 
     def _guarded_tensors(self) -> list[Tensor]:
         """What a skipped (fp16, non-finite) step must leave unchanged."""
@@ -614,11 +632,17 @@ def _check_step_compile(cfg: Config, dist: Dist) -> None:
                           "run.compile=step use optim.impl=foreach or fused")
 
 
-@contextlib.contextmanager
-def _trace_autograd():
-    """Let Dynamo trace `loss.backward()` into the step's graph (torch >= 2.11)."""
-    with torch._dynamo.config.patch(trace_autograd_ops=True):
-        yield
+def _traced_call(fn, x: Tensor, y: Tensor):
+    """Call a compiled step with Dynamo allowed to trace `loss.backward()` into its graph
+    (torch >= 2.11; read when Dynamo compiles). Set and restored directly: ~1 us, where
+    `torch._dynamo.config.patch` costs ~30-60 us, a host cost paid every step."""
+    config = torch._dynamo.config
+    previous = config.trace_autograd_ops
+    config.trace_autograd_ops = True
+    try:
+        return fn(x, y)
+    finally:
+        config.trace_autograd_ops = previous
 
 
 class _SkipGuard:
