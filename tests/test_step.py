@@ -37,7 +37,7 @@ from fastres.engine import EMA, TrainStep, build_model, build_optimizers
 from fastres.engine.evaluate import autocast_for
 from fastres.engine.optim import Muon, zeropower_newton_schulz
 from fastres.engine.schedules import lr_factor, phase2_start, total_steps, whiten_bias_factor
-from fastres.engine.step import set_bn_frozen
+from fastres.engine.step import micro_batches, set_bn_frozen
 from fastres.errors import ConfigError
 
 STEPS_PER_EPOCH = 2
@@ -141,9 +141,8 @@ def run_reference_loop(cfg: C.Config, data) -> dict:
         for g in opts.param_groups:
             f = whiten_bias_factor(step, whiten_steps) if g["role"] == "whiten_bias" else factor
             g["lr"] = 0.0 if (g["role"] == "norm" and step >= p2) else g["base_lr"] * f
-        micro = cfg.run.micro_batch or len(y)
-        for start in range(0, len(y), micro):
-            xs, ys = x[start:start + micro], y[start:start + micro]
+        for start, stop in micro_batches(len(y), cfg.run.micro_batch or 0):
+            xs, ys = x[start:stop], y[start:stop]
             with autocast_for("cpu", cfg.run.precision):
                 loss = F.cross_entropy(model(xs).float(), ys, label_smoothing=o.label_smoothing,
                                        reduction=o.loss_reduction)
@@ -158,6 +157,13 @@ def run_reference_loop(cfg: C.Config, data) -> dict:
 
 
 PRESETS = ["speedrun", "resnet-paper", "seed"]
+
+
+def test_micro_batches_are_as_equal_as_possible():
+    assert micro_batches(2000, 500) == [(0, 500), (500, 1000), (1000, 1500), (1500, 2000)]
+    assert micro_batches(512, 500) == [(0, 256), (256, 512)]
+    assert micro_batches(32, 12) == [(0, 11), (11, 22), (22, 32)]
+    assert micro_batches(8, 0) == micro_batches(8, 8) == micro_batches(8, 100) == [(0, 8)]
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -1,4 +1,4 @@
-"""`fastres speedrun`, `fastres profile` and `fastres table` on the CPU smoke preset.
+"""`fastres speedrun` and `fastres profile` on the CPU smoke preset.
 
 What is checked: each tool runs end to end on a tiny synthetic CIFAR-10 written in the real
 on-disk format, its outputs exist with the documented keys, columns and rows (PNG, JSON,

@@ -1,37 +1,52 @@
-"""`fastres table`: the reference article's CIFAR-10 results table, reproduced and completed.
+"""`fastres table`: the reference article's CIFAR-10 results table, filled by one command.
 
-    fastres table                                    # counts + article figures, no accuracy
-    fastres table --runs runs/                       # every finished run under runs/
-    fastres table --models resnet20,resnet56 --launch --preset resnet-paper \\
-                  --data-dir data --epochs 30 --out table.md
+    fastres table                                        # params, FLOPs, article figures
+    fastres table --train --models resnet20,resnet56 --recipes seed,fast \\
+                  --data-dir data --out runs/table       # train the missing rows, then write
+    fastres table --train --models resnet20 --recipes seed,fast --epochs 10 \\
+                  --data-dir data --out runs/table-10ep  # both recipes at an equal length
+    fastres table --runs runs/ --out runs/table          # finished runs from elsewhere too
 
-For each model: Top-1 and Top-5 test accuracy (mean ± std over its runs), parameters,
-forward FLOPs at 32x32 with the multiply-adds (MACs = FLOPs / 2) beside them, the training
-time (the trainer's timed region, in minutes: the column the article left empty) and the
-device it was measured on; then the article's printed Top-1, Top-5, parameters and FLOPs,
-and our Top-1 minus the article's, so the differences are in plain sight.
+One row per (model, recipe). A recipe is a preset, or `fast`, whose preset depends on the
+model's family (`fastres.config.FAMILY_RECIPES`: `fast` for He et al.'s CIFAR ResNets,
+`fast-preact`, `fast-googlenet`, `fast-vgg`). With --train, each row is a run directory
+OUT/MODEL/RECIPE trained by its own `python -m fastres train` process (so a failing row
+cannot take the others down): a finished row (result.json) is read, never re-trained; a
+partial one (a checkpoint, no result) continues with --resume; a row that failed is
+reported and the others go on. Running the same command again finishes what is left.
 
-Accuracy and time come from finished run directories (config.json, result.json, env.json
-as `fastres train` writes them): --runs takes run directories or folders holding them.
---launch trains, in this process and one after another, every listed model that has no
-finished run yet, into LAUNCH_DIR/MODEL (read back like any other run, so an interrupted
-table picks up where it stopped). Writes Markdown (--out) and CSV (same name, .csv).
+--epochs sets every row's length, with each recipe's phase 2 kept at the same fraction of
+the run (`fastres.config.with_epochs`: seed's last 10 of 60 epochs become the last 10/6 of
+10). --scale smoke shrinks every row to seconds (64 training images, 2 epochs) for tests.
+--budget-min stops launching rows when the budget is spent and stops a row that runs past
+it with SIGTERM (the trainer checkpoints; the next call resumes it).
+
+Writes OUT/table.md (conventions at the top: device, data, what the training time
+includes), OUT/table.csv and OUT/table.png (Top-1 against training time, one marker per
+row, one colour per recipe). Each row's training log is OUT/logs/MODEL-RECIPE.log.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
+import shlex
+import signal
+import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
-from fastres.tools._common import (add_config_args, check_model, config_from, csv_list, fmt,
-                                   markdown_table, pct, summarize)
+from fastres.tools._common import (check_model, csv_list, env_line, fmt, markdown_table, pct,
+                                   summarize)
 
 # The article's table, in its order (VGG-16 is its ImageNet reference row).
 ARTICLE_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202",
                   "preact_resnet18", "googlenet_cifar", "vgg16")
+DEFAULT_RECIPES = ("seed", "fast")
 # The article's printed Top-1 / Top-5 (%), shared/REFERENCE.md; used where the model
 # registry's `article` figures do not carry them (it holds params_m and gflops).
 ARTICLE_ACCURACY = {
@@ -40,35 +55,72 @@ ARTICLE_ACCURACY = {
     "resnet110": ("92.65", "99.22"), "resnet1202": ("92.84", "99.26"),
     "preact_resnet18": ("90.77", "98.63"), "googlenet_cifar": ("91.22", "98.90"),
 }
-CSV_FIELDS = ("model", "runs", "top1", "top1_std", "top5", "top5_std", "tta_top1", "params",
-              "params_m", "flops", "gflops", "gmacs", "train_min", "train_min_std", "epochs",
-              "device", "article_top1", "article_top5", "article_params_m", "article_gflops",
-              "delta_top1", "run_dirs", "notes")
+# --scale smoke: every row cut to seconds on a 2-core CPU (4 steps of 32 images, phase 2
+# included, one evaluation at the end); its accuracy means nothing, the point is the whole
+# path (train, resume, read, write).
+SMOKE = {"data": {"train_limit": 64, "test_limit": 32, "batch_size": 32,
+                  "eval_batch_size": 32, "workers": 0}, "run": {"eval_every": 0.0}}
+SMOKE_EPOCHS = 2.0
+# Fixed for every row the table trains: a checkpoint every epoch, so a row stopped
+# mid-run (budget, Ctrl-C, a crash) loses at most one epoch.
+ROW_RUN = {"checkpoint_every": 1}
+# Fields a run may change between its start and a --resume (the trainer's own list), and
+# those the table leaves out of the per-row command because it passes them as flags.
+_EXEMPT = {("run", "out_dir"), ("run", "progress"), ("data", "data_dir"),
+           ("data", "download"), ("data", "workers")}
+JPEG_NOTE = ("the JPEG-75 copy of CIFAR-10 that this project's machines hold scores ~3 "
+             "points below the official files")
+CSV_FIELDS = ("model", "recipe", "preset", "status", "runs", "top1", "top1_std", "top5",
+              "top5_std", "tta", "tta_top1", "article_top1", "article_top5", "delta_top1",
+              "train_min", "train_min_std", "img_per_s", "epochs", "params", "params_m",
+              "article_params_m", "flops", "gflops", "gmacs", "article_gflops", "device",
+              "data_official", "test_images", "run_dirs", "notes")
+HEADERS = ("Model", "Recipe", "Top-1 %", "Top-5 %", "TTA Top-1 %", "Article Top-1/5",
+           "Δ Top-1", "Time (min)", "img/s", "Epochs", "Params (M)", "Article params (M)",
+           "GFLOPs", "Article GFLOPs", "Device", "Data", "Status")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fastres table", description="The reference article's results table for any "
-        "list of models: accuracy, params, FLOPs/MACs, training time, device, beside the "
-        "article's printed figures.", formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Example:\n  fastres table --models resnet20,resnet56 --launch --preset "
-               "resnet-paper --data-dir data --epochs 30 --out table.md")
+        prog="fastres table", description="The reference article's CIFAR-10 results table, "
+        "one row per (model, recipe): Top-1, Top-5, parameters, FLOPs and training time "
+        "beside the article's figures; --train trains the rows that are missing.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example:\n  fastres table --train --models resnet20,resnet56 --recipes "
+               "seed,fast --data-dir data --out runs/table")
     p.add_argument("--models", help="comma-separated model names (default: the models of "
-                   "the runs given, else the article's: " + ",".join(ARTICLE_MODELS) + ")")
+                   "the runs found, else the article's: " + ",".join(ARTICLE_MODELS) + ")")
+    p.add_argument("--recipes", help="comma-separated recipes: `fast` (ours, per model "
+                   "family) or any preset (default: the recipes of the runs found, else "
+                   + ",".join(DEFAULT_RECIPES) + ")")
+    p.add_argument("--out", default="runs/table", metavar="DIR",
+                   help="table folder: table.md, table.csv, table.png, and the rows' run "
+                        "directories OUT/MODEL/RECIPE (default runs/table)")
     p.add_argument("--runs", nargs="+", default=[], metavar="DIR",
-                   help="finished run directories, or folders searched for them")
-    p.add_argument("--out", default="table.md", metavar="FILE",
-                   help="Markdown output (default table.md); the CSV goes beside it")
-    p.add_argument("--csv", metavar="FILE", help="CSV output (default: --out with .csv)")
-    lg = p.add_argument_group("launching the missing runs")
-    lg.add_argument("--launch", action="store_true",
-                    help="train every listed model that has no finished run, in this process")
-    lg.add_argument("--launch-dir", default="runs/table", metavar="DIR",
-                    help="where launched runs go, one folder per model (default runs/table); "
-                         "finished runs already there are reused")
-    add_config_args(p, preset="resnet-paper",
-                    fields=("data-dir", "download", "epochs", "batch-size", "loader",
-                            "fused-kernels", "seed", "device", "precision", "compile"))
+                   help="also read finished runs from these run directories or folders "
+                        "(their recipe is recognised from their config, else 'custom')")
+    tg = p.add_argument_group("training the missing rows")
+    tg.add_argument("--train", action="store_true",
+                    help="train every listed row OUT/MODEL/RECIPE that is not finished "
+                         "(resuming partial ones), one process per row")
+    tg.add_argument("--scale", choices=("full", "smoke"), default="full",
+                    help="full: the recipes as registered; smoke: a few seconds per row "
+                         "(64 train / 32 test images, 2 epochs) for tests")
+    tg.add_argument("--epochs", type=float, help="every row's length in epochs (phase 2 "
+                    "scaled to the same fraction of the run); default: each recipe's own")
+    tg.add_argument("--budget-min", type=float, metavar="M",
+                    help="wall-clock minutes for training: no row starts after them, and a "
+                         "row running past them is stopped with a checkpoint (resumable)")
+    tg.add_argument("--data-dir", help="folder with cifar-10-batches-py/ or the .tar.gz")
+    tg.add_argument("--download", action="store_true",
+                    help="download the official archive into --data-dir if missing")
+    tg.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    tg.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
+    tg.add_argument("--compile", choices=("auto", "on", "step", "off"))
+    tg.add_argument("--seed", type=int, help="random seed")
+    tg.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="SECTION.KEY=VALUE", help="override a config field in every row "
+                    "(repeatable; `fastres train --help-config` lists them)")
     return p
 
 
@@ -81,11 +133,12 @@ def _load_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable run record ({e}); re-run that training or leave "
-                        "its directory out of --runs") from None
+                        "its directory out") from None
 
 
-def read_run(run_dir: str | Path) -> dict:
-    """One finished run: model, accuracy, timing and device from its record files."""
+def read_run(run_dir: str | Path, recipe: str | None = None) -> dict:
+    """One finished run: model, recipe, accuracy, timing and device from its record files.
+    `recipe`: known from the table's layout; None = recognised from the config."""
     run_dir = Path(run_dir)
     cfg = _load_json(run_dir / "config.json")
     res = _load_json(run_dir / "result.json")
@@ -93,13 +146,14 @@ def read_run(run_dir: str | Path) -> dict:
     data = env.get("data") or {}
     return {
         "dir": str(run_dir), "model": cfg["model"]["name"],
+        "recipe": recipe or recipe_of(cfg), "config": cfg,
         "kwargs": cfg["model"].get("kwargs") or {}, "dataset": cfg["data"]["dataset"],
         "test_limit": cfg["data"].get("test_limit", 0), "top1": res["top1"],
-        "top5": res["top5"], "tta_top1": res.get("tta_top1"), "timed_s": res["timed_s"],
+        "top5": res["top5"], "tta": res.get("tta") or "none", "tta_top1": res.get("tta_top1"),
+        "timed_s": res["timed_s"], "img_per_s": res.get("img_per_s"),
         "epochs": res.get("epochs"), "device": res.get("device") or env.get("device"),
-        "test_size": data.get("test_size"),
-        "world_size": res.get("world_size", 1), "official": data.get("official"),
-        "git_sha": env.get("git_sha"),
+        "test_size": data.get("test_size"), "world_size": res.get("world_size", 1),
+        "official": data.get("official"), "env": env,
     }
 
 
@@ -120,33 +174,270 @@ def find_runs(paths) -> list[dict]:
     return runs
 
 
-def launch(models: list[str], args, have: set[str]) -> list[str]:
-    """Train each model not in `have` into LAUNCH_DIR/MODEL; return their run directories."""
+def recipe_of(cfg: dict) -> str:
+    """The recipe a recorded config was trained with: the first recipe whose preset (for
+    the model's family) has the same optimizer settings and schedule shape, else 'custom'.
+    Lengths, data (limits, batch) and run settings may differ: a shorter run, or the smoke
+    scale's, is the same recipe."""
     from fastres import config as C
-    from fastres.engine import build, load_data, resolve_for, train
+    from fastres.errors import ConfigError
+    from fastres.models import list_models, model_info
 
-    todo = [m for m in models if m not in have]
+    name = cfg.get("model", {}).get("name")
+    family = model_info(name)["family"] if name in list_models() else None
+    shape = ("lr_schedule", "warmup", "start_factor", "peak", "final_factor", "milestones",
+             "gamma")
+    for recipe in C.list_recipes():
+        try:
+            want = C.to_dict(C.preset(C.recipe_preset(recipe, family)))
+        except ConfigError:
+            continue
+        if _differences(cfg, want, sections={"optim": None, "schedule": shape}) == []:
+            return recipe
+    return "custom"
+
+
+def _differences(have: dict, want: dict, sections: dict) -> list[str]:
+    """'section.key: a there, b now' for each field of `want` (only the keys listed per
+    section, all when None) that is set (not auto/None) and recorded in `have` with another
+    value. Resolved fields (auto -> a device's choice) and resume-exempt ones are skipped."""
+    diffs = []
+    for sec, keys in sections.items():
+        for key, value in want.get(sec, {}).items():
+            if keys is not None and key not in keys:
+                continue
+            if (sec, key) in _EXEMPT or value is None or value == "auto":
+                continue
+            if sec == "optim" and key in ("impl", "eval_weights"):
+                continue
+            if key not in have.get(sec, {}):
+                continue  # a field newer than the record: nothing to compare
+            got = have[sec][key]
+            norm = list(value) if isinstance(value, tuple) else value
+            got = list(got) if isinstance(got, tuple) else got
+            if got != norm:
+                diffs.append(f"{sec}.{key}: {got!r} there, {norm!r} now")
+    return diffs
+
+
+# --------------------------------------------------------------------------- planning rows
+
+def row_config(model: str, recipe: str, args):
+    """(preset name, validated config) for one row: the recipe's preset for the model's
+    family, the model, --epochs (phase 2 scaled), --scale, the table's checkpointing, then
+    the flags and --set."""
+    from fastres import config as C
+    from fastres.models import model_info
+
+    preset_name = C.recipe_preset(recipe, model_info(model)["family"])
+    epochs = args.epochs if args.epochs is not None else \
+        SMOKE_EPOCHS if args.scale == "smoke" else None
+    cfg = C.preset(preset_name, epochs=epochs)
+    cfg = C.replace(cfg, model={"name": model}, run=dict(ROW_RUN))
+    if args.scale == "smoke":
+        cfg = C.replace(cfg, **SMOKE)
+    flags = {"data": {"data_dir": args.data_dir, "download": args.download or None},
+             "run": {"device": args.device, "precision": args.precision,
+                     "compile": args.compile, "seed": args.seed}}
+    cfg = C.replace(cfg, **{sec: {k: v for k, v in vals.items() if v is not None}
+                            for sec, vals in flags.items()})
+    return preset_name, C.validate(C.override(cfg, args.overrides))
+
+
+def plan_rows(models: list[str], recipes: list[str], out: Path, args) -> list[dict]:
+    """One entry per (model, recipe): its directory, state and, with --train, its preset
+    and config. Every row is planned before any trains: a typo, a recipe without a preset
+    for a model's family, or a finished row trained with other settings stops here, not
+    hours in."""
+    from fastres import config as C
+    from fastres.errors import ConfigError
+    from fastres.models import model_info
+
+    plan = []
+    for m in models:
+        for recipe in recipes:
+            d = out / m / recipe
+            row = dict(model=m, recipe=recipe, preset="", cfg=None, state=row_state(d), dir=d)
+            plan.append(row)
+            if not args.train:
+                with contextlib.suppress(ConfigError):  # 'custom', or no preset: fine to read
+                    row["preset"] = C.recipe_preset(recipe, model_info(m)["family"])
+                continue
+            row["preset"], cfg = row_config(m, recipe, args)
+            row["cfg"] = cfg = C.replace(cfg, run={"out_dir": str(d)})
+            if row["state"] in ("finished", "partial") and (d / "config.json").is_file():
+                diffs = _differences(_load_json(d / "config.json"), C.to_dict(cfg),
+                                     {s: None for s in C.SECTIONS})
+                if diffs:
+                    raise ConfigError(
+                        f"{d} holds a {row['state']} run with other settings "
+                        f"({'; '.join(diffs)}); train it with the same --epochs/--scale/--set, "
+                        "or into another --out")
+    return plan
+
+
+def _set_value(value) -> str:
+    """A config value as `--set` reads it back (fastres.config.override)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list, dict)):
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def train_command(preset_name: str, cfg, row_dir: Path, resume: bool,
+                  overwrite: bool) -> list[str]:
+    """The `python -m fastres train` line for one row: its preset, then `--set` for every
+    field the row changes, so the command alone reproduces the row."""
+    from fastres import config as C
+
+    base, now = C.to_dict(C.preset(preset_name)), C.to_dict(cfg)
+    cmd = [sys.executable, "-m", "fastres", "train", "--preset", preset_name,
+           "--data-dir", cfg.data.data_dir, "--out", str(row_dir)]
+    if cfg.data.download:
+        cmd.append("--download")
+    for sec, values in now.items():
+        for key, value in values.items():
+            if (sec, key) not in _EXEMPT and value != base[sec][key]:
+                cmd += ["--set", f"{sec}.{key}={_set_value(value)}"]
+    if resume:
+        cmd.append("--resume")
+    elif overwrite:
+        cmd.append("--overwrite")
+    return cmd
+
+
+def row_state(row_dir: Path) -> str:
+    """finished (result.json), partial (a checkpoint to resume), stale (started, nothing to
+    resume: a new run must replace it) or new."""
+    if (row_dir / "result.json").is_file():
+        return "finished"
+    if (row_dir / "checkpoints" / "last.pt").is_file():
+        return "partial"
+    if row_dir.is_dir() and any(row_dir.iterdir()):
+        return "stale"
+    return "new"
+
+
+def epochs_done(row_dir: Path) -> int:
+    """Epochs a partial row has logged (metrics.jsonl lines with an epoch time)."""
+    try:
+        lines = (row_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    return sum('"epoch_s"' in line for line in lines)
+
+
+def _train_supports_overwrite() -> bool:
+    # `fastres train --overwrite` (strict run directories) replaces a started run that left
+    # nothing to resume; before that flag exists, a new run simply writes over it.
+    from fastres.tools.train import get_args_parser as train_parser
+
+    _, unknown = train_parser(add_help=False).parse_known_args(["--overwrite"])
+    return not unknown
+
+
+# --------------------------------------------------------------------------- training
+
+def _tee(stream, log, prefix: str) -> None:
+    for line in stream:
+        log.write(line)
+        log.flush()
+        print(prefix + line, end="", flush=True)
+
+
+def run_row(cmd: list[str], log_path: Path, deadline: float | None) -> tuple[int, bool]:
+    """Run one row's training process, its output to the terminal and to `log_path`.
+    Returns (exit status, stopped for the budget). Past `deadline` (time.monotonic()) the
+    process gets SIGTERM: the trainer writes a checkpoint and exits."""
+    import time
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        reader = threading.Thread(target=_tee, args=(proc.stdout, log, "    "), daemon=True)
+        reader.start()
+        stopped, terminated = False, []
+        old = None
+        if threading.current_thread() is threading.main_thread():
+            # A SIGTERM to the table goes on to the row's trainer, which checkpoints.
+            old = signal.signal(signal.SIGTERM, lambda signum, frame: (
+                terminated.append(signum), proc.send_signal(signum)))
+        try:
+            proc.wait(timeout=None if deadline is None else max(0.0, deadline -
+                                                                 time.monotonic()))
+        except subprocess.TimeoutExpired:
+            stopped = True
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reached the trainer too (same process group): let it checkpoint.
+            proc.wait()
+            raise
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+        reader.join(timeout=10)
+    if terminated:
+        raise KeyboardInterrupt  # stop the table too; the next call resumes the row
+    return proc.returncode, stopped
+
+
+def train_rows(plan: list[dict], out: Path, budget_min: float | None) -> None:
+    """Train each planned row that is not finished, one process after another; record
+    each row's outcome in its plan entry ("status", "log")."""
+    import time
+
+    from fastres.bench import Timer
+
+    todo = [r for r in plan if r["state"] != "finished"]
     if not todo:
-        return []
-    base = config_from(args)
-    data = None
-    dirs = []
-    for i, name in enumerate(todo):
-        out = Path(args.launch_dir) / name
-        cfg = resolve_for(C.validate(C.replace(base, model={"name": name},
-                                               run={"out_dir": str(out)})))
-        data = data if data is not None else load_data(cfg)  # read once for all models
-        print(f"[{i + 1}/{len(todo)}] training {name}: preset {args.preset}, "
-              f"{cfg.schedule.steps or cfg.schedule.epochs} "
-              f"{'steps' if cfg.schedule.steps else 'epochs'}, {cfg.run.device}, "
-              f"{cfg.run.precision}, compile {cfg.run.compile} -> {out}", flush=True)
-        built = build(cfg, data=data)
-        result = train(cfg, built.model, built.loaders, data_info=built.data_info)
-        f = result.final
-        print(f"    top-1 {100 * f['top1']:.2f}%, top-5 {100 * f['top5']:.2f}%, "
-              f"{f['timed_s'] / 60:.2f} min", flush=True)
-        dirs.append(str(out))
-    return dirs
+        print("every row is finished: nothing to train", flush=True)
+        return
+    overwrite = _train_supports_overwrite()
+    deadline = None if budget_min is None else time.monotonic() + 60 * budget_min
+    for i, row in enumerate(todo):
+        name = f"{row['model']} / {row['recipe']}"
+        if deadline is not None and time.monotonic() >= deadline:
+            row["status"] = "not trained (budget spent)"
+            print(f"[{i + 1}/{len(todo)}] {name}: not started, the budget is spent",
+                  flush=True)
+            continue
+        resume = row["state"] == "partial"
+        cmd = train_command(row["preset"], row["cfg"], row["dir"], resume,
+                            overwrite and row["state"] == "stale")
+        log = out / "logs" / f"{row['model']}-{row['recipe']}.log"
+        what = "resuming" if resume else "training"
+        print(f"[{i + 1}/{len(todo)}] {what} {name} (preset {row['preset']}) -> "
+              f"{row['dir']}\n    $ {shlex.join(cmd[1:])}", flush=True)
+        timer = Timer("cpu")  # wall clock of the whole process, start-up included
+        timer.start()
+        code, stopped = run_row(cmd, log, deadline)
+        wall = timer.stop()
+        row["log"] = str(log)
+        if (row["dir"] / "result.json").is_file():
+            # result.json exists only for a finished run, whatever the exit status (a stop
+            # at the budget can land after the run has written it).
+            row["state"] = "finished"
+            print(f"    finished in {wall / 60:.1f} min wall clock", flush=True)
+        elif stopped:
+            row["status"] = (f"partial: stopped at the budget after "
+                             f"{epochs_done(row['dir'])} epochs; the same command resumes it")
+            print(f"    {row['status']}", flush=True)
+        else:
+            row["status"] = f"failed (exit {code}; log {log})"
+            print(f"    FAILED with exit status {code}; the other rows go on; log: {log}",
+                  flush=True)
 
 
 # --------------------------------------------------------------------------- rows
@@ -164,14 +455,15 @@ def model_counts(name: str, num_classes: int, kwargs: dict) -> dict:
     return {"params": count_params(model), "flops": flops}
 
 
-def table_row(name: str, runs: list[dict]) -> dict:
+def table_row(name: str, recipe: str, runs: list[dict], status: str | None = None,
+              preset_name: str | None = None, counts: dict | None = None) -> dict:
     from fastres.models import model_info
     from fastres.tools.models import reference_notes
 
     info = model_info(name)
     num_classes = 100 if runs and runs[0]["dataset"] == "cifar100" else 10
     kwargs = runs[0]["kwargs"] if runs else {}
-    counts = model_counts(name, num_classes, kwargs)
+    counts = counts or model_counts(name, num_classes, kwargs)
     notes = reference_notes(dict(name=name, params=counts["params"], num_classes=num_classes,
                                  image_size=32, gflops=counts["flops"] / 1e9, info=info))
     if kwargs:
@@ -180,8 +472,9 @@ def table_row(name: str, runs: list[dict]) -> dict:
     if limited:
         notes.append(f"tested on a {limited[0]['test_limit']}-image subset of the "
                      f"{limited[0]['test_size']} test images")
-    if any(r["official"] is False for r in runs):
-        notes.append("data not the official CIFAR files")
+    trained_on = [r["config"]["data"].get("train_limit", 0) for r in runs]
+    if any(trained_on):
+        notes.append(f"trained on a {max(trained_on)}-image subset of the training set")
     if any(r["world_size"] > 1 for r in runs):
         notes.append(f"{runs[0]['world_size']} processes")
     article = dict(info["article"])
@@ -190,21 +483,29 @@ def table_row(name: str, runs: list[dict]) -> dict:
     article.setdefault("top5", top5_a)
     top1, top5 = summarize(r["top1"] for r in runs), summarize(r["top5"] for r in runs)
     minutes = summarize(r["timed_s"] / 60 for r in runs)
-    devices = sorted({str(r["device"]) for r in runs})
+    official = {r["official"] for r in runs}
+    tta = sorted({r["tta"] for r in runs if r["tta"] != "none"})
     return {
-        "model": name, "runs": len(runs),
-        "top1": pct(top1["mean"]), "top1_std": pct(top1["std"]),
-        "top5": pct(top5["mean"]), "top5_std": pct(top5["std"]),
-        "tta_top1": summarize(r["tta_top1"] for r in runs)["mean"],
-        "params": counts["params"], "params_m": counts["params"] / 1e6,
-        "flops": counts["flops"], "gflops": counts["flops"] / 1e9,
-        "gmacs": counts["flops"] / 2e9, "train_min": minutes["mean"],
-        "train_min_std": minutes["std"], "epochs": summarize(r["epochs"] for r in runs)["mean"],
-        "device": "; ".join(devices), "article_top1": article.get("top1"),
-        "article_top5": article.get("top5"), "article_params_m": article.get("params_m"),
-        "article_gflops": article.get("gflops"),
+        "model": name, "recipe": recipe, "preset": preset_name or "",
+        "status": status or (f"{len(runs)} run{'s' if len(runs) != 1 else ''}" if runs
+                             else "not trained"),
+        "runs": len(runs), "top1": pct(top1["mean"]), "top1_std": pct(top1["std"]),
+        "top5": pct(top5["mean"]), "top5_std": pct(top5["std"]), "tta": ",".join(tta),
+        "tta_top1": pct(summarize(r["tta_top1"] for r in runs)["mean"]),
+        "article_top1": article.get("top1"), "article_top5": article.get("top5"),
         "delta_top1": (100 * top1["mean"] - float(article["top1"]))
         if top1["n"] and article.get("top1") else None,
+        "train_min": minutes["mean"], "train_min_std": minutes["std"],
+        "img_per_s": summarize(r["img_per_s"] for r in runs)["mean"],
+        "epochs": summarize(r["epochs"] for r in runs)["mean"],
+        "params": counts["params"], "params_m": counts["params"] / 1e6,
+        "article_params_m": article.get("params_m"), "flops": counts["flops"],
+        "gflops": counts["flops"] / 1e9, "gmacs": counts["flops"] / 2e9,
+        "article_gflops": article.get("gflops"),
+        "device": "; ".join(sorted({str(r["device"]) for r in runs})),
+        "data_official": "" if not runs else "yes" if official == {True} else
+        "no" if official == {False} else "mixed",
+        "test_images": summarize((r["test_limit"] or r["test_size"]) for r in runs)["mean"],
         "run_dirs": [r["dir"] for r in runs], "notes": notes,
     }
 
@@ -215,34 +516,64 @@ def _pm(mean, std, n: int, spec: str = ".2f") -> str:
     return f"{mean:{spec}} ± {std:{spec}}" if n > 1 else f"{mean:{spec}}"
 
 
-HEADERS = ("Model", "Runs", "Top-1 %", "Top-5 %", "Params (M)", "FLOPs (G)", "MACs (G)",
-           "Training Time (min)", "Device", "Article Top-1", "Article Top-5",
-           "Article Params (M)", "Article FLOPs (G)", "Δ Top-1")
-
-
 def markdown(rows: list[dict]) -> str:
-    cells = [[r["model"], r["runs"], _pm(r["top1"], r["top1_std"], r["runs"]),
-              _pm(r["top5"], r["top5_std"], r["runs"]), f"{r['params_m']:.2f}",
-              f"{r['gflops']:.3f}", f"{r['gmacs']:.3f}",
+    data = {"yes": "official", "no": "not official", "mixed": "mixed", "": "—"}
+    cells = [[r["model"], r["recipe"], _pm(r["top1"], r["top1_std"], r["runs"]),
+              _pm(r["top5"], r["top5_std"], r["runs"]), fmt(r["tta_top1"], ".2f", "—"),
+              f"{r['article_top1'] or '—'} / {r['article_top5'] or '—'}",
+              fmt(r["delta_top1"], "+.2f", "—"),
               _pm(r["train_min"], r["train_min_std"], r["runs"], ".2f"),
-              r["device"] or "—", r["article_top1"] or "—", r["article_top5"] or "—",
-              r["article_params_m"] or "—", r["article_gflops"] or "—",
-              fmt(r["delta_top1"], "+.2f", "—")] for r in rows]
-    return markdown_table(HEADERS, cells, align="lrrrrrrrlrrrrr")
+              fmt(r["img_per_s"], ",.0f", "—"), fmt(r["epochs"], "g", "—"),
+              f"{r['params_m']:.2f}", r["article_params_m"] or "—", f"{r['gflops']:.3f}",
+              r["article_gflops"] or "—", r["device"] or "—", data[r["data_official"]],
+              r["status"]] for r in rows]
+    return markdown_table(HEADERS, cells, align="llrrrrrrrrrrrrlll")
+
+
+def conventions(rows: list[dict], runs: list[dict], scale: str) -> str:
+    """The lines at the top of table.md: device, data, what the columns mean."""
+    envs = sorted({env_line(r["env"]) for r in runs if r.get("env")})
+    official = {r["official"] for r in runs}
+    if not runs:
+        data = "no trained rows yet."
+    elif official == {True}:
+        data = "the official CIFAR-10 files (MD5s match); 50,000 training / 10,000 test images."
+    else:
+        data = ("rows marked 'not official' used files whose MD5s differ from the official "
+                f"CIFAR-10 ones (e.g. a re-encoded copy: {JPEG_NOTE}); compare their accuracy "
+                "with the article's with that in mind.")
+    items = [
+        "Device: " + ("; ".join(envs) if envs else "none yet (no trained rows)") + ".",
+        "Data: " + data,
+        "Training time: the trainer's timed region, in minutes: the training steps and the "
+        "timed final evaluation (with the recipe's TTA). Compilation, warm-up, data loading, "
+        "process start-up and the untimed per-epoch evaluations are outside it. img/s: "
+        "training images per second of training steps.",
+        "Top-1/Top-5: final test accuracy of the evaluated weights (the EMA where the recipe "
+        "keeps one), without TTA; TTA Top-1 uses the recipe's test-time augmentation. "
+        "Mean ± std where a row has several runs.",
+        "Recipes: seed = the article's (Adam 1e-3, batch 256, weight decay 1e-4, EMA 0.999, "
+        "a last phase with BatchNorm frozen and the lr halved); fast = ours (SGD-Nesterov, "
+        "one-cycle, label smoothing; one preset per model family, see "
+        "fastres.config.FAMILY_RECIPES). With --epochs, phase 2 keeps its fraction of the "
+        "run.",
+        "Params and GFLOPs: ours, counted on the model (one forward pass of a 3x32x32 image, "
+        "torch.utils.flop_counter; MACs = FLOPs / 2 in the CSV). Article columns: as printed "
+        "(its FLOPs are neither forward FLOPs nor MACs at 32x32); Δ Top-1 = ours − article.",
+    ]
+    if scale == "smoke":
+        items.insert(0, "SMOKE SCALE: every row trained for seconds on a tiny subset; the "
+                        "accuracy and times are meaningless.")
+    return "\n".join(textwrap.fill(f"- {t}", width=100, subsequent_indent="  ")
+                     for t in items)
 
 
 def notes_text(rows: list[dict]) -> str:
-    lines = ["FLOPs (G): one forward pass of a 3x32x32 image, counted by "
-             "torch.utils.flop_counter (convolutions and matrix products); MACs = FLOPs / 2. "
-             "Training time: the trainer's timed region (first step to final evaluation; "
-             "compilation and warm-up excluded), mean ± std over runs. Top-1/Top-5: mean ± "
-             "std over runs, on the test set. Article columns: as printed in the reference "
-             "article (its FLOPs column is neither forward FLOPs nor MACs at 32x32; "
-             "Δ Top-1 = ours − article)."]
-    lines = [textwrap.fill(lines[0], width=100)]
+    lines = []
     for r in rows:
         if r["notes"]:
-            lines.append(textwrap.fill(f"- {r['model']}: {'; '.join(r['notes'])}", width=100,
+            lines.append(textwrap.fill(f"- {r['model']} / {r['recipe']}: "
+                                       f"{'; '.join(r['notes'])}", width=100,
                                        subsequent_indent="  "))
     return "\n".join(lines)
 
@@ -258,55 +589,153 @@ def write_csv(path: Path, rows: list[dict]) -> None:
                         for k in CSV_FIELDS})
 
 
+def _recipe_order(recipe: str) -> tuple:
+    """seed, fast, then the others by name: the same order (and plot colour) every call."""
+    return (DEFAULT_RECIPES.index(recipe) if recipe in DEFAULT_RECIPES else
+            len(DEFAULT_RECIPES), recipe)
+
+
+def plot(path: Path, rows: list[dict], title: str) -> bool:
+    """Top-1 against training time: one marker per trained row (labelled with its model),
+    one colour per recipe. False when no row has both figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["top1"] is not None and r["train_min"] is not None]
+    if not done:
+        return False
+    recipes = sorted({r["recipe"] for r in done}, key=_recipe_order)
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for i, recipe in enumerate(recipes):
+        mine = [r for r in done if r["recipe"] == recipe]
+        ax.scatter([r["train_min"] for r in mine], [r["top1"] for r in mine], s=40,
+                   color=colours(i % 10), label=recipe, zorder=3)
+        for r in mine:
+            ax.annotate(r["model"], (r["train_min"], r["top1"]), textcoords="offset points",
+                        xytext=(4, 3), fontsize=7)
+    times = [r["train_min"] for r in done]
+    if min(times) > 0 and max(times) / min(times) > 20:
+        ax.set_xscale("log")
+    else:
+        ax.set_xlim(left=0, right=1.1 * max(times))  # time from zero: no zoomed-in gaps
+    ax.margins(y=0.25)
+    ax.set_xlabel("training time (min): training steps + timed final evaluation")
+    ax.set_ylabel("test Top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(title="recipe")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 # --------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = get_args_parser().parse_args(argv)
+    from fastres import config as C
+    from fastres.errors import ConfigError
+    from fastres.models import list_models
 
-    runs = find_runs(args.runs)
-    launch_dir = Path(args.launch_dir)
-    if args.launch and launch_dir.is_dir() and any(launch_dir.rglob("result.json")):
-        known = {r["dir"] for r in runs}
-        runs += [r for r in find_runs([launch_dir]) if r["dir"] not in known]
+    if args.budget_min is not None and args.budget_min < 0:
+        raise ConfigError(f"--budget-min must be >= 0, got {args.budget_min}")
+    if args.epochs is not None and not args.epochs > 0:
+        raise ConfigError(f"--epochs must be > 0, got {args.epochs}")
+    out = Path(args.out)
+    extra = find_runs(args.runs)
+    own = {}  # (model, recipe) -> finished run in OUT/MODEL/RECIPE
+    if out.is_dir():
+        for res in sorted(out.glob("*/*/result.json")):
+            # OUT/MODEL/RECIPE; a run moved aside by `fastres train --overwrite`
+            # (RECIPE.old-<time>) is not a row.
+            if res.parent.name in C.list_recipes() and (res.parent / "config.json").is_file():
+                run = read_run(res.parent, recipe=res.parent.name)
+                own[(run["model"], run["recipe"])] = run
+    mine = {Path(r["dir"]).resolve() for r in own.values()}
+    extra = [r for r in extra if Path(r["dir"]).resolve() not in mine]
+    found = list(own.values()) + extra
     if args.models:
         models = csv_list(args.models, "--models")
-    elif runs:
-        from fastres.models import list_models
-
-        found = {r["model"] for r in runs}
-        models = [m for m in list_models() if m in found]
+    elif found:
+        have = {r["model"] for r in found}
+        models = [m for m in list_models() if m in have]
     else:
         models = list(ARTICLE_MODELS)
     for m in models:
         check_model(m)
-    if args.launch:
-        runs += [read_run(d) for d in launch(models, args, {r["model"] for r in runs})]
-    elif not runs:
-        print("note: no runs given (--runs) or launched (--launch): accuracy and time columns "
-              "stay empty", file=sys.stderr)
-    skipped = sorted({r["model"] for r in runs} - set(models))
+    recipes = csv_list(args.recipes, "--recipes") if args.recipes else sorted(
+        {r["recipe"] for r in found if not (args.train and r["recipe"] == "custom")},
+        key=_recipe_order) or list(DEFAULT_RECIPES)
+
+    plan = plan_rows(models, recipes, out, args)
+    if args.train:
+        if not args.data_dir and not any(o.startswith("data.data_dir=")
+                                         for o in args.overrides):
+            print("note: no --data-dir given; the rows read the default 'data'",
+                  file=sys.stderr)
+        train_rows(plan, out, args.budget_min)
+        for p in plan:
+            if p["state"] == "finished" and (p["model"], p["recipe"]) not in own:
+                own[(p["model"], p["recipe"])] = read_run(p["dir"], recipe=p["recipe"])
+    elif not found:
+        print("note: no trained rows in --out and no --runs: accuracy and time columns stay "
+              "empty (--train trains them)", file=sys.stderr)
+
+    rows, used, counts = [], [], {}
+    for p in plan:
+        key = (p["model"], p["recipe"])
+        runs = ([own[key]] if key in own else []) + [
+            r for r in extra if (r["model"], r["recipe"]) == key]
+        used += runs
+        status = p.get("status")
+        if status is None and not runs and p["state"] == "partial":
+            status = f"partial: {epochs_done(p['dir'])} epochs; --train resumes it"
+        classes = 100 if runs and runs[0]["dataset"] == "cifar100" else 10
+        kwargs = runs[0]["kwargs"] if runs else {}
+        ckey = (p["model"], classes, json.dumps(kwargs, sort_keys=True))
+        if ckey not in counts:  # counting builds the model: once per model
+            counts[ckey] = model_counts(p["model"], classes, kwargs)
+        rows.append(table_row(p["model"], p["recipe"], runs, status, p["preset"],
+                              counts[ckey]))
+    skipped = sorted({(r["model"], r["recipe"]) for r in found} -
+                     {(p["model"], p["recipe"]) for p in plan})
     if skipped:
-        print(f"note: runs of {', '.join(skipped)} are not in --models; left out",
-              file=sys.stderr)
+        print("note: runs of " + ", ".join(f"{m}/{r}" for m, r in skipped) + " are not in "
+              "--models x --recipes; left out", file=sys.stderr)
 
-    rows = [table_row(m, [r for r in runs if r["model"] == m]) for m in models]
     table = markdown(rows)
+    head = conventions(rows, used, args.scale)
     notes = notes_text(rows)
-    print(table)
+    command = "fastres table " + shlex.join(argv)
+    print(head)
     print()
-    print(notes)
+    print(table)
+    if notes:
+        print()
+        print(notes)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shas = sorted({str(r["git_sha"])[:12] for r in runs if r.get("git_sha")})
-    head = "# CIFAR-10 results (fastres)\n\n" + (
-        f"{len(runs)} run{'s' if len(runs) != 1 else ''}" + (f", git {', '.join(shas)}"
-                                                            if shas else "") + ".\n\n"
-        if runs else "No runs: parameter and FLOP counts only.\n\n")
-    out.write_text(head + table + "\n\n" + notes + "\n")
-    csv_path = Path(args.csv) if args.csv else out.with_suffix(".csv")
+    out.mkdir(parents=True, exist_ok=True)
+    md, csv_path, png = out / "table.md", out / "table.csv", out / "table.png"
+    md.write_text("# CIFAR-10 results (fastres)\n\n" + head + "\n\n" + table + "\n\n" +
+                  (notes + "\n\n" if notes else "") + f"Written by: `{command}`\n")
     write_csv(csv_path, rows)
-    print(f"\nwrote {out}, {csv_path}")
+    devices = sorted({r["device"] for r in rows if r["device"]})
+    wrote = [md, csv_path]
+    if plot(png, rows, "CIFAR-10 Top-1 vs training time" +
+            (f" ({'; '.join(devices)})" if devices else "")):
+        wrote.append(png)
+    print(f"\nwrote {', '.join(map(str, wrote))}")
+    failed = [r for r in rows if r["status"].startswith("failed")]
+    if failed:
+        print(f"{len(failed)} row{'s' if len(failed) != 1 else ''} failed: " +
+              ", ".join(f"{r['model']}/{r['recipe']}" for r in failed), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -66,7 +66,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def config_from_args(args, base: C.Config | None = None) -> C.Config:
     """Preset (or `base`, e.g. a checkpoint's config), then flags, then --set."""
-    cfg = base if base is not None else C.preset(args.preset)
+    # --epochs rescales the preset's run, phase 2 kept at its fraction (config.with_epochs)
+    cfg = base if base is not None else C.preset(args.preset, epochs=args.epochs)
     flags = {
         "data": {"data_dir": args.data_dir, "download": args.download or None,
                  "batch_size": args.batch_size, "loader": args.loader},

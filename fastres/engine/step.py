@@ -64,7 +64,7 @@ from .optim import (Muon, Optimizers, adam_update_, build_optimizers, default_ns
 from .schedules import lr_factor, momentum_at, phase2_start, total_steps, whiten_bias_factor
 
 __all__ = ["TrainStep", "LossScaler", "EpochTotals", "GraphReport", "check_graph",
-           "set_bn_frozen", "unwrap"]
+           "micro_batches", "set_bn_frozen", "unwrap"]
 
 PhaseHook = Callable[[str], None]
 
@@ -78,6 +78,20 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def micro_batches(n: int, micro: int) -> list[tuple[int, int]]:
+    """(start, stop) of the micro-batches a batch of `n` is split into: as few as keep each
+    at most `micro` (0: the whole batch), sizes as equal as possible -- 512 at 500 is 256 +
+    256, not 500 + 12, whose BatchNorm statistics would come from 12 images."""
+    k = -(-n // micro) if 0 < micro < n else 1
+    size, extra = divmod(n, k)
+    bounds, start = [], 0
+    for i in range(k):
+        stop = start + size + (i < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
 def set_bn_frozen(net: nn.Module, frozen: bool) -> None:
@@ -333,14 +347,13 @@ class TrainStep:
     def _forward_backward(self, x: Tensor, y: Tensor, on_phase: PhaseHook | None):
         o = self.cfg.optim
         n = len(y)
-        micro = self.micro if 0 < self.micro < n else n
-        starts = range(0, n, micro)
+        bounds = micro_batches(n, self.micro)
         loss_total = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         ddp = self.dist.enabled and hasattr(self.net, "no_sync")
-        for i, start in enumerate(starts):
-            xs, ys = x[start:start + micro], y[start:start + micro]
-            last = i == len(starts) - 1
+        for i, (start, stop) in enumerate(bounds):
+            xs, ys = x[start:stop], y[start:stop]
+            last = i == len(bounds) - 1
             sync = self.net.no_sync() if ddp and not last else contextlib.nullcontext()
             with sync:
                 if on_phase is not None:
