@@ -29,7 +29,7 @@ import numpy as np
 from fastres.data import (CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR100_COARSE_CLASSES,
                           IMAGE_SHAPE, CifarData, Split, _layout, _ROW)
 
-__all__ = ["synthetic", "write_cifar"]
+__all__ = ["synthetic", "write_cifar", "synthetic_dir"]
 
 
 class _Py2Pickler:
@@ -271,3 +271,13 @@ def synthetic(n_train: int, n_test: int, num_classes: int = 10, seed: int = 0) -
     fp = hashlib.sha256(f"synthetic {n_train} {n_test} {num_classes} {seed}".encode()).hexdigest()[:16]
     return CifarData(name=name, train=train, test=test, classes=list(classes), official=False,
                      fingerprint=fp, source=f"synthetic(seed={seed})")
+
+
+def synthetic_dir(root, n_train: int, n_test: int, *, seed: int = 0) -> str:
+    """`synthetic(n_train, n_test)` written as a CIFAR-10 folder under `root` (what a
+    `--data-dir` takes); returns `root` as a string. The fixture most tool tests start from."""
+    d = synthetic(n_train, n_test, seed=seed)
+    write_cifar(root, train=(d.train.images, d.train.labels),
+                test=(d.test.images, d.test.labels))
+    return str(root)
+

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastres.testing import synthetic, write_cifar
+from fastres.testing import synthetic_dir
 from fastres.tools import device_check as dc
 from fastres.tools import loader_parity as lp
 from fastres.tools.cli import run_tool
@@ -32,11 +32,7 @@ def _dali() -> bool:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("cifar")
-    d = synthetic(dc.DRY_TRAIN * 2, dc.DRY_TEST)
-    write_cifar(root, train=(d.train.images, d.train.labels),
-                test=(d.test.images, d.test.labels))
-    return str(root)
+    return synthetic_dir(tmp_path_factory.mktemp("cifar"), dc.DRY_TRAIN * 2, dc.DRY_TEST)
 
 
 def one_line_error(capsys, argv, needle: str) -> None:

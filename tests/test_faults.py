@@ -32,7 +32,7 @@ from fastres.engine.records import (FiniteGuard, RunRecorder, atomic_write_json,
                                     load_checkpoint, load_state_dict_checked, named_tensors,
                                     nonfinite, save_checkpoint, strict_dumps)
 from fastres.errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged
-from fastres.testing import synthetic, write_cifar
+from fastres.testing import synthetic_dir
 from fastres.tools.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +44,7 @@ MISSING_DATA = "/nonexistent/fastres-data"  # a run that got this far would fail
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("cifar")
-    d = synthetic(128, 128, seed=0)
-    write_cifar(root, train=(d.train.images, d.train.labels),
-                test=(d.test.images, d.test.labels))
-    return str(root)
+    return synthetic_dir(tmp_path_factory.mktemp("cifar"), 128, 128)
 
 
 def smoke(data_dir: str, out, *extra: str) -> list[str]:

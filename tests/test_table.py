@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fastres import config as C
-from fastres.testing import synthetic, write_cifar
+from fastres.testing import synthetic_dir
 from fastres.tools import results_table as T
 from fastres.tools.cli import main as cli_main
 from fastres.tools.cli import run_tool
@@ -25,11 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("cifar")
-    d = synthetic(256, 128)
-    write_cifar(root, train=(d.train.images, d.train.labels),
-                test=(d.test.images, d.test.labels))
-    return str(root)
+    return synthetic_dir(tmp_path_factory.mktemp("cifar"), 256, 128)
 
 
 def smoke_argv(data_dir: str, out, *extra: str) -> list[str]:

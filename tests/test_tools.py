@@ -16,7 +16,7 @@ import pytest
 
 from fastres.tools.cli import main as cli_main
 from fastres.tools.cli import run_tool
-from fastres.testing import synthetic, write_cifar
+from fastres.testing import synthetic_dir
 from fastres import bench
 from fastres.tools import profile_step as prof
 from fastres.tools import speedrun
@@ -28,11 +28,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("cifar")
-    d = synthetic(256, 128)
-    write_cifar(root, train=(d.train.images, d.train.labels),
-                test=(d.test.images, d.test.labels))
-    return str(root)
+    return synthetic_dir(tmp_path_factory.mktemp("cifar"), 256, 128)
 
 
 def smoke(data_dir: str, *extra: str) -> list[str]:
