@@ -163,11 +163,12 @@ def test_01_signal_in_the_final_evaluation_resumes_into_evaluation_only(data_dir
 
 # --------------------------------------------------------------------------- 2
 
-SIGTERM_AT = '''"""fastres train, sending itself SIGTERM at the Nth training forward pass."""
+SELF_SIGNAL = '''"""`fastres ARGV...` that sends itself SIGNAL at its Nth training forward pass:
+`python self_signal.py SIGNAL N RANK ARGV...` (RANK: only that torchrun rank, or "any")."""
 import os, signal, sys
 import fastres.models as M
 
-KILL_AT = int(sys.argv[1])
+SIGNAL, KILL_AT, RANK = getattr(signal, sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 _create = M.create_model
 
 
@@ -179,15 +180,16 @@ def create_model(*a, **k):
         if module.training:
             calls[0] += 1
             if calls[0] == KILL_AT:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), SIGNAL)
 
     model.register_forward_hook(hook)
     return model
 
 
-M.create_model = create_model
+if RANK in ("any", os.environ.get("RANK")):
+    M.create_model = create_model
 from fastres.tools.cli import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(sys.argv[4:]))
 '''
 
 
@@ -195,13 +197,13 @@ sys.exit(main(sys.argv[2:]))
 def test_02_nan_then_sigterm_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     """Epoch 1 (steps 0-3) is finite and checkpointed; the LR then jumps 1e30-fold, the loss
     turns NaN at step 5, and SIGTERM arrives at step 5, mid-epoch 2."""
-    script = tmp_path / "sigterm_at.py"
-    script.write_text(SIGTERM_AT)
+    script = tmp_path / "self_signal.py"
+    script.write_text(SELF_SIGNAL)
     out = tmp_path / "run"
     argv = smoke(data_dir, out, "--epochs", "2", "--set", "run.checkpoint_every=1",
                  "--set", "schedule.lr_schedule=step", "--set", "schedule.milestones=(0.5,)",
                  "--set", "schedule.gamma=1e30", "--set", "run.eval_every=0")
-    proc = subprocess.run([sys.executable, str(script), "6", *argv], capture_output=True,
+    proc = subprocess.run([sys.executable, str(script), "SIGTERM", "6", "any", *argv], capture_output=True,
                           text=True, env=ENV, timeout=300)
     assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
     line = error_line(proc.stderr)
@@ -529,39 +531,12 @@ def test_12_python_m_fastres_beside_a_checkout_named_fastres(tmp_path):
 
 # --------------------------------------------------------------------------- 13
 
-KILL_RANK_1 = '''"""fastres train under torchrun; rank 1 kills itself (SIGKILL) in its 3rd step."""
-import os, signal, sys
-import fastres.models as M
-
-_create = M.create_model
-
-
-def create_model(*a, **k):
-    model = _create(*a, **k)
-    calls = [0]
-
-    def hook(module, inputs, output):
-        if module.training:
-            calls[0] += 1
-            if calls[0] == 3:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    model.register_forward_hook(hook)
-    return model
-
-
-if os.environ.get("RANK") == "1":
-    M.create_model = create_model
-from fastres.tools.cli import main
-sys.exit(main(["train", *sys.argv[1:]]))
-'''
-
-
 @pytest.mark.slow
 def test_13_a_dead_rank_is_named_by_the_survivor(data_dir, tmp_path):
-    script = tmp_path / "kill_rank_1.py"
-    script.write_text(KILL_RANK_1)
-    argv = smoke(data_dir, tmp_path / "run", "--epochs", "4")[1:]
+    """Rank 1 kills itself (SIGKILL) in its 3rd step."""
+    script = tmp_path / "self_signal.py"
+    script.write_text(SELF_SIGNAL)
+    argv = ["SIGKILL", "3", "1", *smoke(data_dir, tmp_path / "run", "--epochs", "4")]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", str(script), *argv],
                           capture_output=True, text=True, env=ENV, timeout=300)
