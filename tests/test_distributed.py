@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastres import config as C
-from fastres.testing import synthetic, write_cifar
+from fastres.testing import synthetic, synthetic_dir
 from fastres.distributed import Dist, split_batch
 from fastres.engine import build_loaders
 from fastres.errors import ConfigError
@@ -80,10 +80,7 @@ def test_global_batch_must_split_evenly():
 
 @pytest.mark.slow
 def test_torchrun_fastres_train_smoke(tmp_path, capsys):
-    data_dir = tmp_path / "data"
-    d = synthetic(512, 256, seed=0)
-    write_cifar(data_dir, "cifar10", train=(d.train.images, d.train.labels),
-                test=(d.test.images, d.test.labels))
+    data_dir = synthetic_dir(tmp_path / "data", 512, 256)
     out = tmp_path / "run"
     proc = torchrun("-m", "fastres", "train", "--preset", "smoke", "--data-dir", str(data_dir),
                     "--out", str(out), "--set", "data.train_limit=512", "--set",
@@ -111,10 +108,7 @@ def test_torchrun_fastres_train_smoke(tmp_path, capsys):
 def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
     """A job whose rank fails after the first attempt wrote checkpoints/last.pt is restarted
     by torchrun and continues from it (no flag needed)."""
-    data_dir = tmp_path / "data"
-    d = synthetic(256, 128, seed=0)
-    write_cifar(data_dir, "cifar10", train=(d.train.images, d.train.labels),
-                test=(d.test.images, d.test.labels))
+    data_dir = synthetic_dir(tmp_path / "data", 256, 128)
     out = tmp_path / "run"
     script = tmp_path / "flaky.py"
     script.write_text(

@@ -4,14 +4,12 @@ import json
 import pytest
 
 from fastres.tools.cli import main
-from fastres.testing import synthetic, write_cifar
+from fastres.testing import synthetic_dir
 
 
 @pytest.mark.slow
 def test_scaling_one_and_two_processes(tmp_path, capsys):
-    d = synthetic(512, 128, seed=0)
-    write_cifar(tmp_path / "data", "cifar10", train=(d.train.images, d.train.labels),
-                test=(d.test.images, d.test.labels))
+    synthetic_dir(tmp_path / "data", 512, 128)
     rc = main(["scaling", "--preset", "smoke", "--data-dir", str(tmp_path / "data"),
                "--nprocs", "1,2", "--set", "schedule.epochs=1", "--set", "data.train_limit=512",
                "--set", "data.test_limit=128", "--out", str(tmp_path / "runs"),
