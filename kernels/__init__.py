@@ -16,10 +16,12 @@ Where the kernels run: CUDA tensors; CPU tensors only under Triton's interpreter
 (``TRITON_INTERPRET=1`` before import, as in CI); nowhere when ``FASTRES_KERNELS=0``
 (the kill switch) or when Triton is not installed (`HAS_TRITON`). Everywhere else the
 references run (see `fastres.kernels._env`). Importing this package does not import the
-model zoo (the norm-act layer is the leaf module `fastres.norm_act`).
+model zoo (the norm-act layer is the leaf module `fastres.norm_act`) and changes nothing
+outside it: `install_harness()` patches Triton's interpreter (GPU-like rounding, grid
+orders, the race check) only when a test or a user calls it.
 """
-from fastres.kernels._env import (HAS_TRITON, KILL_SWITCH, interpreting, kernels_enabled,
-                                  use_triton)
+from fastres.kernels._env import (HAS_TRITON, KILL_SWITCH, install_harness, interpreting,
+                                  kernels_enabled, use_triton)
 from fastres.kernels.bn_act import FusedBatchNormAct2d, fused_bn_act
 from fastres.kernels.reference import BatchNormAct2d, bn_act_reference, sgd_ema_reference_step
 from fastres.kernels.sgd import FusedSGD
@@ -27,5 +29,5 @@ from fastres.kernels.sgd import FusedSGD
 __all__ = [
     "FusedBatchNormAct2d", "fused_bn_act", "FusedSGD", "kernels_enabled", "use_triton",
     "interpreting", "KILL_SWITCH", "HAS_TRITON", "BatchNormAct2d", "bn_act_reference",
-    "sgd_ema_reference_step",
+    "sgd_ema_reference_step", "install_harness",
 ]

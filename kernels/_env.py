@@ -15,13 +15,12 @@ The only environment variables the library reads (and only here):
   has no CPU backend. Changing it *after* import would silently change nothing (or, for CPU
   tensors, silently run the reference instead of the kernels the caller asked to test), so
   a kernel call then raises `ConfigError` naming the fix instead.
-- Interpreter-only test switches, read once at import when the kernels are interpreted
-  (`fastres.kernels._harness`): ``FASTRES_GRID_ORDER`` = natural | reverse | shuffle (the
-  order each launch's programs run in), ``FASTRES_GRID_SEED`` (the shuffle's seed, default
-  0), ``FASTRES_RACE_CHECK`` = 1 (fail any launch where two programs touch one byte,
-  unordered, one of them writing), ``FASTRES_INTERPRET_ROUNDING`` = rtne (default: round
-  fp32 -> bf16/fp16 to nearest even, as compiled kernels do) | triton (the interpreter's
-  own truncation).
+- Nothing else: importing fastres.kernels changes nothing outside it. The interpreter
+  harness (`fastres.kernels._harness`: GPU-like rounding, exact tile sums, grid order, race
+  check) patches Triton's interpreter for the whole process, so it is installed only when
+  asked: `fastres.kernels.install_harness(...)` (tests/conftest.py does it for the kernel
+  tests, from its own FASTRES_GRID_ORDER / FASTRES_RACE_CHECK / FASTRES_GRID_SEED /
+  FASTRES_INTERPRET_ROUNDING switches).
 
 Without Triton installed (`HAS_TRITON` False) every op runs its reference; nothing here
 imports Triton unless it is importable.
@@ -116,22 +115,29 @@ def use_triton(device: torch.device) -> bool:
     return kind == "cuda" or (INTERPRET_AT_IMPORT and kind == "cpu")
 
 
-def _install_interpreter_harness() -> None:
+def install_harness(*, grid_order: str = "natural", race_check: bool = False,
+                    rounding: str = "rtne", seed: int = 0) -> None:
+    """Install the interpreter harness, or change its settings (see
+    `fastres.kernels._harness`): programs run in `grid_order` (natural, reverse, shuffle
+    with `seed`), `race_check` fails any launch in which two programs touch one byte
+    unordered, `rounding` "rtne" rounds fp32 -> bf16/fp16 to nearest even as compiled
+    kernels do ("triton": the interpreter's own truncation); tile sums are exact. It patches
+    Triton's interpreter for the whole process (every interpreted kernel, fastres's or
+    not), which is why importing fastres.kernels does not do it. ConfigError unless the
+    kernels are interpreted (TRITON_INTERPRET=1 before the import)."""
+    if not (HAS_TRITON and INTERPRET_AT_IMPORT):
+        raise ConfigError("install_harness: the harness patches Triton's interpreter, but the "
+                          "kernels are not interpreted here (set TRITON_INTERPRET=1 before "
+                          "the first `import fastres.kernels`)")
     from fastres.kernels import _harness
 
-    env = os.environ
     try:
-        _harness.install_from(
-            grid_order=env.get("FASTRES_GRID_ORDER", "natural").strip().lower() or "natural",
-            race_check=env.get("FASTRES_RACE_CHECK", "0").strip().lower() in _ON_VALUES,
-            rounding=env.get("FASTRES_INTERPRET_ROUNDING", "rtne").strip().lower() or "rtne",
-            seed=int(env.get("FASTRES_GRID_SEED", "0") or 0))
+        _harness.install_from(grid_order=str(grid_order).strip().lower() or "natural",
+                              race_check=bool(race_check),
+                              rounding=str(rounding).strip().lower() or "rtne",
+                              seed=int(seed))
     except ValueError as err:
-        raise ConfigError(f"fastres.kernels interpreter harness: {err}") from None
-
-
-if INTERPRET_AT_IMPORT:
-    _install_interpreter_harness()
+        raise ConfigError(f"install_harness: {err}") from None
 
 
 # ------------------------------------------------------------------ launches

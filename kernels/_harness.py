@@ -24,11 +24,11 @@ grid order, with numpy. Three things a GPU does differently are emulated or chec
   (an atomic ticket): the partial buffer is written by every program and read by the last,
   legally. Any other cross-program conflict is reported with the address and the programs.
 
-Installed on `import fastres.kernels` when the kernels are interpreted (`fastres.kernels._env`
-reads ``FASTRES_GRID_ORDER``, ``FASTRES_RACE_CHECK``, ``FASTRES_GRID_SEED`` and
-``FASTRES_INTERPRET_ROUNDING``); tests change the settings with `configured(...)`. It
-applies to every interpreted launch in the process, fastres's kernels or not. Costs: the
-race check records every accessed byte (use small shapes); the rest is negligible.
+Installed only on request, `fastres.kernels.install_harness(...)` (tests/conftest.py does it
+for the kernel tests, with its test switches); importing fastres.kernels patches nothing.
+Tests change the settings with `configured(...)`. Once installed it applies to every
+interpreted launch in the process, fastres's kernels or not. Costs: the race check records
+every accessed byte (use small shapes); the rest is negligible.
 """
 from __future__ import annotations
 
@@ -101,16 +101,17 @@ def configured(**changes):
 # ------------------------------------------------------------------------------ recording
 
 class _Program:
-    __slots__ = ("pid", "rank", "seq", "bytes", "seqs", "writes", "atomics")
+    __slots__ = ("pid", "rank", "seq", "bytes", "seqs", "writes", "atomics", "barriers")
 
     def __init__(self, pid: int, rank: int):
         self.pid = pid        # linear program id (x-major over the grid)
         self.rank = rank      # position in execution order
-        self.seq = 0          # memory operations issued so far
+        self.seq = 0          # memory operations (and barriers) issued so far
         self.bytes: list = []
         self.seqs: list = []
         self.writes: list = []
-        self.atomics: dict = {}  # location -> (first seq, last seq)
+        self.atomics: dict = {}  # location -> [(seq, releases, acquires)], in issue order
+        self.barriers: list = []  # seqs of tl.debug_barrier() calls
 
 
 class _Launch:
@@ -156,29 +157,67 @@ def _note_access(ptrs_handle, mask_handle, write: bool) -> None:
         prog.writes.append(np.full(b.size, write, dtype=bool))
 
 
-def _note_atomic(ptrs_handle, mask_handle) -> None:
+def _memory_order(sem, scope) -> tuple[bool, bool]:
+    """(releases, acquires) across programs for an atomic of Triton IR semantics `sem`
+    and scope `scope`: relaxed orders nothing, release only what came before it, acquire
+    only what comes after; a CTA-scoped atomic orders nothing between programs (CTAs)."""
+    from triton._C.libtriton import ir
+
+    S = ir.MEM_SEMANTIC
+    if scope == ir.MEM_SYNC_SCOPE.CTA:
+        return False, False
+    return (sem in (S.RELEASE, S.ACQUIRE_RELEASE), sem in (S.ACQUIRE, S.ACQUIRE_RELEASE))
+
+
+def _note_atomic(ptrs_handle, mask_handle, sem, scope) -> None:
     launch = _launch
     if launch is None or not launch.record or launch.current is None:
         return
     prog = launch.current
     prog.seq += 1
+    releases, acquires = _memory_order(sem, scope)
     addr = np.asarray(ptrs_handle.data, dtype=np.uint64).reshape(-1)
     if mask_handle is not None:
         addr = addr[np.broadcast_to(np.asarray(mask_handle.data, dtype=bool),
                                     np.shape(ptrs_handle.data)).reshape(-1)]
     for a in np.unique(addr).tolist():
-        first, _ = prog.atomics.get(a, (prog.seq, prog.seq))
-        prog.atomics[a] = (first, prog.seq)
+        prog.atomics.setdefault(a, []).append((prog.seq, releases, acquires))
+
+
+def _note_barrier() -> None:
+    launch = _launch
+    if launch is None or not launch.record or launch.current is None:
+        return
+    prog = launch.current
+    prog.seq += 1
+    prog.barriers.append(prog.seq)
 
 
 # ---------------------------------------------------------------------------- race check
 
 def _ordered(a: _Program, a_last_seq: int, b: _Program, b_first_seq: int) -> bool:
     """Whether every access of `a` (rank earlier) at seq <= a_last_seq happens before every
-    access of `b` at seq >= b_first_seq, through an atomic location both used."""
-    for loc, (_, a_last_atomic) in a.atomics.items():
-        hit = b.atomics.get(loc)
-        if hit is not None and a_last_seq < a_last_atomic and b_first_seq > hit[0]:
+    access of `b` at seq >= b_first_seq, through an atomic location T both used:
+
+    - `a` releases: after its accesses, an atomic on T with release semantics (release or
+      acq_rel) at GPU or system scope, and a `tl.debug_barrier()` between the accesses and
+      that atomic -- the atomic is one thread's, and its release covers only what that
+      thread has seen: the barrier makes the rest of the CTA's stores part of it;
+    - `b` acquires: before its accesses, an atomic on T with acquire semantics (acquire or
+      acq_rel) at GPU or system scope. `b` runs after `a` here, so its atomic comes later
+      in T's modification order (an atomic read-modify-write continues `a`'s release
+      sequence).
+    A relaxed ticket, a release-only or acquire-only pair, a CTA-scoped atomic or a missing
+    barrier orders nothing, and the conflict is reported."""
+    for loc, a_ops in a.atomics.items():
+        b_ops = b.atomics.get(loc)
+        if not b_ops:
+            continue
+        released = any(
+            releases and seq > a_last_seq
+            and any(a_last_seq < bar < seq for bar in a.barriers)
+            for seq, releases, _ in a_ops)
+        if released and any(acquires and seq < b_first_seq for seq, _, acquires in b_ops):
             return True
     return False
 
@@ -294,6 +333,7 @@ def install() -> None:
     orig_cas = builder.create_atomic_cas
     orig_dim = builder.set_grid_dim
     orig_idx = builder.set_grid_idx
+    orig_barrier = builder.create_barrier
 
     def create_masked_load(ptrs, mask, other, cache_modifier, eviction_policy, is_volatile):
         _note_access(ptrs, mask, write=False)
@@ -304,12 +344,16 @@ def install() -> None:
         return orig_store(ptrs, value, mask, cache_modifier, eviction_policy)
 
     def create_atomic_rmw(rmwOp, ptr, val, mask, sem, scope):
-        _note_atomic(ptr, mask)
+        _note_atomic(ptr, mask, sem, scope)
         return orig_rmw(rmwOp, ptr, val, mask, sem, scope)
 
     def create_atomic_cas(ptr, cmp, val, sem, scope):
-        _note_atomic(ptr, None)
+        _note_atomic(ptr, None, sem, scope)
         return orig_cas(ptr, cmp, val, sem, scope)
+
+    def create_barrier():
+        _note_barrier()
+        return orig_barrier()
 
     def set_grid_dim(nx, ny, nz):
         launch = _launch
@@ -401,6 +445,7 @@ def install() -> None:
     builder.create_masked_store = create_masked_store
     builder.create_atomic_rmw = create_atomic_rmw
     builder.create_atomic_cas = create_atomic_cas
+    builder.create_barrier = create_barrier
     builder.set_grid_dim = set_grid_dim
     builder.set_grid_idx = set_grid_idx
     I.GridExecutor.__call__ = __call__
@@ -411,7 +456,7 @@ def install() -> None:
 
 def install_from(grid_order: str = "natural", race_check: bool = False,
                  rounding: str = "rtne", seed: int = 0) -> None:
-    """Install with these settings (what `fastres.kernels._env` calls at import)."""
+    """Install with these settings (`fastres.kernels.install_harness`)."""
     global _settings
     _settings = _validate(Settings(grid_order, bool(race_check), rounding, int(seed)))
     install()

@@ -9,8 +9,10 @@ Layers, bottom to top (STYLE.md habit 2):
                  reduce (dz in fp32, dres, sums + last-program combine, dw, db) and dx.
                  Eval: one launch each way.
     launchers    `_forward`, `_backward`: look up a cached launch plan (tile config, grids,
-                 constexprs, scratch buffers) per (shape, dtypes, flags), allocate the
-                 outputs, launch. No autograd, no host sync, no `triton.cdiv` in hot code.
+                 constexprs) per (shape, dtypes, flags) and the current stream's scratch
+                 (partials, ticket counters -- zeroed on the stream before each
+                 reduction launch -- and sums), allocate the outputs, launch. No
+                 autograd, no host sync, no `triton.cdiv` in hot code.
     custom ops   `fastres::bn_act_fwd` (mutates the running statistics and
                  num_batches_tracked) and `fastres::bn_act_bwd`, with fake impls, so that
                  `torch.compile(fullgraph=True)` keeps them whole.
@@ -203,22 +205,100 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Plan:
-    """Everything about a launch that depends only on (shape, dtypes, flags): built once."""
+    """Everything about a launch that depends only on (shape, dtypes, flags): built once.
+    Python values only: the device scratch lives in `_scratch`, so dropping a plan frees
+    nothing a queued kernel or a captured CUDA graph may still use."""
 
-    __slots__ = ("M", "C", "CB", "ncb", "P", "rpp", "grid_red", "grid_ew", "part", "counter",
-                 "sums", "meta_red", "meta_ew", "dz_stored")
+    __slots__ = ("M", "C", "CB", "ncb", "P", "rpp", "grid_red", "grid_ew", "acc",
+                 "meta_red", "meta_ew", "dz_stored", "scratch", "stream")
 
 
+PLAN_CACHE_SIZE = 256  # distinct (shape, dtypes, flags); past it the oldest plan goes
 _plans: dict = {}
 
 
+def _cache_plan(key: tuple, plan: _Plan) -> _Plan:
+    if len(_plans) >= PLAN_CACHE_SIZE:
+        del _plans[next(iter(_plans))]  # first in, first out: a plan is cheap to rebuild
+    _plans[key] = plan
+    return plan
+
+
+class _Scratch:
+    """Scratch memory of the reduction launches on one (device, stream, accumulation
+    dtype): per-slab partials (2, P, C), the ticket counters (one per channel block), and
+    the backward's channel sums S1, S2 (2, C), which its dx launch reads after its reduce
+    launch. Shared by every plan on that stream (stream order serialises their launches)
+    and never by two streams, whose launches could interleave. It only grows; a replaced
+    buffer is kept (`retired`), since a captured CUDA graph may still address it."""
+
+    __slots__ = ("part", "counter", "sums", "retired")
+
+
+_scratch: dict = {}
+
+
+def _current_stream(device: torch.device):
+    """The stream launches on `device` go to (Triton's own query, the one its launcher
+    makes per launch); None on the CPU, whose interpreted launches run in call order."""
+    if device.type != "cuda" or _env.interpreting():
+        return None
+    import triton
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.get_current_stream(index)
+
+
+def _plan_scratch(plan: _Plan, device: torch.device) -> _Scratch:
+    """The scratch of a reduction launch of `plan` on the current stream (remembered by the
+    plan for the stream it last ran on: one compare per call), its ticket counters set to
+    0 on that stream just before the launch. The last program of each channel block resets
+    its counter too, so this memset of a few bytes is normally redundant; it is what keeps
+    a counter left non-zero (an interrupted launch, a stray write) from corrupting this or
+    any later launch: a non-zero start would make the wrong program combine."""
+    stream = _current_stream(device)
+    s = plan.scratch
+    if s is None or plan.stream != stream:
+        s = plan.scratch = _get_scratch(device, stream, plan.acc, plan.P, plan.C, plan.ncb)
+        plan.stream = stream
+    s.counter.zero_()
+    return s
+
+
+def _get_scratch(device: torch.device, stream, acc: torch.dtype, P: int, C: int,
+                 ncb: int) -> _Scratch:
+    key = (device, stream, acc)
+    s = _scratch.get(key)
+    if s is None or s.part.numel() < 2 * P * C or s.counter.numel() < ncb \
+            or s.sums.numel() < 2 * C:
+        s = _scratch[key] = _grow_scratch(s, device, acc, 2 * P * C, ncb, 2 * C)
+    return s
+
+
+def _grow_scratch(old: Optional[_Scratch], device: torch.device, acc: torch.dtype,
+                  part: int, ncb: int, sums: int) -> _Scratch:
+    s = _Scratch()
+    s.retired = []
+    if old is not None:  # grow geometrically: a few reallocations over a whole run
+        s.retired = old.retired + [old.part, old.counter, old.sums]
+        part = max(part, 2 * old.part.numel())
+        ncb = max(ncb, old.counter.numel())
+        sums = max(sums, 2 * old.sums.numel())
+    s.part = torch.empty(part, device=device, dtype=acc)
+    s.counter = torch.zeros(ncb, device=device, dtype=torch.int32)
+    s.sums = torch.empty(sums, device=device, dtype=acc)
+    return s
+
+
 def clear_plans() -> None:
-    """Drop every cached launch plan (and its scratch buffers)."""
+    """Drop every cached launch plan and the scratch memory (not while a captured CUDA
+    graph that ran the fused op may still be replayed: it addresses that scratch)."""
     _plans.clear()
+    _scratch.clear()
 
 
-def _base_plan(M: int, C: int, elem_size: int, acc: torch.dtype, device: torch.device,
-               reduction: bool) -> tuple[_Plan, TileConfig]:
+def _base_plan(M: int, C: int, elem_size: int, acc: torch.dtype, device: torch.device
+               ) -> tuple[_Plan, TileConfig]:
     cfg = _config(M, C, elem_size, device)
     p = _Plan()
     p.M, p.C, p.CB = M, C, _cdiv(C, 8)
@@ -227,14 +307,8 @@ def _base_plan(M: int, C: int, elem_size: int, acc: torch.dtype, device: torch.d
     p.P = _cdiv(M, cfg.rows_per_prog)
     p.grid_red = (p.P * p.ncb,)
     p.grid_ew = (_cdiv(M, cfg.block_m) * p.ncb,)
-    if reduction:
-        # Scratch reused by every launch of this plan (stream-ordered: one stream per
-        # device). Tickets start at 0 and each launch's last program puts them back.
-        p.part = torch.empty((2, p.P, C), device=device, dtype=acc)
-        p.counter = torch.zeros((p.ncb,), device=device, dtype=torch.int32)
-        p.sums = torch.empty((2, C), device=device, dtype=acc)
-    else:
-        p.part = p.counter = p.sums = None
+    p.acc = acc
+    p.scratch = p.stream = None
     return p, cfg
 
 
@@ -242,7 +316,7 @@ def _fwd_plan(key: tuple) -> _Plan:
     (M, C, dtype, _, _, device, training, update, cma, has_res, has_w, has_b, act,
      store_mask, store_stats, inc_nbt) = key[:16]
     acc = _acc_dtype(dtype)
-    p, cfg = _base_plan(M, C, dtype.itemsize, acc, device, training)
+    p, cfg = _base_plan(M, C, dtype.itemsize, acc, device)
     p.meta_red = dict(UPDATE_RUNNING=update, CMA=cma, ACC=_TL[acc], BLOCK_M=cfg.block_m,
                       BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, NUM_STAGES=cfg.num_stages,
                       num_warps=cfg.num_warps)
@@ -257,7 +331,7 @@ def _fwd_plan(key: tuple) -> _Plan:
 def _bwd_plan(key: tuple) -> _Plan:
     (M, C, dtype, acc, device, training, act, has_res, has_w, has_b, store_dres, store_dx,
      need_sums, store_dw, store_db, dres_dtype) = key[:16]
-    p, cfg = _base_plan(M, C, dtype.itemsize, acc, device, need_sums)
+    p, cfg = _base_plan(M, C, dtype.itemsize, acc, device)
     p.meta_red = dict(HAS_RES=has_res, HAS_W=has_w, HAS_B=has_b, STORE_DRES=store_dres,
                       STORE_DX=store_dx, COMPUTE_SUMS=need_sums, STORE_DW=store_dw,
                       STORE_DB=store_db, ACT=_ACT_IDS[act], ACC=_TL[acc],
@@ -311,11 +385,13 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
              if training or store_stats else None)
     plan = _plans.get(key)
     if plan is None:
-        plan = _plans[key] = _fwd_plan(key)
+        plan = _cache_plan(key, _fwd_plan(key))
     mask = torch.empty((M, plan.CB), device=device, dtype=torch.uint8) if store_mask else None
     dummy = y
     if training:
-        _env.launch(_k.bn_fwd_stats_kernel, plan.grid_red, x, plan.part, plan.counter, stats,
+        scratch = _plan_scratch(plan, device)
+        _env.launch(_k.bn_fwd_stats_kernel, plan.grid_red, x, scratch.part, scratch.counter,
+                    stats,
                     running_mean if update else dummy, running_var if update else dummy,
                     nbt if nbt is not None else dummy, M, C, plan.ncb, plan.P, plan.rpp,
                     0.0 if momentum is None else float(momentum), float(eps), **plan.meta_red)
@@ -370,21 +446,22 @@ def _backward(dy: Tensor, x: Tensor, mask: Optional[Tensor], residual: Optional[
            needs_db, dres_dtype, _override, _emulated_sms)
     plan = _plans.get(key)
     if plan is None:
-        plan = _plans[key] = _bwd_plan(key)
+        plan = _cache_plan(key, _bwd_plan(key))
     dummy = stats
+    scratch = _plan_scratch(plan, x.device) if need_sums else None
     mask_ = mask if mask is not None else dummy
     res_ = residual if residual is not None else dummy
     w_ = weight if weight is not None else dummy
     b_ = bias if bias is not None else dummy
     _env.launch(_k.bn_bwd_reduce_kernel, plan.grid_red, dy, x, mask_, res_, stats, w_, b_,
                 dres if dres is not None else dummy, dx if store_dx else dummy,
-                plan.part if need_sums else dummy, plan.counter if need_sums else dummy,
-                plan.sums if need_sums else dummy, dw if dw is not None else dummy,
+                scratch.part if need_sums else dummy, scratch.counter if need_sums else dummy,
+                scratch.sums if need_sums else dummy, dw if dw is not None else dummy,
                 db if db is not None else dummy, M, C, plan.CB, plan.ncb, plan.P, plan.rpp,
                 **plan.meta_red)
     if training and needs_dx:
         _env.launch(_k.bn_bwd_dx_kernel, plan.grid_ew, dy, x, mask_, res_,
-                    dres if plan.dz_stored else dummy, stats, w_, b_, plan.sums, dx,
+                    dres if plan.dz_stored else dummy, stats, w_, b_, scratch.sums, dx,
                     M, C, plan.CB, plan.ncb, **plan.meta_ew)
     return dx, dres, dw, db
 

@@ -6,7 +6,7 @@ do not run (CPU without Triton's interpreter, or the ``FASTRES_KERNELS=0`` kill 
 - `bn_act_reference`: ``act(batch_norm(x) + residual)``, built from `F.batch_norm`; the
   module form is `fastres.norm_act.BatchNormAct2d` (re-exported here).
 - `sgd_ema_reference_step`: one multi-tensor SGD step (L2 weight decay, momentum, Nesterov,
-  optional grad unscale and inf skip) followed by the EMA update, in `torch._foreach_*` ops,
+  optional grad unscale and inf skip) followed by the EMA update, in `torch._foreach_*` ops (through `fastres._compat.foreach`),
   with the same arithmetic order as the Triton kernel in `fastres.kernels.sgd`.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastres._compat import foreach
 from fastres.norm_act import ACTIVATIONS, BatchNormAct2d, apply_act
 
 __all__ = ["ACTIVATIONS", "BatchNormAct2d", "bn_act_reference", "sgd_ema_reference_step"]
@@ -85,20 +86,20 @@ def sgd_ema_reference_step(params: Sequence[Tensor], grads: Sequence[Tensor],
         old_emas = [t.clone() for t in emas] if emas else []
     if grads:
         if grad_scale is not None:
-            grads = torch._foreach_div(grads, grad_scale)
+            grads = foreach.div(grads, grad_scale)
         if weight_decay != 0:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+            grads = foreach.add(grads, params, alpha=weight_decay)
         if momentum != 0:
-            torch._foreach_mul_(momentum_buffers, momentum)
-            torch._foreach_add_(momentum_buffers, grads)
+            foreach.mul_(momentum_buffers, momentum)
+            foreach.add_(momentum_buffers, grads)
             if nesterov:
-                grads = torch._foreach_add(grads, momentum_buffers, alpha=momentum)
+                grads = foreach.add(grads, momentum_buffers, alpha=momentum)
             else:
                 grads = list(momentum_buffers)
-        torch._foreach_add_(params, grads, alpha=-lr)
+        foreach.add_(params, grads, alpha=-lr)
     if emas and ema_decay is not None:
         p_in_ema_dtype = [p.to(e.dtype) for p, e in zip(params, emas)]
-        torch._foreach_add_(emas, torch._foreach_sub(p_in_ema_dtype, emas), alpha=1.0 - ema_decay)
+        foreach.add_(emas, foreach.sub(p_in_ema_dtype, emas), alpha=1.0 - ema_decay)
     if old is not None:
         skip = found_inf.reshape(()) != 0
         for t, o in zip(params, old):

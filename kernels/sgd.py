@@ -17,19 +17,21 @@ weight averaging then runs a second multi-tensor pass for the EMA. Here the EMA 
 while p is in registers: 28 B per fp32 element (read p, g, buf, ema; write p, buf, ema)
 against 20 + 12 = 32 B, and one launch per group instead of two sets.
 
-v2 host path (issue 11): per parameter group a cached plan holds the parameter list, the
-momentum buffers and EMA tensors, the layout checks, a device table of addresses (param,
-grad, buffer, EMA, numel) and the work list, all built once. A step reads the grads
-(`[p.grad for p in params]`); when every grad is the same object as last step (grads kept
-across steps: `zero_grad(set_to_none=False)`, or a CUDA graph's static memory) nothing
-else runs before the launch. When grads were reallocated (`zero_grad(set_to_none=True)`),
-their addresses and strides are compared with the table's, and the table is rewritten
-(one small host-to-device copy) only if an address moved. lr and momentum may be Python
-floats (runtime kernel scalars: a new value each step never recompiles) or 0-d tensors on
-the parameters' device (read by the kernel: no `.item()`, no host sync, so the step can be
-captured in a CUDA graph and a schedule can update them in place); weight_decay is a float.
-One persistent launch per (group, dtype combination): the grid is a few programs per SM
-and each program strides over the work list.
+Host path (issue 11, v3 in issue 21): per parameter group a cached plan holds the device
+tables of addresses (param, grad, buffer, EMA, numel) and the work list. Each step checks,
+cheaply (C-level map calls, ~0.06 us a tensor), that nothing the tables point at moved --
+the same parameter objects, the same parameter, momentum-buffer and EMA addresses
+(`p.data = ...`, `model.to`, `.half()`, a re-init), no state entry replaced -- and rebuilds
+the plan if anything did: the kernel never writes old storage. Gradients may be new
+tensors every step (`zero_grad(set_to_none=True)`): their layout is checked and, only when
+an address moved, the tables' grad rows are rewritten with an asynchronous copy from
+pinned memory (no host sync; see `_upload`). lr and momentum may be Python floats
+(runtime kernel scalars: a new value each step never recompiles) or 0-d tensors on the
+parameters' device (read by the kernel: no `.item()`, no host sync, so a schedule can
+update them in place); weight_decay is a float. One persistent launch per (group, dtype
+combination): the grid is a few programs per SM and each program strides over the work
+list. The tensors the kernel does not take run the foreach reference in the same step,
+reading their gradients, buffers and EMA at that step.
 
 Parameters that share memory (the same tensor twice, or overlapping views) are refused at
 construction: the kernel updates each tensor independently, so two programs would
@@ -38,14 +40,14 @@ runs programs one after another, would hide; the race check in CI finds it).
 
 Where it runs: CUDA tensors, or CPU tensors under Triton's interpreter (CI); anywhere else
 (or with FASTRES_KERNELS=0, or without Triton) the same step runs as `torch._foreach_*` ops
-(`fastres.kernels.reference.sgd_ema_reference_step`). `step` is host code (it builds
-address tables): call it outside `torch.compile`d regions, or capture it in a CUDA graph --
-after one eager step (the first step builds the tables with host-to-device copies, which
-a capture does not allow) and with the grads at fixed addresses (the graph pool's), lr and
-momentum as device tensors if a schedule changes them.
+(`fastres.kernels.reference.sgd_ema_reference_step`), as do fp64 tensors and layouts the
+kernel does not take. `step` is host code: call it outside `torch.compile`d regions, or
+capture it in a CUDA graph after one eager step (a step that must build tables cannot be
+captured: ConfigError), lr and momentum as device tensors if a schedule changes them.
 """
 from __future__ import annotations
 
+import collections
 import operator
 from typing import Iterable, Optional, Sequence
 
@@ -53,6 +55,7 @@ import torch
 import torch.optim.optimizer as _optim
 from torch import Tensor
 
+from fastres._compat import profiler_enabled
 from fastres.errors import ConfigError
 from fastres.kernels import _env
 from fastres.kernels.reference import sgd_ema_reference_step
@@ -62,8 +65,9 @@ if _env.HAS_TRITON:
 
     from fastres.kernels import _sgd_kernels as _k
 
-    _TL = {torch.float32: tl.float32, torch.float64: tl.float64,
-           torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+    # No fp64: the kernel computes in fp32, so fp64 tensors take the (exact) reference.
+    _TL = {torch.float32: tl.float32, torch.float16: tl.float16,
+           torch.bfloat16: tl.bfloat16}
 else:  # pragma: no cover - exercised by the no-Triton subprocess test
     _k = None
     _TL = {}
@@ -74,6 +78,7 @@ _is = operator.is_
 _is_contiguous = Tensor.is_contiguous
 _data_ptr = Tensor.data_ptr
 _get_grad = operator.attrgetter("grad")
+_CL = torch.channels_last
 
 
 stub_launches = _env.stub_launches  # re-exported: `bench-kernels --host`
@@ -127,18 +132,111 @@ def _kernel_layout_ok(p: Tensor, *others: Optional[Tensor]) -> bool:
     return all(t is None or t.stride() == p.stride() for t in others)
 
 
-class _Launch:
-    """One kernel launch of a group plan: a set of tensors of one dtype combination."""
+class _ParamState(dict):
+    """One parameter's optimizer state: a dict (as torch.optim keeps it) that counts writes.
 
-    __slots__ = ("items", "rows", "table", "table_ptrs", "work_tensor", "work_start",
-                 "n_work", "grid", "meta", "has_grad", "device")
+    The cached address tables hold the momentum buffer and EMA tensors; a pointer check
+    sees them move (`buf.data = ...`) but not being replaced by other tensors
+    (`opt.state[p]["momentum_buffer"] = buf.to(...)`, the usual "move the optimizer" idiom).
+    Counting writes makes replacement visible for one integer compare per step. Copies and
+    pickles are plain dicts (`__reduce__`), so checkpoints never name this class."""
+
+    __slots__ = ("writes",)
+
+    def __init__(self, writes: list, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.writes = writes
+
+    def _bump(self) -> None:
+        self.writes[0] += 1
+
+    def __setitem__(self, key, value):
+        self._bump()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._bump()
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        self._bump()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._bump()
+        return super().popitem()
+
+    def clear(self):
+        self._bump()
+        super().clear()
+
+    def update(self, *args, **kwargs):
+        self._bump()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self._bump()
+        return super().setdefault(key, default)
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+
+class _State(collections.defaultdict):
+    """`optimizer.state` (a defaultdict of per-parameter dicts, as torch.optim's) whose
+    per-parameter dicts count writes (`_ParamState`); replacing a whole entry counts too."""
+
+    def __init__(self, writes: list, items=()):
+        super().__init__(None)
+        self.writes = writes
+        for key, value in dict(items).items():
+            super().__setitem__(key, _ParamState(writes, value))
+
+    def __missing__(self, key):
+        value = _ParamState(self.writes)
+        super().__setitem__(key, value)
+        return value
+
+    def __setitem__(self, key, value):
+        self.writes[0] += 1
+        if not isinstance(value, _ParamState):
+            value = _ParamState(self.writes, value)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.writes[0] += 1
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        self.writes[0] += 1
+        return super().pop(*args)
+
+    def clear(self):
+        self.writes[0] += 1
+        super().clear()
+
+    def __reduce__(self):
+        return collections.defaultdict, (dict,), None, None, (
+            (k, dict(v)) for k, v in self.items())
+
+
+class _Launch:
+    """One kernel launch of a group plan: the tensors of one dtype combination. Holds
+    device tables and addresses only -- no tensor -- so it keeps nothing alive."""
+
+    __slots__ = ("rows", "table", "grad_row", "work_tensor", "work_start", "n_work", "grid",
+                 "meta", "has_grad")
 
 
 class _GroupPlan:
-    """Everything a group's step needs that does not change between steps."""
+    """What a group's step needs that does not change between steps, and what tells the
+    step that it did change: the parameter objects, every table address (param, momentum
+    buffer, EMA) and the state's write count; the gradients' addresses and layout."""
 
-    __slots__ = ("params", "grads", "grad_ptrs", "with_grad", "without_grad", "contig", "cl",
-                 "kind", "launches", "fallback", "device")
+    __slots__ = ("kind", "params", "param_objs", "watched", "watched_ptrs", "state_writes",
+                 "with_grad", "without_grad", "grad_ptrs", "contig", "cl", "launches",
+                 "fallback", "device", "rewrite_always", "keep")
 
 
 class FusedSGD(torch.optim.Optimizer):
@@ -153,6 +251,8 @@ class FusedSGD(torch.optim.Optimizer):
             schedule, without rebuilding anything). Also per group.
         nesterov, weight_decay: as `torch.optim.SGD` (weight_decay a float; dampening is
             fixed at 0).
+        maximize: accepted for torch.optim.SGD's signature; only False (the default) is
+            implemented: True raises ConfigError here and in a group at `step`.
         ema_decay: None for no EMA; otherwise the default decay (float or 0-d device
             tensor) of the EMA of every parameter, updated in the same pass after each
             step (`step(ema_decay=...)` overrides it for one step, e.g. a warm-up ramp;
@@ -162,6 +262,11 @@ class FusedSGD(torch.optim.Optimizer):
             device (any float dtype, e.g. fp32 shadows of bf16 weights), not sharing
             memory with the parameters or each other. Without it, the EMA starts as a copy
             of the parameters at construction.
+
+    Which tensors the kernel takes: fp32/bf16/fp16 parameters, gradients and EMA, dense
+    (contiguous or channels-last) with one element order per parameter. fp64 parameters
+    (or EMA) and other layouts take the foreach reference, exact in their own dtype, in the
+    same step (the kernel computes in fp32 and would round fp64 silently).
 
     AMP: `_step_supports_amp_scaling = True`, so `torch.amp.GradScaler.step(opt)` hands the
     scale and the inf flag over (as the `grad_scale` / `found_inf` attributes) instead of
@@ -175,7 +280,7 @@ class FusedSGD(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, momentum=0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0, *, ema_decay=None,
+                 weight_decay: float = 0.0, *, maximize: bool = False, ema_decay=None,
                  ema_tensors: Optional[Iterable[Tensor]] = None):
         for name, value in (("lr", lr), ("momentum", momentum)):
             if isinstance(value, Tensor):
@@ -190,11 +295,14 @@ class FusedSGD(torch.optim.Optimizer):
             raise ConfigError(f"invalid weight_decay: {weight_decay!r} (a float >= 0)")
         if nesterov and not isinstance(momentum, Tensor) and momentum <= 0:
             raise ConfigError("Nesterov momentum requires momentum > 0")
+        _check_maximize(maximize)
         _check_decay(ema_decay)
         defaults = dict(lr=lr, momentum=momentum, dampening=0.0, nesterov=nesterov,
-                        weight_decay=weight_decay)
+                        weight_decay=weight_decay, maximize=False)
         self._plans: dict = {}
         super().__init__(params, defaults)
+        self._state_writes = [0]
+        self.state = _State(self._state_writes, self.state)
         self.ema_decay = ema_decay
         params_all = [p for g in self.param_groups for p in g["params"]]
         check_no_shared_memory(params_all, [f"parameter {i}" for i in range(len(params_all))])
@@ -224,10 +332,15 @@ class FusedSGD(torch.optim.Optimizer):
             self.state[p]["ema"] = e
 
     def __setstate__(self, state):
-        super().__setstate__(state)
+        super().__setstate__(state)  # also what load_state_dict calls, with a plain state
+        if not hasattr(self, "_state_writes"):
+            self._state_writes = [0]
+        if not isinstance(self.state, _State):
+            self.state = _State(self._state_writes, self.state)
         self._plans = {}
 
     def add_param_group(self, param_group: dict) -> None:
+        _check_maximize(param_group.get("maximize", False))
         super().add_param_group(param_group)
         params_all = [p for g in self.param_groups for p in g["params"]]
         check_no_shared_memory(params_all, [f"parameter {i}" for i in range(len(params_all))])
@@ -235,6 +348,11 @@ class FusedSGD(torch.optim.Optimizer):
             for p in self.param_groups[-1]["params"]:
                 self.state[p].setdefault("ema", p.detach().clone())
         self._plans = {}
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # plain dicts on disk
+        return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         # External EMA tensors and device-scalar hyper-parameters (a schedule may hold and
@@ -302,7 +420,10 @@ class FusedSGD(torch.optim.Optimizer):
                     decay = None  # the EMA does not move: skip its bytes
             if decay is not None:
                 _check_decay(decay)
-        for gi, group in enumerate(self.param_groups):
+        groups = self.param_groups
+        if len(self._plans) > len(groups):  # groups were removed: drop their plans
+            self._plans = {gi: plan for gi, plan in self._plans.items() if gi < len(groups)}
+        for gi, group in enumerate(groups):
             self._step_group(gi, group, decay, grad_scale, found_inf)
         return loss
 
@@ -317,82 +438,87 @@ class FusedSGD(torch.optim.Optimizer):
         kind = (type(lr) is Tensor, type(momentum) is Tensor or momentum != 0,
                 type(momentum) is Tensor, bool(group["nesterov"]), wd != 0,
                 decay is not None, type(decay) is Tensor, group.get("dampening", 0.0),
+                group.get("maximize", False),
                 bool(params) and (_env.stubbed() or _env.use_triton(params[0].device)))
         plan = self._plans.get(gi)
         grads = list(map(_get_grad, params))
-        if plan is None or plan.kind != kind or len(plan.grads) != len(grads) \
-                or not all(map(_is, grads, plan.grads)):
-            if plan is None or plan.kind != kind or not self._grads_still_fit(plan, grads):
-                plan = self._plans[gi] = self._build(group, grads, kind)
-            plan.grads = grads
+        if plan is None or plan.kind != kind or not self._still_valid(plan, params, grads):
+            plan = self._plans[gi] = self._build(group, grads, kind)
         device = plan.device
         if grad_scale is not None and grad_scale.device != device:
             grad_scale = grad_scale.to(device, non_blocking=True)
         if found_inf is not None and found_inf.device != device:
             found_inf = found_inf.to(device, non_blocking=True)
-        lr_f = 0.0 if kind[0] else float(lr)
-        mom_f = 0.0 if kind[2] else float(momentum)
-        alpha = 0.0 if decay is None or kind[6] else 1.0 - float(decay)
-        for launch in plan.launches:
-            dummy = launch.table
-            _env.launch(_k.sgd_ema_kernel, launch.grid, launch.work_tensor, launch.work_start,
-                        launch.table, len(launch.items), launch.n_work,
-                        grad_scale if grad_scale is not None else dummy,
-                        found_inf if found_inf is not None else dummy,
-                        lr if kind[0] else dummy, momentum if kind[2] else dummy,
-                        decay if kind[6] else dummy, lr_f, mom_f, float(wd), alpha,
-                        HAS_SCALE=grad_scale is not None and launch.has_grad,
-                        HAS_FOUND_INF=found_inf is not None, **launch.meta)
+        if plan.launches:
+            lr_f = 0.0 if kind[0] else float(lr)
+            mom_f = 0.0 if kind[2] else float(momentum)
+            alpha = 0.0 if decay is None or kind[6] else 1.0 - float(decay)
+            for launch in plan.launches:
+                dummy = launch.table
+                _env.launch(_k.sgd_ema_kernel, launch.grid, launch.work_tensor,
+                            launch.work_start, launch.table, len(launch.rows), launch.n_work,
+                            grad_scale if grad_scale is not None else dummy,
+                            found_inf if found_inf is not None else dummy,
+                            lr if kind[0] else dummy, momentum if kind[2] else dummy,
+                            decay if kind[6] else dummy, lr_f, mom_f, float(wd), alpha,
+                            HAS_SCALE=grad_scale is not None and launch.has_grad,
+                            HAS_FOUND_INF=found_inf is not None, **launch.meta)
         if plan.fallback:
             with torch.no_grad():
                 self._fallback_step(plan, group, decay, grad_scale, found_inf)
 
-    def _grads_still_fit(self, plan: _GroupPlan, grads: list) -> bool:
-        """Grads were replaced (new objects, e.g. after zero_grad(set_to_none=True)): do the
-        new ones fit the plan? They have their parameters' shapes, dtypes and devices
-        (torch's grad setter and autograd enforce those), so the layout is the one thing to
-        check -- contiguous (or channels-last) like the grads the plan was built from,
-        which with equal shapes means the same element order -- and then only the
-        addresses may have moved: the grad row of each table is rewritten (one small
-        copy) if one did. Costs ~0.1 µs per grad (C-level map calls, no per-grad Python)."""
-        if len(grads) != len(plan.grads) or plan.contig is None:
+    def _still_valid(self, plan: _GroupPlan, params: list, grads: list) -> bool:
+        """Whether the cached tables still describe this step (else the plan is rebuilt).
+
+        Every step, ~0.1 µs per tensor, C-level map calls: the group holds the same
+        parameter objects; no parameter, momentum buffer or EMA tensor moved (`p.data =
+        ...`, `model.to(...)`, `.half()`, a re-init: the table would point at the old,
+        possibly freed, storage) or was replaced in `state` (the write count); the gradients
+        are present where the plan has them and laid out as it expects (contiguous, or
+        channels-last like their parameters). Then only gradient addresses may differ --
+        new tensors every step after zero_grad(set_to_none=True) -- and the grad rows are
+        rewritten, asynchronously, when one moved (`_write_grad_rows`)."""
+        if (params is not plan.params or len(params) != len(plan.param_objs)
+                or plan.state_writes != self._state_writes[0]
+                or not all(map(_is, params, plan.param_objs))
+                or list(map(_data_ptr, plan.watched)) != plan.watched_ptrs
+                or plan.contig is None):
             return False
         try:
-            if plan.without_grad:
-                present = [grads[i] for i in plan.with_grad]
-            else:
-                present = grads
-            contig = present if not plan.cl else [grads[i] for i in plan.contig]
-            if not (all(map(_is_contiguous, contig)) and
-                    all(grads[i].is_contiguous(memory_format=torch.channels_last)
-                        for i in plan.cl)):
+            present = [grads[i] for i in plan.with_grad] if plan.without_grad else grads
+            contig = [grads[i] for i in plan.contig] if plan.cl else present
+            if not all(map(_is_contiguous, contig)) or not all(
+                    grads[i].is_contiguous(memory_format=_CL) for i in plan.cl):
                 return False
             ptrs = list(map(_data_ptr, present))
         except (TypeError, RuntimeError, AttributeError):  # a None or a sparse grad
             return False
-        if any(grads[i] is not None for i in plan.without_grad):
+        if plan.without_grad and any(grads[i] is not None for i in plan.without_grad):
             return False
-        if ptrs != plan.grad_ptrs:
-            plan.grad_ptrs = ptrs
-            full = [0] * len(grads)
-            for i, a in zip(plan.with_grad, ptrs):
-                full[i] = a
-            for launch in plan.launches:
-                if launch.has_grad:
-                    _write_table(launch, [full[r] for r in launch.rows])
+        if ptrs != plan.grad_ptrs or plan.rewrite_always:
+            _write_grad_rows(plan, ptrs)
         return True
 
     def _build(self, group: dict, grads: list, kind: tuple) -> _GroupPlan:
-        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-        lr_dev, has_momentum, mom_dev, nesterov, has_wd, has_ema, ema_dev, dampening, kern = kind
+        lr, momentum = group["lr"], group["momentum"]
+        (lr_dev, has_momentum, mom_dev, nesterov, has_wd, has_ema, ema_dev, dampening,
+         maximize, kern) = kind
+        _check_maximize(maximize)
         if dampening != 0.0:
             raise ConfigError("FusedSGD supports dampening=0 only")
-        params = list(group["params"])
+        params = group["params"]
         plan = _GroupPlan()
         plan.kind = kind
         plan.params = params
-        plan.grads = grads
+        plan.param_objs = list(params)
         plan.device = params[0].device if params else torch.device("cpu")
+        plan.rewrite_always = False
+        plan.keep = []
+        if kern and _capturing(plan.device):
+            raise ConfigError(
+                "FusedSGD: this step must build its address tables (the first step, or the "
+                "first after a parameter, momentum buffer or EMA tensor moved), which "
+                "cannot be captured in a CUDA graph; run one step eagerly before capturing")
         for name, value in (("lr", lr if lr_dev else None),
                             ("momentum", momentum if mom_dev else None)):
             if value is not None and (value.device != plan.device or value.numel() != 1):
@@ -401,15 +527,14 @@ class FusedSGD(torch.optim.Optimizer):
                                   f"{tuple(value.shape)} on {value.device}")
         plan.with_grad = [i for i, g in enumerate(grads) if g is not None]
         plan.without_grad = [i for i, g in enumerate(grads) if g is None]
-        plan.grad_ptrs = [grads[i].data_ptr() for i in plan.with_grad]
         plan.contig = [i for i in plan.with_grad if grads[i].is_contiguous()]
         plan.cl = [i for i in plan.with_grad if not grads[i].is_contiguous()
-                   and grads[i].dim() == 4
-                   and grads[i].is_contiguous(memory_format=torch.channels_last)]
+                   and grads[i].dim() == 4 and grads[i].is_contiguous(memory_format=_CL)]
         if len(plan.contig) + len(plan.cl) != len(plan.with_grad):
-            plan.contig = None  # an odd layout: every new grad object rebuilds the plan
+            plan.contig = None  # an odd layout: every step rebuilds the plan
         buckets: dict = {}
         plan.fallback = []
+        watched = []
         for i, (p, g) in enumerate(zip(params, grads)):
             state = self.state[p]
             ema = state.get("ema") if has_ema else None
@@ -427,85 +552,141 @@ class FusedSGD(torch.optim.Optimizer):
                         # Zeros, not torch's clone(grad): with dampening 0 the first update
                         # momentum * 0 + g gives exactly g, and a first step skipped by
                         # found_inf leaves a valid (zero) buffer behind.
-                        buf = state["momentum_buffer"] = torch.zeros_like(p)
-            item = (i, p, g, buf, ema)
+                        # (not counted as a state write: no other plan holds this
+                        # parameter, and this one reads the new buffer below)
+                        buf = torch.zeros_like(p)
+                        dict.__setitem__(state, "momentum_buffer", buf)
             if not (kern and p.device == plan.device
                     and _kernel_layout_ok(p, g, buf, ema) and p.dtype in _TL
-                    and (g is None or g.dtype in _TL) and (ema is None or ema.dtype in _TL)):
-                plan.fallback.append(item)
+                    and (g is None or g.dtype in _TL) and (ema is None or ema.dtype in _TL)
+                    and (buf is None or buf.dtype == p.dtype)):
+                plan.fallback.append(i)
                 continue
+            watched += [t for t in (p, buf, ema) if t is not None]
             key = (p.dtype, g.dtype if g is not None else None,
                    ema.dtype if ema is not None else None, g is not None)
-            buckets.setdefault(key, []).append(item)
-        plan.launches = [self._make_launch(key, items, kind, plan.device)
+            buckets.setdefault(key, []).append((i, p, g, buf, ema))
+        plan.watched = watched
+        plan.watched_ptrs = list(map(_data_ptr, watched))
+        plan.grad_ptrs = [grads[i].data_ptr() for i in plan.with_grad]
+        plan.launches = [_make_launch(key, items, kind, plan.device)
                          for key, items in buckets.items()]
+        plan.state_writes = self._state_writes[0]
         return plan
 
-    def _make_launch(self, key, items, kind, device) -> _Launch:
-        p_dtype, g_dtype, e_dtype, has_grad = key
-        lr_dev, has_momentum, mom_dev, nesterov, has_wd, has_ema, ema_dev, _, _ = kind
-        launch = _Launch()
-        launch.items = items
-        launch.rows = [it[0] for it in items]
-        launch.has_grad = has_grad
-        launch.device = device
-        sizes = [it[1].numel() for it in items]
-        block = _block_and_grid(device, 1)[0]
-        block, warps, programs = _block_and_grid(device, sum(_cdiv(n, block) for n in sizes))
-        tensor_ids, starts = [], []
-        for t, n in enumerate(sizes):
-            for s in range(0, n, block):
-                tensor_ids.append(t)
-                starts.append(s)
-        launch.work_tensor = torch.tensor(tensor_ids, dtype=torch.int32, device=device)
-        launch.work_start = torch.tensor(starts, dtype=torch.int64, device=device)
-        launch.n_work = len(tensor_ids)
-        launch.grid = (max(1, min(launch.n_work, programs)),)
-        rows = [[it[r].data_ptr() if it[r] is not None else 0 for it in items]
-                for r in (1, 2, 3, 4)]
-        launch.table = torch.tensor(rows + [sizes], dtype=torch.int64, device=device)
-        aligned = all(a % 16 == 0 for row in rows for a in row)
-        has_m = has_grad and has_momentum
-        launch.meta = dict(
-            P_DTYPE=_TL[p_dtype], G_DTYPE=_TL[g_dtype or p_dtype],
-            E_DTYPE=_TL[e_dtype or p_dtype], HAS_GRAD=has_grad, HAS_MOMENTUM=has_m,
-            NESTEROV=nesterov and has_m, HAS_WD=has_grad and has_wd, HAS_EMA=has_ema,
-            LR_ON_DEVICE=lr_dev and has_grad, MOMENTUM_ON_DEVICE=mom_dev and has_m,
-            EMA_ON_DEVICE=ema_dev and has_ema, ALIGNED=aligned, BLOCK=block, num_warps=warps)
-        return launch
-
     def _fallback_step(self, plan, group, decay, grad_scale, found_inf) -> None:
-        """The foreach reference for tensors the kernel does not take (layout, device, no
-        Triton): one call per (has grad) set."""
+        """The foreach reference for the tensors the kernel does not take (layout, dtype,
+        device, no Triton, the kill switch): gradients, buffers and EMA read now, as
+        torch.optim.SGD does, so new gradient tensors every step are the ones applied."""
         lr, momentum = group["lr"], group["momentum"]
         if isinstance(lr, Tensor) or isinstance(momentum, Tensor) or isinstance(decay, Tensor):
             # The reference takes floats: a host read, on the fallback path only.
             lr = float(lr)
             momentum = float(momentum)
             decay = float(decay) if decay is not None else None
+        params = plan.params
         for has_grad in (True, False):
-            items = [it for it in plan.fallback if (it[2] is not None) == has_grad]
-            if not items:
+            ps = [params[i] for i in plan.fallback if (params[i].grad is not None) == has_grad]
+            if not ps:
                 continue
+            states = [self.state[p] for p in ps]
             sgd_ema_reference_step(
-                [it[1] for it in items], [it[2] for it in items] if has_grad else [],
-                [it[3] for it in items] if has_grad and momentum != 0 else None,
-                [it[4] for it in items] if decay is not None else None,
+                ps, [p.grad for p in ps] if has_grad else [],
+                [s["momentum_buffer"] for s in states] if has_grad and momentum != 0 else None,
+                [s["ema"] for s in states] if decay is not None else None,
                 lr=lr, momentum=momentum, nesterov=group["nesterov"],
                 weight_decay=group["weight_decay"], ema_decay=decay,
                 grad_scale=grad_scale, found_inf=found_inf)
 
 
 _hooked_step = torch.optim.Optimizer.profile_hook_step(FusedSGD._step)
-_profiler_enabled = torch._C._autograd._profiler_enabled
+_profiler_enabled = profiler_enabled
 
 
-def _write_table(launch: _Launch, grad_ptrs: list) -> None:
-    """Rewrite the grad row of a launch's address table (grads were reallocated)."""
-    row = torch.tensor(grad_ptrs, dtype=torch.int64)
-    launch.table[1].copy_(row, non_blocking=False)
-    if any(a % 16 for a in grad_ptrs) and launch.meta["ALIGNED"]:
-        launch.meta = dict(launch.meta, ALIGNED=False)
+def _make_launch(key, items, kind, device) -> _Launch:
+    p_dtype, g_dtype, e_dtype, has_grad = key
+    lr_dev, has_momentum, mom_dev, nesterov, has_wd, has_ema, ema_dev, _, _, _ = kind
+    launch = _Launch()
+    launch.rows = [it[0] for it in items]
+    launch.has_grad = has_grad
+    sizes = [it[1].numel() for it in items]
+    block = _block_and_grid(device, 1)[0]
+    block, warps, programs = _block_and_grid(device, sum(_cdiv(n, block) for n in sizes))
+    tensor_ids, starts = [], []
+    for t, n in enumerate(sizes):
+        for s in range(0, n, block):
+            tensor_ids.append(t)
+            starts.append(s)
+    launch.work_tensor = _to_device(tensor_ids, torch.int32, device)
+    launch.work_start = _to_device(starts, torch.int64, device)
+    launch.n_work = len(tensor_ids)
+    launch.grid = (max(1, min(launch.n_work, programs)),)
+    rows = [[it[r].data_ptr() if it[r] is not None else 0 for it in items]
+            for r in (1, 2, 3, 4)]
+    launch.table = _to_device([a for row in rows + [sizes] for a in row], torch.int64,
+                              device).view(5, len(items))
+    launch.grad_row = launch.table[1]
+    aligned = all(a % 16 == 0 for row in rows for a in row)
+    has_m = has_grad and has_momentum
+    launch.meta = dict(
+        P_DTYPE=_TL[p_dtype], G_DTYPE=_TL[g_dtype or p_dtype],
+        E_DTYPE=_TL[e_dtype or p_dtype], HAS_GRAD=has_grad, HAS_MOMENTUM=has_m,
+        NESTEROV=nesterov and has_m, HAS_WD=has_grad and has_wd, HAS_EMA=has_ema,
+        LR_ON_DEVICE=lr_dev and has_grad, MOMENTUM_ON_DEVICE=mom_dev and has_m,
+        EMA_ON_DEVICE=ema_dev and has_ema, ALIGNED=aligned, BLOCK=block, num_warps=warps)
+    return launch
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _upload(dst: Tensor, values: list) -> Tensor:
+    """Copy host integers into `dst` without a host sync; returns the host staging tensor.
+
+    On a GPU the staging tensor is pinned and the copy asynchronous: a copy from pageable
+    memory would wait for the stream (a host sync per step). torch's caching host allocator
+    is the ring of staging buffers: `copy_(non_blocking=True)` records an event on the
+    pinned block, which is not handed out again until that copy has run (see
+    ATen/cuda/CachingHostAllocator.h), so a later step cannot overwrite pointers a queued
+    kernel has yet to read. On the CPU (the interpreter) the copy is a plain one."""
+    src = torch.tensor(values, dtype=dst.dtype, pin_memory=dst.is_cuda)
+    dst.copy_(src, non_blocking=True)
+    return src
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    out = torch.empty(len(values), dtype=dtype, device=device)
+    _upload(out, values)
+    return out
+
+
+def _write_grad_rows(plan: _GroupPlan, ptrs: list) -> None:
+    """New gradient addresses: rewrite each launch's grad row (asynchronously, `_upload`).
+    Inside a CUDA-graph capture the copy is captured too: its staging tensor is kept for
+    the graph's life, and every later eager step rewrites the rows, since a replay may
+    have written the captured addresses back."""
+    full = [0] * len(plan.param_objs)
+    for i, a in zip(plan.with_grad, ptrs):
+        full[i] = a
+    capturing = _capturing(plan.device)
+    for launch in plan.launches:
+        if not launch.has_grad:
+            continue
+        row = [full[r] for r in launch.rows]
+        staging = _upload(launch.grad_row, row)
+        if capturing:
+            plan.keep.append(staging)
+            plan.rewrite_always = True
+        if launch.meta["ALIGNED"] and any(a % 16 for a in row):
+            launch.meta = dict(launch.meta, ALIGNED=False)
+    plan.grad_ptrs = ptrs
+
+
+def _check_maximize(maximize) -> None:
+    if maximize:
+        raise ConfigError("FusedSGD does not implement maximize=True; minimise the negated "
+                          "objective instead, or use torch.optim.SGD(maximize=True)")
 
 
 def _cdiv(a: int, b: int) -> int:

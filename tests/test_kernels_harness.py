@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastres.kernels import _env
+from fastres.kernels import FusedBatchNormAct2d, _env
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     not (_env.HAS_TRITON and _env.INTERPRET_AT_IMPORT),
-    reason="the harness patches Triton's interpreter (TRITON_INTERPRET=1 at import)")
+    reason="the harness patches Triton's interpreter (TRITON_INTERPRET=1 at import)"),
+    pytest.mark.usefixtures("interpreter_harness")]
 
 if _env.HAS_TRITON and _env.INTERPRET_AT_IMPORT:
     import triton
@@ -58,18 +59,22 @@ if _env.HAS_TRITON and _env.INTERPRET_AT_IMPORT:
 
     @triton.jit
     def _combine_kernel(PART, COUNTER, OUT, P, TICKET: tl.constexpr,
-                        WRITE_AFTER_TICKET: tl.constexpr, BLOCK_P: tl.constexpr):
+                        WRITE_AFTER_TICKET: tl.constexpr, BLOCK_P: tl.constexpr,
+                        SEM: tl.constexpr = "acq_rel", SCOPE: tl.constexpr = "gpu",
+                        BARRIER: tl.constexpr = True):
         """Each program writes a partial; one program sums them all. With TICKET the one
-        that sums is the last to take an acq_rel ticket (the kernels' pattern); without,
-        program P-1 sums, racing the others; WRITE_AFTER_TICKET publishes the partial
-        after the ticket (release too early)."""
+        that sums is the last to take a ticket (the kernels' pattern: a barrier, then an
+        acq_rel atomic at GPU scope); without, program P-1 sums, racing the others;
+        WRITE_AFTER_TICKET publishes the partial after the ticket (release too early).
+        SEM, SCOPE and BARRIER plant the ticket's memory-order faults."""
         pid = tl.program_id(0)
         value = (pid + 1).to(tl.float32)
         if not WRITE_AFTER_TICKET:
             tl.store(PART + pid, value)
         if TICKET:
-            tl.debug_barrier()
-            last = tl.atomic_add(COUNTER, 1, sem="acq_rel") == P - 1
+            if BARRIER:
+                tl.debug_barrier()
+            last = tl.atomic_add(COUNTER, 1, sem=SEM, scope=SCOPE) == P - 1
         else:
             last = pid == P - 1
         if WRITE_AFTER_TICKET:
@@ -151,6 +156,70 @@ def test_planted_partial_published_after_the_ticket_is_caught():
         with pytest.raises(H.RaceError):
             _combine_kernel[(P,)](part, counter, out, P, TICKET=True,
                                   WRITE_AFTER_TICKET=True, BLOCK_P=8)
+
+
+@pytest.mark.parametrize("fault", [dict(SEM="relaxed"), dict(SEM="release"),
+                                   dict(SEM="acquire"), dict(SCOPE="cta"),
+                                   dict(BARRIER=False)],
+                         ids=["relaxed_ticket", "release_only", "acquire_only", "cta_scope",
+                              "no_barrier"])
+@pytest.mark.parametrize("order", ["natural", "shuffle"])
+def test_planted_memory_order_faults_in_the_ticket_are_caught(fault, order):
+    """Negative controls (issue 21 item 5): a ticket that does not order the partials --
+    relaxed, release without acquire (the last program's reads are not ordered after the
+    others' stores), acquire without release, CTA scope (orders nothing between programs),
+    or no tl.debug_barrier() before the atomic (the one thread's release does not cover
+    the other threads' stores) -- is a race on a GPU, and the race check reports it even
+    though the interpreter, running programs one after another, gets the right sum."""
+    P = 6
+    part, counter, out = torch.zeros(P), torch.zeros(1, dtype=torch.int32), torch.zeros(1)
+    with H.configured(race_check=True, grid_order=order):
+        with pytest.raises(H.RaceError, match="write/read"):
+            _combine_kernel[(P,)](part, counter, out, P, TICKET=True,
+                                  WRITE_AFTER_TICKET=False, BLOCK_P=8, **fault)
+    counter.zero_()
+    with H.configured(race_check=False, grid_order="natural"):
+        _combine_kernel[(P,)](part, counter, out, P, TICKET=True, WRITE_AFTER_TICKET=False,
+                              BLOCK_P=8, **fault)
+    assert out.item() == P * (P + 1) / 2  # the CPU alone would never show it
+
+
+@pytest.mark.parametrize("fault", ["no_barrier", "relaxed"])
+def test_the_race_check_sees_a_fault_planted_in_the_real_kernels(fault, tmp_path, monkeypatch):
+    """The fused BN kernels' own tickets (a barrier, then an acq_rel atomic): a copy of
+    the kernels with the barrier removed, or the ticket relaxed, is reported by the race
+    check on a forward + backward with many programs per channel block; the real ones
+    pass the same run."""
+    import importlib.util
+
+    from fastres.kernels import _bn_act_kernels as BK
+    from fastres.kernels import bn_act as K
+
+    text = Path(BK.__file__).read_text()
+    ticket = 'ticket = tl.atomic_add(COUNTER + pid_c, 1, sem="acq_rel")'
+    assert text.count("tl.debug_barrier()\n") == 2 and text.count(ticket) == 2
+    if fault == "no_barrier":
+        text = text.replace("tl.debug_barrier()\n", "pass\n")
+    else:
+        text = text.replace(ticket, ticket.replace("acq_rel", "relaxed"))
+    path = tmp_path / f"bn_kernels_{fault}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(f"_planted_{fault}", path)
+    planted = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(planted)
+
+    def run():
+        m = FusedBatchNormAct2d(20, act="relu")
+        x = torch.randn(3, 20, 3, 5).to(memory_format=torch.channels_last).requires_grad_()
+        y = m(x)
+        torch.autograd.grad(y, (x, m.weight), torch.randn_like(y))
+
+    small = K.TileConfig(block_m=4, block_c=8, rows_per_prog=8, num_warps=1, block_p=2)
+    with H.configured(race_check=True, grid_order="shuffle"), K.forced_config(small):
+        run()  # the real kernels
+        monkeypatch.setattr(K, "_k", planted)
+        with pytest.raises(H.RaceError, match="bn_fwd_stats_kernel|bn_bwd_reduce_kernel"):
+            run()
 
 
 def test_grid_orders():
@@ -379,3 +448,44 @@ def test_cpu_without_the_interpreter_runs_the_references():
     proc = _python(CPU_WITHOUT_INTERPRETER, {"TRITON_INTERPRET": None, "FASTRES_KERNELS": None})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+# ---------------------------------------------------- no side effects at import (issue 22)
+
+NO_SIDE_EFFECTS = r"""
+import triton.runtime.interpreter as I
+before = (I.GridExecutor.__call__, I.interpreter_builder.create_masked_load,
+          I.ReduceOps.sum)
+import fastres.kernels
+from fastres.kernels import _harness, install_harness
+after = (I.GridExecutor.__call__, I.interpreter_builder.create_masked_load, I.ReduceOps.sum)
+assert not _harness.installed() and after == before, "import patched Triton's interpreter"
+install_harness(grid_order="reverse")
+assert _harness.installed() and _harness.settings().grid_order == "reverse"
+assert I.GridExecutor.__call__ is not before[0]
+try:
+    install_harness(grid_order="sideways")
+except ValueError as e:
+    assert "grid order" in str(e), e
+else:
+    raise AssertionError("a bad setting was accepted")
+print("ok")
+"""
+
+
+def test_import_has_no_side_effects_and_the_harness_is_installed_on_request():
+    """`import fastres.kernels` under TRITON_INTERPRET=1 leaves Triton's interpreter as it
+    was; `fastres.kernels.install_harness()` patches it when a test or a user asks."""
+    proc = _python(NO_SIDE_EFFECTS, {"TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_notes_ship_with_the_package():
+    """kernels/NOTES.md, which error messages cite, is package data of fastres.kernels."""
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    data = cfg["tool"]["setuptools"].get("package-data", {})
+    assert "NOTES.md" in data.get("fastres.kernels", []), data
+    assert (ROOT / "kernels" / "NOTES.md").is_file()

@@ -16,9 +16,9 @@ if not hasattr(models, "create_model"):  # pragma: no cover - until the model zo
     pytest.skip("fastres.models.create_model is not available yet", allow_module_level=True)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     not (_env.HAS_TRITON and (DEVICE.type == "cuda" or _env.INTERPRET_AT_IMPORT)),
-    reason="Triton kernels cannot run here")
+    reason="Triton kernels cannot run here"), pytest.mark.usefixtures("interpreter_harness")]
 CL = torch.channels_last
 
 

@@ -19,7 +19,8 @@ from fastres.kernels import sgd as S
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNELS_RUN = _env.HAS_TRITON and (DEVICE.type == "cuda" or _env.INTERPRET_AT_IMPORT)
-pytestmark = pytest.mark.skipif(not KERNELS_RUN, reason="Triton kernels cannot run here")
+pytestmark = [pytest.mark.skipif(not KERNELS_RUN, reason="Triton kernels cannot run here"),
+              pytest.mark.usefixtures("interpreter_harness")]
 
 # A conv net's worth of shapes: 4-D filters, vectors, a matrix, one tensor larger than a
 # program's block on either backend, and sizes that are not multiples of anything.
@@ -307,25 +308,29 @@ def test_state_dict_round_trip():
 
 
 def test_kill_switch_runs_the_foreach_reference(monkeypatch):
+    """FASTRES_KERNELS=0: no launch, and the foreach reference gives the kernel's results,
+    over four steps with fresh gradients each step; the third is skipped by found_inf
+    (every step after it must use its own new gradients, not a remembered one)."""
     def boom(*a, **k):
         raise AssertionError("kernel launched despite FASTRES_KERNELS=0")
 
     pa, pb = _params(), _params()
     oa = FusedSGD(pa, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, ema_decay=0.9)
     ob = FusedSGD(pb, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, ema_decay=0.9)
-    for step in range(2):
+    for step in range(4):
         for p, g in zip(pa, _grads(pa, step)):
             p.grad = g
         for p, g in zip(pb, _grads(pb, step)):
             p.grad = g
-        oa.step(found_inf=torch.tensor(float(step == 1), device=DEVICE))
+        skip = torch.tensor(float(step == 2), device=DEVICE)
+        oa.step(found_inf=skip)
         with monkeypatch.context() as m:
             m.setenv("FASTRES_KERNELS", "0")
             m.setattr(S._env, "launch", boom)
             assert not kernels_enabled()
-            ob.step(found_inf=torch.tensor(float(step == 1), device=DEVICE))
-    for a, b in zip(pa + oa.ema_params(), pb + ob.ema_params()):
-        assert_close(a, b, "kernel vs foreach reference")
+            ob.step(found_inf=skip)
+        for a, b in zip(pa + oa.ema_params(), pb + ob.ema_params()):
+            assert_close(a, b, f"kernel vs foreach reference after step {step + 1}")
 
 
 def test_addresses_change_between_steps():
@@ -568,3 +573,305 @@ def test_kernel_compiles_for_sm90_with_vector_loads():
     assert out["fp32 all features aligned"]["v4_stores"] > 0
     assert out["bf16 ema only"]["v4_loads"] > 0
     assert out["fp32 unaligned"]["v4_loads"] == 0  # no hint, no vectors: the hint matters
+
+
+# ---------------------------------------------- fresh gradients every step, on every path
+
+def _kernel_path_params(path: str) -> list:
+    """Parameters for one dispatch path of FusedSGD (all fp32 unless the path says)."""
+    g = torch.Generator().manual_seed(3)
+    if path == "layout_fallback":
+        # A transposed (non-dense-in-order) parameter the kernel does not take, beside two
+        # it does: one group, one plan with both a launch and fallback items.
+        return [torch.nn.Parameter(torch.randn(5, 3, generator=g).to(DEVICE).t()),
+                torch.nn.Parameter(torch.randn(7, generator=g).to(DEVICE)),
+                torch.nn.Parameter(torch.randn(4, 2, generator=g).to(DEVICE))]
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(DEVICE))
+            for s in ((7,), (4, 2), (70001,))]
+
+
+FRESH_GRAD_PATHS = ["kernel", "kill_switch", "no_kernel_device", "layout_fallback"]
+
+
+@pytest.mark.parametrize("path", FRESH_GRAD_PATHS)
+def test_fresh_gradients_every_step_on_every_path(path, monkeypatch):
+    """Issue 21 item 1: new gradient tensors every step (zero_grad(set_to_none=True)), with
+    values 1, 10, 100 and lr 1: torch.optim.SGD moves each element -1, -11, -111. The
+    fallback once applied the first step's gradient forever (-1, -2, -3)."""
+    if path == "kill_switch":
+        monkeypatch.setenv("FASTRES_KERNELS", "0")
+    elif path == "no_kernel_device":  # a CPU without the interpreter (optim.impl=triton)
+        monkeypatch.setattr(S._env, "use_triton", lambda device: False)
+    if path in ("kill_switch", "no_kernel_device"):
+        def boom(*a, **k):
+            raise AssertionError("a kernel was launched on a reference path")
+        monkeypatch.setattr(S._env, "launch", boom)
+    ps = _kernel_path_params(path)
+    start = [p.detach().clone() for p in ps]
+    opt = FusedSGD(ps, lr=1.0)
+    for step, value in enumerate((1.0, 10.0, 100.0)):
+        for p in ps:
+            # A new, contiguous tensor each step, as after set_to_none (for the transposed
+            # parameter a dense grad in another element order than its parameter's).
+            p.grad = torch.full(p.shape, value, device=DEVICE)
+        opt.step()
+        moved = (-1.0, -11.0, -111.0)[step]
+        for i, (p, p0) in enumerate(zip(ps, start)):
+            assert_close(p, p0 + moved, f"{path}: param {i} after step {step + 1}")
+    if path == "layout_fallback":
+        plan = opt._plans[0]
+        assert plan.fallback and plan.launches  # both kinds of item really ran
+
+
+@pytest.mark.parametrize("path", FRESH_GRAD_PATHS)
+def test_fresh_gradients_match_torch_sgd_with_momentum_and_ema(path, monkeypatch):
+    """The same paths with momentum, Nesterov, weight decay and the EMA, random fresh
+    gradients for four steps, against torch.optim.SGD + a separately written EMA."""
+    if path == "kill_switch":
+        monkeypatch.setenv("FASTRES_KERNELS", "0")
+    elif path == "no_kernel_device":
+        monkeypatch.setattr(S._env, "use_triton", lambda device: False)
+    ps = _kernel_path_params(path)
+    ref_ps = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    hp = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt = FusedSGD(ps, **hp, ema_decay=0.8)
+    ref = torch.optim.SGD(ref_ps, **hp)
+    emas = [p.detach().clone() for p in ref_ps]
+    for step in range(4):
+        gen = torch.Generator().manual_seed(50 + step)
+        for p, q in zip(ps, ref_ps):
+            grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+            p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+        with torch.no_grad():
+            for e, q in zip(emas, ref_ps):
+                e.add_(q - e, alpha=0.2)
+    for i, (a, b) in enumerate(zip(ps, ref_ps)):
+        assert_close(a, b, f"{path}: param {i}")
+        assert_close(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"],
+                     f"{path}: momentum_buffer {i}")
+    for i, (a, b) in enumerate(zip(opt.ema_params(), emas)):
+        assert_close(a, b, f"{path}: ema {i}")
+
+
+# ------------------------------------------------------------------- storage that moves
+
+def _step_both(opt, ref, ps, ref_ps, step):
+    gen = torch.Generator().manual_seed(80 + step)
+    for p, q in zip(ps, ref_ps):
+        grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+        p.grad = grad.to(p.dtype).contiguous(memory_format=_layout(p))
+        q.grad = grad.to(q.dtype).contiguous(memory_format=_layout(q))
+    opt.step()
+    ref.step()
+
+
+def _layout(t):
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@pytest.mark.parametrize("move", ["param_data", "param_reinit", "channels_last",
+                                  "momentum_buffer_data", "momentum_buffer_replaced",
+                                  "ema_data", "ema_replaced", "param_list_replaced"])
+def test_storage_that_moves_is_followed_never_the_old_storage(move):
+    """Issue 21 item 2: after `p.data = ...` (model.to, .half(), a re-init), a momentum
+    buffer or EMA tensor moved or replaced in `opt.state`, the next step updates the new
+    storage (and leaves the old one alone), matching torch.optim.SGD doing the same."""
+    ps = _params()
+    ref_ps = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    hp = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt = FusedSGD(ps, **hp, ema_decay=0.5)
+    ref = torch.optim.SGD(ref_ps, **hp)
+    emas = [p.detach().clone() for p in ref_ps]
+
+    def ema_ref():
+        with torch.no_grad():
+            for e, q in zip(emas, ref_ps):
+                e.add_(q - e, alpha=0.5)
+
+    _step_both(opt, ref, ps, ref_ps, 0)
+    ema_ref()
+    i = 6  # the (16, 8, 3, 3) conv filter
+    p, q = ps[i], ref_ps[i]
+    old = None
+    with torch.no_grad():
+        if move == "param_data":
+            old = p.data
+            p.data = p.data.clone()
+            q.data = q.data.clone()
+        elif move == "param_reinit":
+            old = p.data
+            fresh = torch.randn(p.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+            p.data, q.data = fresh.clone(), fresh.clone()
+        elif move == "channels_last":  # what model.to(memory_format=channels_last) does
+            old = p.data
+            p.data = p.data.to(memory_format=torch.channels_last)
+            q.data = q.data.to(memory_format=torch.channels_last)
+        elif move == "momentum_buffer_data":
+            old = opt.state[p]["momentum_buffer"].data
+            opt.state[p]["momentum_buffer"].data = old.clone()
+        elif move == "momentum_buffer_replaced":
+            old = opt.state[p]["momentum_buffer"]
+            opt.state[p]["momentum_buffer"] = old.clone()
+        elif move == "ema_data":
+            old = opt.state[p]["ema"].data
+            opt.state[p]["ema"].data = old.clone()
+        elif move == "ema_replaced":
+            old = opt.state[p]["ema"]
+            opt.state[p]["ema"] = old.clone()
+        elif move == "param_list_replaced":  # the group's list replaced, same length
+            fresh = [torch.nn.Parameter(t.detach().clone()) for t in ps]
+            for a, b in zip(fresh, ps):
+                opt.state[a] = {k: v.clone() for k, v in opt.state[b].items()}
+            opt.param_groups[0]["params"] = fresh
+            old = ps[i].detach().clone()
+            ps = fresh
+        snapshot = old.clone() if old is not None else None
+    for step in (1, 2):
+        _step_both(opt, ref, ps, ref_ps, step)
+        ema_ref()
+    if old is not None and move != "param_list_replaced":
+        if not torch.equal(old, snapshot):
+            raise AssertionError(f"{move}: the old storage was written after it moved")
+    for k, (a, b) in enumerate(zip(ps, ref_ps)):
+        assert_close(a, b, f"{move}: param {k}")
+        assert_close(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"],
+                     f"{move}: momentum_buffer {k}")
+    for k, (a, b) in enumerate(zip(opt.ema_params(), emas)):
+        assert_close(a, b, f"{move}: ema {k}")
+
+
+# ------------------------------------------------------------- no host sync per step
+
+def _table_writes(monkeypatch, opt):
+    """Record every copy into a launch's address table (the only host-to-device traffic of
+    a step): (non_blocking, source pinned, destination on CUDA)."""
+    writes = []
+    original = torch.Tensor.copy_
+
+    def spy(self, src, non_blocking=False):
+        plan = opt._plans.get(0)
+        tables = [lc.table for lc in plan.launches] if plan is not None else []
+        if any(self.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+               for t in tables):
+            writes.append((bool(non_blocking), src.is_pinned() if src.device.type == "cpu"
+                           else None, self.is_cuda))
+        return original(self, src, non_blocking=non_blocking)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", spy)
+    return writes
+
+
+def test_fresh_gradients_need_no_synchronous_table_copy(monkeypatch):
+    """Issue 21 item 3: with new gradient tensors every step the grad row of the address
+    table is rewritten only when an address moved, and then with an asynchronous copy
+    (pinned staging on a GPU; torch's caching host allocator keeps the staging block until
+    the copy has run), never a synchronous pageable copy (a host sync per step)."""
+    ps = _params()
+    opt = FusedSGD(ps, lr=0.1, momentum=0.9, ema_decay=0.9)
+    for p, g in zip(ps, _grads(ps, 0)):
+        p.grad = g
+    opt.step()  # builds the plan
+    writes = _table_writes(monkeypatch, opt)
+    held = _grads(ps, 1)  # new memory: the addresses move
+    for p, g in zip(ps, held):
+        p.grad = g
+    opt.step()
+    assert writes, "new grad addresses but no table write"
+    for non_blocking, pinned, cuda in writes:
+        assert non_blocking, "a synchronous copy into the address table"
+        if cuda:
+            assert pinned, "an asynchronous copy from pageable memory is synchronous"
+    writes.clear()
+    for p, g in zip(ps, held):  # new objects over the same memory: nothing to write
+        p.grad = g.view_as(g)
+    opt.step()
+    assert not writes, writes
+
+
+@pytest.mark.gpu
+def test_gpu_fresh_gradients_step_without_a_host_sync():
+    """On a GPU: steps with new gradient tensors at new addresses every step, under torch's
+    sync debug mode set to raise on any synchronising call."""
+    ps = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in SHAPES]
+    opt = FusedSGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                   ema_decay=0.9)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()  # the first step builds the tables (also asynchronously)
+    keep = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            grads = [torch.randn_like(p) for p in ps]
+            keep.append(grads)  # hold them: every step's grads at new addresses
+            for p, g in zip(ps, grads):
+                p.grad = g
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- minor: issue 21 item 7
+
+def test_maximize_is_refused_with_a_clear_error():
+    ps = _params()
+    with pytest.raises(ConfigError, match="maximize"):
+        FusedSGD(ps, lr=0.1, maximize=True)
+    opt = FusedSGD(ps, lr=0.1)
+    opt.param_groups[0]["maximize"] = True  # e.g. groups loaded from torch.optim.SGD's
+    for p, g in zip(ps, _grads(ps, 0)):
+        p.grad = g
+    with pytest.raises(ConfigError, match="maximize"):
+        opt.step()
+
+
+def test_float64_parameters_are_not_rounded_to_float32():
+    """fp64 parameters take the fp64 reference path (the kernel computes in fp32): the
+    result is torch.optim.SGD's to fp64 precision, also beside fp32 parameters."""
+    g = torch.Generator().manual_seed(4)
+    base = 1.0 + torch.rand(1000, generator=g, dtype=torch.float64) * 2.0 ** -30
+    ps = [torch.nn.Parameter(base.clone().to(DEVICE)),
+          torch.nn.Parameter(torch.randn(9, generator=g).to(DEVICE))]
+    ref_ps = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    hp = dict(lr=2.0 ** -35, momentum=0.9, nesterov=True)
+    opt = FusedSGD(ps, **hp, ema_decay=0.5)
+    ref = torch.optim.SGD(ref_ps, **hp)
+    for step in range(2):
+        for p, q in zip(ps, ref_ps):
+            grad = torch.rand(p.shape, generator=g, dtype=p.dtype).to(DEVICE)
+            p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+    assert ps[0].dtype == torch.float64
+    torch.testing.assert_close(ps[0], ref_ps[0], atol=0, rtol=1e-15)
+    assert opt.ema_params()[0].dtype == torch.float64
+    assert not torch.equal(ps[0].detach().float().double(), ps[0].detach())  # fp64 digits
+    assert_close(ps[1], ref_ps[1], "fp32 beside fp64")
+
+
+def test_the_optimizer_keeps_no_gradient_alive():
+    """zero_grad(set_to_none=True) must free the gradients: the cached plan holds their
+    addresses, not the tensors (it once kept the last step's, and the first step's on the
+    fallback, a whole extra gradient set during the next backward)."""
+    import gc
+    import weakref
+
+    ps = _params()
+    ps.append(torch.nn.Parameter(torch.randn(5, 3, device=DEVICE).t()))  # a fallback item
+    opt = FusedSGD(ps, lr=0.1, momentum=0.9, ema_decay=0.9)
+    refs = []
+    for step in range(2):
+        for p in ps:
+            p.grad = torch.randn(p.shape, device=DEVICE)
+        refs = [weakref.ref(p.grad) for p in ps]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    gc.collect()
+    alive = [i for i, r in enumerate(refs) if r() is not None]
+    assert not alive, f"gradients {alive} kept alive by the optimizer"

@@ -7,7 +7,8 @@ decisive GPU correctness experiment.
     fastres bench-kernels --host               # Python host cost, launches stubbed (any machine)
     fastres bench-kernels --decisive           # GPU: relu-fp32 512x64x8x8 vs an fp64 truth
     fastres bench-kernels --sweep              # GPU: time the candidate tile configs too
-    fastres bench-kernels --quick              # tiny smoke run (what the tests use)
+    fastres bench-kernels --quick              # GPU: the decisive figures in <= 45 s
+    fastres bench-kernels --quick --dry-run    # the same at reduced sizes (any device)
 
 What is timed (training mode, channels-last, y = act(batch_norm(x) + residual)):
   eager     F.batch_norm + add + act, PyTorch's own kernels (cuDNN BN on GPUs)
@@ -32,7 +33,6 @@ forward (3 + r) s + 1/8 (the 1-bit ReLU mask), backward relu + res 6 s + 2/8.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -40,12 +40,13 @@ from typing import Callable, Optional
 
 import torch
 
+from fastres._compat import foreach, reset_compiler
+
 GPU_SHAPES = [  # (N, C, H, W): CIFAR ResNet-20/56 stages, then ResNet-18-CIFAR stages
     (512, 16, 32, 32), (512, 32, 16, 16), (512, 64, 8, 8),
     (512, 64, 32, 32), (512, 128, 16, 16), (512, 256, 8, 8), (512, 512, 4, 4),
 ]
 CPU_SHAPES = [(64, 16, 32, 32), (64, 64, 8, 8)]
-QUICK_SHAPES = [(8, 16, 8, 8)]
 HOST_SHAPE_GPU = (512, 64, 32, 32)
 HOST_SHAPE_CPU = (4, 64, 8, 8)   # 64 KB: under glibc's mmap threshold (a GPU-sized tensor,
                                  # or even 128 KB, would time mmap/munmap calls, not fastres)
@@ -94,8 +95,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="CPU: torch threads (default: torch's own; on a shared, loaded CPU "
                         "1 avoids OpenMP threads waiting on each other)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: one tiny shape, fp32, no compile, ResNet-20 optimizer only")
+                   help="the decisive speed figures within --budget seconds: BN+add+ReLU bf16 "
+                        "at 512x64x32x32, 512x128x16x16, 512x256x8x8; BN+GELU as in the "
+                        "speed-run net; FusedSGD+EMA on resnet18_cifar's and airbench94's "
+                        "parameters; each against eager and torch.compile (or SGD(fused) + "
+                        "a foreach EMA). On a CPU: the same at reduced sizes (--dry-run). "
+                        "With --host: fewer samples")
+    p.add_argument("--dry-run", action="store_true",
+                   help="--quick at reduced sizes (batch 2, <= 4x4) and one repeat, on any "
+                        "device: the code path end to end, no speed figure")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"--quick: seconds after which no new case starts (default "
+                        f"{QUICK_BUDGET_S:.0f})")
     p.add_argument("--json", metavar="OUT", help="write all results to this JSON file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--json FILE exists: move it to NAME.old-<time>.json first (nothing is "
+                        "deleted); without it an existing file is refused")
     return p
 
 
@@ -187,15 +202,9 @@ def bn_act_bytes(shape, elem_size: int, residual: bool = True, act: str = "relu"
 # ------------------------------------------------------------------------------ BN-act
 
 def _allow_retained_backward() -> None:
-    """The backward alone is timed on a retained graph, which AOTAutograd refuses when it
-    donates saved buffers to the backward (a memory optimisation, not a speed one). This
-    process-wide switch is set by the tool only, before anything is compiled."""
-    try:
-        from torch._functorch import config as functorch_config
-    except ImportError:  # pragma: no cover
-        return
-    if hasattr(functorch_config, "donated_buffer"):
-        functorch_config.donated_buffer = False
+    from fastres._compat import allow_retained_backward
+
+    allow_retained_backward()
 
 
 def _bn_act_case(shape, dtype, device, act, timer, do_compile, sweep):
@@ -225,7 +234,7 @@ def _bn_act_case(shape, dtype, device, act, timer, do_compile, sweep):
     if do_compile:
         # Dynamo caches per code object, shared by every call of this function: without a
         # reset, the 8th shape/dtype would exceed its recompile limit and silently run eager.
-        torch._dynamo.reset()
+        reset_compiler()
         impls["compile"] = torch.compile(eager, dynamic=False)
     if device.type == "cuda":
         impls["fused"] = fused
@@ -239,7 +248,7 @@ def _bn_act_case(shape, dtype, device, act, timer, do_compile, sweep):
         bwd = timer(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True))
         both = timer(lambda: torch.autograd.grad(f(*inputs), inputs, dy))
         out[name] = {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
-        del y
+        y = None  # the retained graph goes before the next implementation
     best = None
     if sweep and device.type == "cuda":
         results = []
@@ -318,7 +327,7 @@ def _optimizer_case(name: str, device: torch.device, timer: _Timer):
 
     def fused_then_ema():
         opt.step()
-        torch._foreach_lerp_(emas, live, 0.001)
+        foreach.lerp_(emas, live, 0.001)
 
     results["SGD(fused) + foreach EMA"] = (timer(fused_then_ema), 32)
     if device.type == "cuda" and _env.use_triton(device):
@@ -382,21 +391,29 @@ def host_cost(device: torch.device, reps: int, inner: int = 2) -> dict:
     wrt = (x, r, mod.weight, mod.bias)
 
     ps = [torch.nn.Parameter(p) for p in _param_set("resnet18_cifar", device)]
-    grads = [torch.zeros_like(p) for p in ps]
-    for p, g in zip(ps, grads):
+    # Fresh gradients every step, as training with zero_grad(set_to_none=True) makes them:
+    # new tensor objects each step, at the same addresses as the step before (what a
+    # caching allocator often hands back) or at new ones (two sets in turn: every step
+    # rewrites the grad rows of the address tables). The `p.grad = ...` assignments are
+    # timed alone too and subtracted: they are the trainer's cost, not the optimizer's.
+    sets = [[torch.zeros_like(p) for p in ps] for _ in range(2)]
+    for p, g in zip(ps, sets[0]):
         p.grad = g
     opt = FusedSGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                    ema_decay=0.999)
+    turn = [0]
 
-    stale = [object()] * len(ps)
+    def new_addresses():
+        turn[0] ^= 1
+        for p, g in zip(ps, sets[turn[0]]):
+            p.grad = g
 
-    def revalidate_step():
-        # As after zero_grad(set_to_none=True) and a backward whose allocations the caching
-        # allocator served from the same blocks: new grad objects, same addresses. The
-        # plan's record of the grad objects is made stale, so the step re-validates every
-        # grad (strides, addresses) -- without timing 62 `p.grad = ...` assignments.
-        opt._plans[0].grads = stale
-        opt.step()
+    views = [[g.view_as(g) for g in sets[0]] for _ in range(2)]
+
+    def same_addresses():  # new objects over the same memory
+        turn[0] ^= 1
+        for p, g in zip(ps, views[turn[0]]):
+            p.grad = g
 
     calls = {
         "fwd": lambda: mod(x, r),
@@ -405,7 +422,10 @@ def host_cost(device: torch.device, reps: int, inner: int = 2) -> dict:
         "floor fwd+bwd": lambda: torch.autograd.grad(
             _EmptyBNAct.apply(x, mod.weight, mod.bias, r), wrt, dy),
         "sgd kept": opt.step,
-        "sgd reallocated": revalidate_step,
+        "assign new": new_addresses,
+        "sgd fresh new": lambda: (new_addresses(), opt.step()),
+        "assign same": same_addresses,
+        "sgd fresh same": lambda: (same_addresses(), opt.step()),
     }
     med, low = {}, {}
     with K.stub_launches(), S.stub_launches():
@@ -417,11 +437,16 @@ def host_cost(device: torch.device, reps: int, inner: int = 2) -> dict:
            "autograd_floor": {"fwd": med["floor fwd"], "fwd+bwd": med["floor fwd+bwd"]},
            "own": {"fwd": med["fwd"] - med["floor fwd"],
                    "fwd+bwd": med["fwd+bwd"] - med["floor fwd+bwd"]},
-           "min": {k: v for k, v in low.items() if not k.startswith("sgd")}}
+           "min": {k: v for k, v in low.items() if not k.startswith(("sgd", "assign"))}}
+    fresh_same = med["sgd fresh same"] - med["assign same"]
+    fresh_new = med["sgd fresh new"] - med["assign new"]
     out["fused_sgd"] = {
         "params": "resnet18_cifar", "tensors": len(ps), "grads kept": med["sgd kept"],
-        "grads reallocated": med["sgd reallocated"],
-        "min": {"grads kept": low["sgd kept"], "grads reallocated": low["sgd reallocated"]}}
+        "fresh grads, same addresses": fresh_same, "fresh grads, new addresses": fresh_new,
+        "grad assignment (subtracted)": med["assign new"],
+        "min": {"grads kept": low["sgd kept"],
+                "fresh grads, same addresses": low["sgd fresh same"] - low["assign same"],
+                "fresh grads, new addresses": low["sgd fresh new"] - low["assign new"]}}
     out["timing"] = f"fastres.bench.time_fn: median (and min) of {reps} samples of {inner} calls"
     out["targets"] = HOST_TARGETS_US
     return out
@@ -439,9 +464,260 @@ def _print_host(h: dict) -> None:
           f"outputs): fwd {f['fwd']:.1f}, fwd+bwd {f['fwd+bwd']:.1f}; fastres's own: fwd "
           f"{o['fwd']:.1f}, fwd+bwd {o['fwd+bwd']:.1f}")
     print(f"FusedSGD host µs per step ({s['params']}, {s['tensors']} tensors, with EMA): "
-          f"grads kept {s['grads kept']:.1f}, grads reallocated {s['grads reallocated']:.1f}"
-          f"   (target <= {h['targets']['fused_sgd']:.0f}; min {s['min']['grads kept']:.1f}, "
-          f"{s['min']['grads reallocated']:.1f})")
+          f"grads kept {s['grads kept']:.1f}, fresh grads at the same addresses "
+          f"{s['fresh grads, same addresses']:.1f}, fresh grads at new addresses "
+          f"{s['fresh grads, new addresses']:.1f}   (target <= "
+          f"{h['targets']['fused_sgd']:.0f}; min {s['min']['grads kept']:.1f}, "
+          f"{s['min']['fresh grads, same addresses']:.1f}, "
+          f"{s['min']['fresh grads, new addresses']:.1f}; the {s['tensors']} `p.grad = ...` "
+          f"assignments, {s['grad assignment (subtracted)']:.1f}, not counted)")
+
+
+# ----------------------------------------------------------------------------- --quick
+
+# The cases that decide whether the fused kernels earn their place, most decisive first
+# (the issue's target shape, then the optimizer). BN+GELU: the speed-run net (airbench94 at
+# its batch of 2000: after each conv group's pool, 64x15x15, then 256x7x7 and 256x3x3; the
+# BN scale frozen, no residual, eps 1e-12, momentum 0.4).
+QUICK_CASES = [
+    ("bn", (512, 64, 32, 32), "relu"),
+    ("sgd", "resnet18_cifar", None),
+    ("bn", (512, 128, 16, 16), "relu"),
+    ("bn", (512, 256, 8, 8), "relu"),
+    ("bn", (2000, 64, 15, 15), "gelu"),
+    ("bn", (2000, 256, 7, 7), "gelu"),
+    ("bn", (2000, 256, 3, 3), "gelu"),
+    ("sgd", "airbench94", None),
+]
+QUICK_BUDGET_S = 35.0  # no case starts later; the one in flight ends by ~45 s (estimate)
+QUICK_REPS = 10
+
+
+def _reduced(shape):
+    """The --dry-run stand-in of a shape: batch 2, at most 4x4 pixels, the same channels."""
+    n, c, h, w = shape
+    return (2, c, min(h, 4), min(w, 4))
+
+
+class _QuickTimer:
+    """Median milliseconds of `reps` timed calls after `warmup` untimed ones. On a GPU each
+    call is bracketed by CUDA events, with the L2 cache flushed (a 256 MB write) before it,
+    as triton.testing.do_bench does, but with a fixed, small number of repeats; one host
+    sync per figure. On a CPU: a clock."""
+
+    def __init__(self, device: torch.device, reps: int, warmup: int):
+        self.device, self.reps, self.warmup = device, reps, warmup
+        self.flush = (torch.empty(256 * 2 ** 20, dtype=torch.int8, device=device)
+                      if device.type == "cuda" else None)
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        import statistics
+        import time
+
+        for _ in range(self.warmup):
+            fn()
+        if self.device.type != "cuda":
+            samples = []
+            for _ in range(self.reps):
+                t0 = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(samples)
+        events = []
+        for _ in range(self.reps):
+            self.flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize(self.device)  # host sync: once per figure, after the loop
+        return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def _first_call_s(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of a first call (compilation included), synchronised."""
+    import time
+
+    from fastres.bench import sync
+
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def _quick_bn_case(shape, act: str, device, timer, compile_backend: Optional[str]) -> dict:
+    from fastres.kernels import _env, fused_bn_act
+    from fastres.kernels.reference import bn_act_reference
+
+    n, c, h, w = shape
+    cl = torch.channels_last
+    dtype = torch.bfloat16
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device, dtype).to(memory_format=cl).requires_grad_()
+    dy = torch.randn(shape, generator=g).to(device, dtype).to(memory_format=cl)
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    bias = torch.zeros(c, device=device, requires_grad=True)
+    if act == "relu":  # BN + add + ReLU, as in a residual block's tail
+        residual = torch.randn(shape, generator=g).to(device, dtype).to(
+            memory_format=cl).requires_grad_()
+        weight = torch.ones(c, device=device, requires_grad=True)
+        wrt = [x, residual, weight, bias]
+        momentum, eps = 0.1, 1e-5
+    else:  # the speed-run net's BN + GELU: no residual, the scale frozen at 1
+        residual = None
+        weight = torch.ones(c, device=device)
+        wrt = [x, bias]
+        momentum, eps = 0.4, 1e-12
+
+    def eager():
+        return bn_act_reference(x, weight, bias, rm, rv, True, momentum, eps, residual, act)
+
+    def fused():
+        return fused_bn_act(x, weight, bias, rm, rv, True, momentum, eps, residual, act)
+
+    impls = {"eager": eager}
+    if compile_backend is not None:
+        reset_compiler()  # one code object serves every shape: no recompile limit
+        impls["compile"] = torch.compile(eager, dynamic=False, backend=compile_backend)
+    if _env.use_triton(device):
+        impls["fused"] = fused
+    row = {"case": f"BN+{'add+' if residual is not None else ''}{act}",
+           "shape": "x".join(map(str, shape)), "dtype": "bf16", "ms": {}, "first_call_s": {}}
+    for name, f in impls.items():
+        # The first forward + backward compiles (Inductor, or Triton's JIT for the fused
+        # kernels): timed on its own and never inside the figures.
+        row["first_call_s"][name] = _first_call_s(
+            lambda: torch.autograd.grad(f(), wrt, dy), device)
+        fwd = timer(f)
+        y = f()
+        bwd = timer(lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True))
+        y = None  # the retained graph goes before the next figure
+        both = timer(lambda: torch.autograd.grad(f(), wrt, dy))
+        row["ms"][name] = {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
+    fused_ms = row["ms"].get("fused")
+    row["speedup"] = {base: {p: row["ms"][base][p] / fused_ms[p] for p in fused_ms}
+                      for base in ("eager", "compile") if fused_ms and base in row["ms"]}
+    return row
+
+
+def _quick_sgd_case(model: str, device, timer) -> dict:
+    from fastres.kernels import FusedSGD, _env
+
+    base = _param_set(model, device)
+    hp = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def fresh():
+        ps = [torch.nn.Parameter(p.clone()) for p in base]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        return ps
+
+    row = {"case": "SGD+EMA", "params": model, "numel": sum(p.numel() for p in base),
+           "tensors": len(base), "ms": {}, "first_call_s": {}}
+    ps = fresh()
+    try:
+        ref = torch.optim.SGD(ps, fused=True, **hp)
+        ref.step()
+        label = "SGD(fused) + foreach EMA"
+    except RuntimeError:  # a device without torch's fused SGD
+        ref = torch.optim.SGD(ps, foreach=True, **hp)
+        label = "SGD(foreach) + foreach EMA"
+    emas = [p.detach().clone() for p in ps]
+    live = [p.detach() for p in ps]
+
+    def baseline():
+        ref.step()
+        foreach.lerp_(emas, live, 0.001)
+
+    row["baseline"] = label
+    row["first_call_s"]["baseline"] = _first_call_s(baseline, device)
+    row["ms"]["baseline"] = timer(baseline)
+    if _env.use_triton(device):
+        opt = FusedSGD(fresh(), **hp, ema_decay=0.999)
+        row["first_call_s"]["fused"] = _first_call_s(opt.step, device)
+        row["ms"]["fused"] = timer(opt.step)
+        row["speedup"] = {"baseline": row["ms"]["baseline"] / row["ms"]["fused"]}
+    return row
+
+
+def _print_quick_row(row: dict) -> None:
+    ms, first = row["ms"], row["first_call_s"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    if row["case"] == "SGD+EMA":
+        f = ms.get("fused")
+        sp = row.get("speedup", {}).get("baseline")
+        what = f"{row['params']} ({row['tensors']} tensors)"
+        print(f"{row['case']:<14}{what:<32}"
+              f"{'step':<9}{fmt(ms['baseline']):>10}{'':>10}{fmt(f):>10}"
+              f"{fmt(sp):>10}{'':>10}   baseline: {row['baseline']}; first calls (s): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in first.items()), flush=True)
+        return
+    for p in ("fwd", "bwd", "fwd+bwd"):
+        e = ms["eager"][p]
+        c = ms.get("compile", {}).get(p)
+        f = ms.get("fused", {}).get(p)
+        se = row["speedup"].get("eager", {}).get(p)
+        sc = row["speedup"].get("compile", {}).get(p)
+        tail = ("   first calls (s): " + ", ".join(f"{k} {v:.2f}" for k, v in first.items())
+                if p == "fwd+bwd" else "")
+        what = f"{row['shape']} {row['dtype']}"
+        print(f"{row['case']:<14}{what:<32}{p:<9}{fmt(e):>10}"
+              f"{fmt(c):>10}{fmt(f):>10}{fmt(se):>10}{fmt(sc):>10}{tail}", flush=True)
+
+
+def run_quick(args, device: torch.device, env: dict) -> int:
+    """`--quick`: the decisive speed figures within a fixed budget. Each case is printed and
+    written to --json as soon as it is measured, so a stage killed at its time limit still
+    leaves what it measured; a case that would start after the budget is listed as skipped.
+    On a CPU (or with --dry-run) the same cases run at reduced sizes (batch 2, <= 4x4):
+    the code path, end to end, not a speed figure."""
+    import time
+
+    from fastres.kernels import _env
+
+    on_gpu = device.type == "cuda"
+    dry = args.dry_run or not on_gpu
+    reps = args.reps or (1 if dry else QUICK_REPS)
+    timer = _QuickTimer(device, reps, warmup=1 if dry else 3)
+    budget = args.budget if args.budget is not None else QUICK_BUDGET_S
+    # Inductor on a GPU; on a CPU its C++ compile takes minutes, so the dry run checks the
+    # compile path with AOTAutograd alone ("aot_eager").
+    backend = None if args.no_compile else ("inductor" if on_gpu else "aot_eager")
+    if backend is not None:
+        _allow_retained_backward()
+    kernels = "Triton kernels" + ("" if _env.use_triton(device) else " not run here")
+    print(f"quick: {'dry run at reduced sizes (not speed figures)' if dry else 'speed'}, "
+          f"{reps} timed calls per figure (median, "
+          f"{'CUDA events, L2 flushed before each' if on_gpu else 'CPU clock'}), compilation "
+          f"timed apart (first calls); compile backend {backend or 'off'}; {kernels}; "
+          f"budget {budget:.0f} s", flush=True)
+    print(f"{'case':<14}{'shape / params':<32}{'pass':<9}{'eager ms':>10}{'compile':>10}"
+          f"{'fused ms':>10}{'x eager':>10}{'x compile':>10}", flush=True)
+    t0 = time.perf_counter()
+    result = {"environment": env, "dry_run": dry, "reps": reps, "budget_s": budget,
+              "compile_backend": backend, "cases": [], "skipped": []}
+    for kind, what, act in QUICK_CASES:
+        label = f"{kind} {'x'.join(map(str, what)) if kind == 'bn' else what}"
+        if result["cases"] and time.perf_counter() - t0 > budget:  # the first always runs
+            result["skipped"].append(label)
+            continue
+        if kind == "bn":
+            row = _quick_bn_case(_reduced(what) if dry else what, act, device, timer, backend)
+        else:
+            row = _quick_sgd_case(what, device, timer)
+        result["cases"].append(row)
+        _print_quick_row(row)
+        result["elapsed_s"] = time.perf_counter() - t0
+        _write(args.json, result, quiet=True)
+    result["elapsed_s"] = time.perf_counter() - t0
+    if result["skipped"]:
+        print(f"skipped (budget {budget:.0f} s spent): {', '.join(result['skipped'])}")
+    print(f"quick: {result['elapsed_s']:.1f} s")
+    _write(args.json, result)
+    return 0
 
 
 # ---------------------------------------------------------------- decisive experiment
@@ -498,15 +774,21 @@ def _print_decisive(res: dict) -> None:
 
 # -------------------------------------------------------------------------------- main
 
-def _write(path: Optional[str], payload: dict) -> None:
+def _write(path: Optional[str], payload: dict, quiet: bool = False) -> None:
     if path:
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=1)
-        print(f"\nwrote {path}")
+        from fastres.tools._common import write_json
+
+        write_json(path, payload)  # atomic; the target was claimed at the start
+        if not quiet:
+            print(f"\nwrote {path}")
 
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.json:  # checked (and claimed) before any work: the output contract
+        from fastres.tools._common import claim_output_file
+
+        args.json = str(claim_output_file(args.json, overwrite=args.overwrite))
     from fastres.tools._common import device_arg
 
     device = device_arg(args.device)
@@ -564,20 +846,19 @@ def _run(args, device: torch.device) -> int:
         _write(args.json, {"environment": env, "decisive": res})
         return 0
 
-    if args.quick:
-        shapes, dtypes, do_compile, opt_sets = QUICK_SHAPES, [torch.float32], False, ["resnet20"]
-    else:
-        shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
-        dtypes = [torch.float32, torch.bfloat16] if on_gpu else [torch.float32]
-        do_compile = not args.no_compile
-        opt_sets = ["resnet18_cifar", "resnet20"]
+    if args.quick or args.dry_run:
+        return run_quick(args, device, env)
+    shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
+    dtypes = [torch.float32, torch.bfloat16] if on_gpu else [torch.float32]
+    do_compile = not args.no_compile
+    opt_sets = ["resnet18_cifar", "resnet20"]
     if shapes_arg:
         shapes = shapes_arg
     if dtypes_arg:
         dtypes = dtypes_arg
     if args.no_optimizer:
         opt_sets = []
-    reps = args.reps or (3 if args.quick else 5)
+    reps = args.reps or 5
     timer = _Timer(device, reps, cuda_graphs=args.cuda_graphs and on_gpu)
     if do_compile:
         _allow_retained_backward()
