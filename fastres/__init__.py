@@ -29,7 +29,8 @@ _EXPORTS = {
     **dict.fromkeys(("create_model", "list_models", "register_model"), "fastres.models"),
     **dict.fromkeys(("Augment", "LoaderOptions", "build_loader", "check_loader",
                      "available_loaders"), "fastres.pipelines"),
-    **dict.fromkeys(("train", "evaluate", "build", "RunResult", "TrainStep"), "fastres.engine"),
+    **dict.fromkeys(("train", "evaluate", "build", "RunResult", "TrainStep", "Session",
+                     "run_training"), "fastres.engine"),
     **dict.fromkeys(("FastresError", "ConfigError", "DataError"), "fastres.errors"),
 }
 _SUBMODULES = ("bench", "config", "data", "distributed", "engine", "errors", "kernels",

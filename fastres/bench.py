@@ -317,3 +317,55 @@ def mfu(flops: float, seconds: float, peak_tflops: float | None) -> float | None
     if not peak_tflops or not seconds or seconds <= 0 or not math.isfinite(flops):
         return None
     return flops / seconds / (peak_tflops * 1e12)
+
+
+# --------------------------------------------------------------------------- kernel tables
+
+def profiled_kernels(prof) -> tuple[str, list[tuple[str, float, float]]]:
+    """(what, [(name, start_us, end_us)]) from a finished torch.profiler run: the GPU
+    kernels (and memcpy/memset) on the device's timeline when it recorded CUDA, else the
+    CPU's top-level ATen ops (what a CPU run executes in their place)."""
+    events = list(prof.events())
+    cuda = torch.autograd.DeviceType.CUDA
+    gpu = [(e.name, e.time_range.start, e.time_range.end) for e in events
+           if getattr(e, "device_type", None) == cuda]
+    if gpu:
+        return "GPU kernels", gpu
+    cpu = [(e.name, e.time_range.start, e.time_range.end) for e in events
+           if e.name.startswith("aten::") and not (
+               e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+    return "CPU ops (no GPU in this run)", cpu
+
+
+def kernel_summary(kernels: list[tuple[str, float, float]], steps: int, *,
+                   top: int = 25) -> dict:
+    """Where `steps` steps' time went, from (name, start_us, end_us) intervals on one
+    timeline: the `top` names by total time (calls, total ms per step, share of the busy
+    time) and the gaps between consecutive intervals, which on a GPU are the time the
+    device waited for the host to launch the next kernel."""
+    kernels = sorted(kernels, key=lambda k: k[1])
+    by_name: dict[str, list[float]] = {}
+    for name, start, end in kernels:
+        entry = by_name.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += end - start
+    busy_us = sum(v[1] for v in by_name.values())
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    gaps, reach = [], None
+    for i, (name, start, end) in enumerate(kernels):
+        if reach is not None and start > reach[0]:
+            gaps.append((start - reach[0], reach[1], name))
+        if reach is None or end > reach[0]:
+            reach = (end, name)
+    span_us = (kernels[-1][2] - kernels[0][1]) if kernels else 0.0
+    gap_us = sum(g[0] for g in gaps)
+    n = max(steps, 1)
+    return {
+        "steps": steps, "launches_per_step": len(kernels) / n,
+        "busy_ms_per_step": busy_us / 1e3 / n, "span_ms_per_step": span_us / 1e3 / n,
+        "gap_ms_per_step": gap_us / 1e3 / n,
+        "top": [{"name": name, "calls": int(calls), "total_ms_per_step": us / 1e3 / n,
+                 "share": us / busy_us if busy_us else 0.0} for name, (calls, us) in rows],
+        "largest_gaps": [{"us": round(g, 1), "after": a, "before": b}
+                         for g, a, b in sorted(gaps, key=lambda g: -g[0])[:5]],
+    }

@@ -13,7 +13,10 @@ def test_presets_validate_and_resolve(name):
     assert cpu.run.precision == "fp32" and cpu.run.compile == "off"
     assert cpu.data.mean == C.CIFAR10_MEAN and cpu.optim.impl == "foreach"
     gpu = C.resolve(cfg, "cuda")
-    assert gpu.run.precision == "bf16" and gpu.run.compile == "on" and gpu.optim.impl == "fused"
+    # the speedrun preset runs eagerly on a GPU too (measured faster there than compile=on)
+    compiled = "off" if name == "speedrun" else "on"
+    assert gpu.run.precision == "bf16" and gpu.run.compile == compiled
+    assert gpu.optim.impl == "fused"
 
 
 def test_paper_preset_is_he_et_al():
@@ -95,8 +98,10 @@ def test_describe_covers_every_field():
     assert "optim.lr" in keys and "schedule.two_phase_epochs" in keys and len(keys) > 60
 
 
-def test_fused_kernels_are_refused_on_gpu_until_verified():
+def test_fused_kernels_are_opt_in_on_every_device():
+    """The v2 kernels passed every GPU correctness case run on an H200 (kernels/NOTES.md),
+    so a GPU run may ask for them; their GPU speed is unmeasured, so no preset does."""
     cfg = C.replace(C.preset("smoke"), model={"fused_kernels": True})
     assert C.resolve(cfg, "cpu").model.fused_kernels
-    with pytest.raises(ConfigError, match="failed verification on an H200"):
-        C.resolve(cfg, "cuda")
+    assert C.resolve(cfg, "cuda").model.fused_kernels
+    assert not any(C.preset(p).model.fused_kernels for p in C.list_presets())

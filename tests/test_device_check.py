@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from fastres.testing import synthetic_dir
-from fastres.tools import device_check as dc
-from fastres.tools import loader_parity as lp
+from fastres.tools.gpu_kit import device_check as dc
+from fastres.tools.gpu_kit import loader_parity as lp
 from fastres.tools.cli import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,7 @@ def one_line_error(capsys, argv, needle: str) -> None:
 def test_dry_run_runs_every_command(data_dir, tmp_path):
     out, bundle = tmp_path / "dc", tmp_path / "bundle"
     proc = subprocess.run([PY, "-m", "fastres", "device-check", "--dry-run", "--out", str(out),
+                           "--stages", ",".join(dc.STAGES),  # the table's own run included
                            "--data-dir", data_dir, "--bundle", str(bundle)],
                           capture_output=True, text=True, timeout=1500, cwd=ROOT)
     summary = json.loads((out / "summary.json").read_text())
@@ -70,7 +71,7 @@ def test_dry_run_runs_every_command(data_dir, tmp_path):
     assert "--runs 1" in cmds["speedrun"] and "--scale smoke" in cmds["table"]
     env = json.loads((out / "env.json").read_text())
     assert env["copy_gbps"] > 0 and env["bf16_matmul"]["tflops"] > 0
-    for js in ("step_speedrun.json", "step_resnet18.json", "step_busy.json", "kernels.json"):
+    for js in ("step_speedrun.json", "step_resnet18.json", "kernels.json"):
         assert (out / js).is_file(), js
     if _dali():
         assert json.loads((out / "parity.json").read_text())["ok"] is True
@@ -96,19 +97,31 @@ def test_gpu_plan_has_the_exact_commands():
            "/r/tests/test_kernels_sgd.py" in cmd["kernel_tests"]
     assert "bench-kernels --decisive --json /o/kernels_decisive.json" in cmd["kernels_decisive"]
     assert cmd["kernels_host"].endswith("bench-kernels --host --json /o/kernels_host.json")
-    assert cmd["kernels_bench"].endswith("bench-kernels --json /o/kernels.json")
-    assert "profile --preset speedrun --modes eager,model,step,step+graph --steps 50 " \
-           "--json" in cmd["step_speedrun"]
+    assert cmd["kernels_bench"].endswith("bench-kernels --quick --json /o/kernels.json")
+    assert "profile --preset speedrun --modes eager,step+graph,model,step --steps 30 --busy " \
+           "--trace /o/traces --trace-steps 3 --json" in cmd["step_speedrun"]
     assert "profile --preset resnet-paper --model resnet18_cifar --batch-size 512 --modes " \
-           "eager,model,step,step+graph --steps 50 --json" in cmd["step_resnet18"]
-    assert "profile --preset speedrun --busy --json" in cmd["step_busy"]
-    assert "train --preset speedrun --loader dali --epochs 2 --data-dir /d --out " \
-           "/o/train_dali" in cmd["dali_train"]
+           "eager,step+graph --steps 30 --json" in cmd["step_resnet18"]
+    assert "speedrun --preset speedrun --loader dali --runs 2 --data-dir /d --out " \
+           "/o/speedrun_dali" in cmd["speedrun_dali"]
     assert "speedrun --preset speedrun --runs 5 --data-dir /d" in cmd["speedrun"]
-    assert "table --train --models resnet20,resnet56,resnet110,preact_resnet18 --recipes " \
+    assert "speedrun --preset speedrun --runs 3 --set run.compile=step --data-dir /d" \
+        in cmd["speedrun_step_graph"]
+    assert "table --train --models resnet20,resnet32,resnet44,resnet56 --recipes " \
            "seed,fast --scale full --budget-min 0.75 --data-dir /d --out /o/table" \
            in cmd["table"]
     assert "--device" not in " ".join(cmd.values())     # the GPU run uses each tool's auto
+
+
+def test_v3_orders_stages_by_what_they_decide():
+    """The speed-run first; every default stage's limit covers what it took on the H200
+    (env 9 s, speed-run 51 s, DALI 13 + 20 + 18 s, kernel tests 30 s + decisive 18 s + host
+    8 s, two profile modes 28 s) with room to spare; the table runs on its own."""
+    assert dc.DEFAULT_STAGES[:2] == ("env", "speedrun") and "table" not in dc.DEFAULT_STAGES
+    took = {"env": 9, "speedrun": 51, "loaders": 13 + 20 + 18, "kernels": 30 + 18 + 8,
+            "step": 28}
+    for stage, seconds in took.items():
+        assert dc.BUDGET_S[stage] >= 1.3 * seconds, stage
 
 
 def test_missing_prerequisites_skip_with_a_reason():
@@ -133,7 +146,9 @@ def test_merge_replaces_values_and_appends_flags():
 def test_stage_shares_sum_to_one():
     for stage in dc.STAGES:
         assert sum(s.share for s in _plan(stage)) == pytest.approx(1.0), stage
-    assert sum(dc.BUDGET_S.values()) + dc.PREPARE_S <= dc.TOTAL_S <= 9 * 60
+    default = sum(dc.BUDGET_S[st] for st in dc.DEFAULT_STAGES)
+    assert default + dc.PREPARE_S <= dc.TOTAL_S <= 9 * 60
+    assert dc.BUDGET_S["table"] + dc.PREPARE_S <= dc.TOTAL_S
 
 
 # --------------------------------------------------------------------------- running
@@ -200,7 +215,7 @@ def test_argument_errors(tmp_path, capsys):
                    "no such folder")
     (tmp_path / "o" / "old.log").parent.mkdir()
     (tmp_path / "o" / "old.log").write_text("an earlier check")
-    one_line_error(capsys, ["--out", str(tmp_path / "o")], "is not empty")
+    one_line_error(capsys, ["--out", str(tmp_path / "o")], "--overwrite")
 
 
 # --------------------------------------------------------------------------- loader parity

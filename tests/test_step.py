@@ -190,13 +190,13 @@ def test_micro_batches_phase2_and_ema_are_exercised():
 def test_schedules_are_device_tables_indexed_by_the_step():
     cfg = tiny("seed")
     step = TrainStep(cfg, fresh_model(cfg), steps_per_epoch=STEPS_PER_EPOCH)
-    norm = [g.index for g in step._groups if g.group["role"] == "norm"]
+    norm = [g.index for g in step.optimizers.groups if g.group["role"] == "norm"]
     for t in range(step.total):
         f = lr_factor(t, step.total, cfg.schedule, step.phase2)
-        for g in step._groups:
+        for g in step.optimizers.groups:
             want = 0.0 if (g.index in norm and t >= step.phase2) else g.group["base_lr"] * f
-            assert step._lr[g.index, t].item() == pytest.approx(want, rel=1e-7)
-        assert step._ema_decay[t].item() == pytest.approx(step.ema.decay_at(t), rel=1e-7)
+            assert step.tables.lr[g.index, t].item() == pytest.approx(want, rel=1e-7)
+        assert step.tables.ema_decay[t].item() == pytest.approx(step.ema.decay_at(t), rel=1e-7)
 
 
 def test_state_dict_round_trip_continues_exactly():
@@ -211,10 +211,10 @@ def test_state_dict_round_trip_continues_exactly():
     saved = a.state_dict()
     model2 = fresh_model(cfg)
     b = TrainStep(cfg, model2, steps_per_epoch=STEPS_PER_EPOCH)
-    held = [t for g in b._groups for vs in g.state.values() for t in vs]
+    held = [t for g in b.optimizers.groups for vs in g.state.values() for t in vs]
     model2.load_state_dict(saved_model)
     b.load_state_dict(saved)
-    assert all(t is u for t, u in zip(held, [t for g in b._groups for vs in g.state.values()
+    assert all(t is u for t, u in zip(held, [t for g in b.optimizers.groups for vs in g.state.values()
                                              for t in vs])), "state must load in place"
     for x, y in data[3:]:
         b(x, y)

@@ -12,19 +12,19 @@ import sys
 # subcommand -> (module, one-line description)
 COMMANDS = {
     "train": ("fastres.tools.train", "train a model from a preset (the main job)"),
-    "eval": ("fastres.tools.evaluate", "evaluate a checkpoint on the test set"),
+    "eval": ("fastres.tools.eval", "evaluate a checkpoint on the test set"),
     "models": ("fastres.tools.models", "list registered models with params and FLOPs"),
     "data": ("fastres.tools.data", "inspect (or download) a CIFAR data folder"),
     "speedrun": ("fastres.tools.speedrun", "time a preset over several seeds"),
-    "profile": ("fastres.tools.profile_step", "throughput and step-time breakdown"),
-    "table": ("fastres.tools.results_table", "the reference article's results table"),
+    "profile": ("fastres.tools.profile", "throughput and step-time breakdown"),
+    "table": ("fastres.tools.table", "the reference article's results table"),
     "bench-kernels": ("fastres.tools.bench_kernels", "fused BN-act and optimizer benchmarks"),
     "bench-loaders": ("fastres.tools.bench_loaders", "data loader throughput"),
     "scaling": ("fastres.tools.scaling", "training img/s at 1, 2, ... processes (DDP)"),
-    "device-check": ("fastres.tools.device_check", "every GPU path in one timed run (--dry-run: "
+    "device-check": ("fastres.tools.gpu_kit.device_check", "every GPU path in one timed run (--dry-run: "
                      "the CPU rehearsal)"),
-    "pack-dali": ("fastres.tools.pack_dali", "offline install kit for DALI, in parts"),
-    "loader-parity": ("fastres.tools.loader_parity", "DALI vs tensor loader: same batches, "
+    "pack-dali": ("fastres.tools.gpu_kit.pack_dali", "offline install kit for DALI, in parts"),
+    "loader-parity": ("fastres.tools.gpu_kit.loader_parity", "DALI vs tensor loader: same batches, "
                       "same augmentation statistics"),
 }
 
@@ -68,8 +68,40 @@ def _rank_tag() -> str:
     return ""
 
 
+def _one_line_usage_errors():
+    """While a tool runs, argparse's errors (an unknown option value, a missing required
+    option) raise a one-line ConfigError, with a "did you mean" for a mistyped choice,
+    instead of printing the whole usage block: every mistake reads the same."""
+    import argparse
+    import contextlib
+    import re
+
+    from fastres.errors import ConfigError, did_you_mean
+
+    def error(parser, message):
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'([^']*)'", m.group(2))
+            message = message[:m.start()] + (f"invalid choice: {m.group(1)!r}"
+                                             f"{did_you_mean(m.group(1), choices)}; choose "
+                                             f"from {', '.join(choices)}")
+        raise ConfigError(f"{message} (`{parser.prog} --help` lists the options)")
+
+    @contextlib.contextmanager
+    def patched():
+        old = argparse.ArgumentParser.error
+        argparse.ArgumentParser.error = error
+        try:
+            yield
+        finally:
+            argparse.ArgumentParser.error = old
+
+    return patched()
+
+
 def run_tool(name: str, tool_main, argv=None) -> int:
-    """Run a tool's `main(argv)`, turning input errors into one line and exit status 2.
+    """Run a tool's `main(argv)`, turning input errors (argparse's included) into one line
+    and exit status 2.
 
     Tools call this from their `if __name__ == "__main__":` block too, so a script run as
     `python tools/x.py` behaves like `fastres x`.
@@ -77,7 +109,8 @@ def run_tool(name: str, tool_main, argv=None) -> int:
     from fastres.errors import FastresError
 
     try:
-        return int(tool_main(argv) or 0)
+        with _one_line_usage_errors():
+            return int(tool_main(argv) or 0)
     except FastresError as e:
         print(f"fastres {name}:{_rank_tag()} error: {e}", file=sys.stderr)
         return e.exit_code

@@ -14,7 +14,8 @@ import torch.nn as nn
 from fastres.config import Config, resolve
 from fastres.distributed import Dist, device_for, split_batch
 
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .amp import PRECISION_DTYPES
+
 
 
 @dataclass
@@ -66,7 +67,10 @@ def build_loaders(cfg: Config, data, dist: Dist = Dist()):
     for evaluation. `cfg` must be resolved (mean/std filled in)."""
     from fastres.pipelines import build_loader
 
+    from .rundir import check_data_fits
+
     d = cfg.data
+    check_data_fits(cfg, dist.world_size, n_train=len(data.train.labels))
     train_x, train_y = subset(data.train.images, data.train.labels, d.train_limit)
     test_x, test_y = subset(data.test.images, data.test.labels, d.test_limit)
     options = loader_options(cfg, dist)

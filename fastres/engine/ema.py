@@ -19,6 +19,8 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from fastres._compat import foreach
+
 
 class EMA:
     def __init__(self, model: nn.Module, decay: float, every: int = 1, warmup: bool = True):
@@ -58,6 +60,33 @@ class EMA:
     def shadows_by_param(self, model: nn.Module) -> dict[int, torch.Tensor]:
         """id(parameter) -> its fp32 shadow, for an optimizer that averages in its step."""
         return {id(p): s for p, s in zip(model.parameters(), self.shadow)}
+
+    def bind(self, model: nn.Module, skip_params: bool = False) -> None:
+        """Pair the shadows with `model`'s live tensors once, for `step_`: a training step
+        then averages the same tensors every call (what a compiled step captures).
+        `skip_params`: the optimizer averages the parameters in its own pass (the Triton
+        SGD), so only the floating buffers are left to this EMA."""
+        _, live = _float_tensors(model)
+        start = len(list(model.parameters())) if skip_params else 0
+        buffers = dict(model.named_buffers())
+        self._bound = (self.shadow[start:], live[start:],
+                       [(self.int_shadow[name], buffers[name]) for name in self.int_shadow])
+
+    @torch.no_grad()
+    def step_(self, decay: torch.Tensor) -> None:
+        """One in-step update of the bound tensors with `decay`, a 0-d device tensor (1.0 on
+        steps that are not due: nothing changes, integer buffers are not copied). No host
+        sync; `bind` first."""
+        shadow, live, ints = self._bound
+        ema_update_(shadow, live, decay)
+        due = decay < 1.0
+        for s, v in ints:
+            s.copy_(torch.where(due, v, s))
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The shadows `step_` mutates."""
+        shadow, _, ints = self._bound
+        return list(shadow) + [s for s, _ in ints]
 
     @torch.no_grad()
     def update(self, model: nn.Module, params: bool = True) -> None:
@@ -124,11 +153,11 @@ def ema_update_(shadow: list[torch.Tensor], live: list[torch.Tensor],
     tensor (1.0: no change)."""
     live32 = [t.detach().float() if t.dtype != torch.float32 else t.detach() for t in live]
     if isinstance(decay, torch.Tensor):
-        diff = torch._foreach_sub(live32, shadow)
-        torch._foreach_mul_(diff, 1.0 - decay)
-        torch._foreach_add_(shadow, diff)
+        diff = foreach.sub(live32, shadow)
+        foreach.mul_(diff, 1.0 - decay)
+        foreach.add_(shadow, diff)
     else:
-        torch._foreach_lerp_(shadow, live32, 1.0 - decay)
+        foreach.lerp_(shadow, live32, 1.0 - decay)
 
 
 def float_tensors(model: nn.Module):

@@ -7,8 +7,6 @@ main rank, counted from batch shapes (no extra sync).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,18 +14,10 @@ from torch import Tensor
 
 from fastres.distributed import Dist, all_reduce_sum
 
+from .amp import autocast_for
 from .progress import EvalProgress
 
 TTA_MODES = ("none", "flip", "flip_translate")
-
-
-def autocast_for(device: torch.device | str, precision: str):
-    """The autocast context for a precision name ('fp32' -> no autocast)."""
-    device = torch.device(device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def tta_logits(model: nn.Module, x: Tensor, tta: str = "none") -> Tensor:

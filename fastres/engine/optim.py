@@ -17,18 +17,20 @@ wd / base_lr, so that the per-step decay is wd x schedule, independent of the le
 
 The optimizers are torch's (`torch.optim.SGD`, `Adam`, `AdamW`) and this module's `Muon`,
 but only as containers: they hold the parameter groups and the state (`momentum_buffer`,
-`exp_avg`, ...) in torch's state-dict format. The arithmetic is the functions below
-(`sgd_update_`, `adam_update_`, `muon_update_`), which take the learning rate, momentum and
-EMA decay as device tensors: torch's own `step()` graph-breaks on purpose under
-torch.compile and reads Adam's step count on the host, so a training step that compiles as
-one graph and replays as a CUDA graph needs its own update. `TrainStep` calls them; `Muon`'s
-`step()` calls `muon_update_` too, so there is one implementation of each update.
+`exp_avg`, ...) in torch's state-dict format, so checkpoints load into torch's optimizers
+and back. The arithmetic is the functions below (`sgd_update_`, `adam_update_`,
+`muon_update_`), which take the learning rate, momentum and EMA decay as device tensors:
+torch's own `step()` graph-breaks on purpose under torch.compile and reads Adam's step count
+on the host, so a training step that compiles as one graph and replays as a CUDA graph needs
+its own update. Each optimizer kind's update rule is registered beside its arithmetic
+(`@update_rule`), and `Optimizers.step(lrs, momentum)` applies them all; `Muon.step()` calls
+`muon_update_` too, so there is one implementation of each update.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,6 +38,8 @@ from torch import Tensor
 
 from fastres.config import OptimConfig
 from fastres.errors import ConfigError
+
+from fastres._compat import foreach, fused_adam, fused_sgd
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -130,27 +134,27 @@ def sgd_update_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor] | 
     """
     if not params:
         return
-    if impl == "fused":
+    fused = fused_sgd(params[0].device.type) if impl == "fused" else None
+    if fused is not None:
         if isinstance(momentum, Tensor):
             raise ValueError("the fused SGD kernel takes a float momentum; use foreach for a "
                              "momentum schedule")
-        torch._fused_sgd_(params, grads, bufs if bufs is not None else [],
-                          weight_decay=weight_decay, momentum=momentum if bufs else 0.0,
-                          lr=lr, dampening=0.0, nesterov=nesterov, maximize=False,
-                          is_first_step=False)
+        fused(params, grads, bufs if bufs is not None else [], weight_decay=weight_decay,
+              momentum=momentum if bufs else 0.0, lr=lr, dampening=0.0, nesterov=nesterov,
+              maximize=False, is_first_step=False)
         return
     for ps, gs, bs in _chunks(impl, params, grads, bufs):
         if weight_decay != 0:
-            gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+            gs = foreach.add(gs, ps, alpha=weight_decay)
         if bs is not None:
-            torch._foreach_mul_(bs, momentum)
-            torch._foreach_add_(bs, gs)
+            foreach.mul_(bs, momentum)
+            foreach.add_(bs, gs)
             if nesterov:
-                gs = torch._foreach_add(gs, bs, alpha=momentum) if not isinstance(
-                    momentum, Tensor) else torch._foreach_add(gs, torch._foreach_mul(bs, momentum))
+                gs = foreach.add(gs, bs, alpha=momentum) if not isinstance(
+                    momentum, Tensor) else foreach.add(gs, foreach.mul(bs, momentum))
             else:
                 gs = bs
-        torch._foreach_add_(ps, torch._foreach_mul(gs, -lr))
+        foreach.add_(ps, foreach.mul(gs, -lr))
 
 
 @torch.no_grad()
@@ -163,37 +167,37 @@ def adam_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     device (torch's default Adam reads the step count on the host every step)."""
     if not params:
         return
-    if impl == "fused":
+    fused = fused_adam(params[0].device.type, decoupled) if impl == "fused" else None
+    if fused is not None:
         if isinstance(beta1, Tensor):
             raise ValueError("the fused Adam kernel takes a float beta1; use foreach for a "
                              "momentum schedule")
-        torch._foreach_add_(steps, 1)
-        fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        foreach.add_(steps, 1)
         fused(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
               weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
         return
     for ps, gs, ms, vs, ss in _chunks(impl, params, grads, exp_avgs, exp_avg_sqs, steps):
-        torch._foreach_add_(ss, 1)
+        foreach.add_(ss, 1)
         if weight_decay != 0:
             if decoupled:
-                torch._foreach_mul_(ps, 1 - lr * weight_decay)
+                foreach.mul_(ps, 1 - lr * weight_decay)
             else:
-                gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+                gs = foreach.add(gs, ps, alpha=weight_decay)
         if isinstance(beta1, Tensor):
-            torch._foreach_mul_(ms, beta1)
-            torch._foreach_add_(ms, torch._foreach_mul(gs, 1 - beta1))
+            foreach.mul_(ms, beta1)
+            foreach.add_(ms, foreach.mul(gs, 1 - beta1))
         else:
-            torch._foreach_lerp_(ms, gs, 1 - beta1)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, gs, gs, 1 - beta2)
+            foreach.lerp_(ms, gs, 1 - beta1)
+        foreach.mul_(vs, beta2)
+        foreach.addcmul_(vs, gs, gs, 1 - beta2)
         # step size lr / (1 - b1^t) and sqrt(1 - b2^t), per tensor, on the device
         bc1 = [1 - torch.pow(beta1, s) for s in ss]
-        bc2 = torch._foreach_sqrt([1 - torch.pow(beta2, s) for s in ss])
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denom, bc2)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_mul_(denom, torch._foreach_div(bc1, lr))  # denom / step_size
-        torch._foreach_addcdiv_(ps, ms, torch._foreach_neg(denom))
+        bc2 = foreach.sqrt([1 - torch.pow(beta2, s) for s in ss])
+        denom = foreach.sqrt(vs)
+        foreach.div_(denom, bc2)
+        foreach.add_(denom, eps)
+        foreach.mul_(denom, foreach.div(bc1, lr))  # denom / step_size
+        foreach.addcdiv_(ps, ms, foreach.neg(denom))
 
 
 def zeropower_newton_schulz(g: Tensor, steps: int = 3, eps: float = 1e-7,
@@ -236,30 +240,37 @@ def shape_groups(params: Sequence[Tensor]) -> list[list[int]]:
 @torch.no_grad()
 def muon_update_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *,
                  lr: Tensor, momentum: float, nesterov: bool, ns_steps: int,
-                 ns_dtype: torch.dtype, groups: list[list[int]] | None = None) -> None:
+                 ns_dtype: torch.dtype, batches: list[list[int]] | None = None) -> None:
     """Muon for conv filters W (out x in x kh x kw), airbench94_muon's variant:
     buf = m buf + g;  u = g + m buf (Nesterov) or buf;  W *= sqrt(out) / |W| (its scale
     carries no information under the following BatchNorm; fixing it keeps the effective
     step size constant);  W -= lr NS(u as out x (in kh kw)), same-shape filters stacked
-    into one batched Newton-Schulz."""
+    into one batched Newton-Schulz (`batches`: indices of `params` stacked together,
+    default `shape_groups(params)`)."""
     if not params:
         return
-    torch._foreach_mul_(bufs, momentum)
-    torch._foreach_add_(bufs, grads)
-    upd = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
-    torch._foreach_mul_(params, [math.sqrt(len(p)) / n
-                                 for p, n in zip(params, torch._foreach_norm(params))])
-    for idx in groups or shape_groups(params):
+    foreach.mul_(bufs, momentum)
+    foreach.add_(bufs, grads)
+    upd = foreach.add(grads, bufs, alpha=momentum) if nesterov else bufs
+    foreach.mul_(params, [math.sqrt(len(p)) / n for p, n in zip(params, foreach.norm(params))])
+    for idx in batches or shape_groups(params):
         stack = torch.stack([upd[i].reshape(len(upd[i]), -1) for i in idx])  # k x out x in*kh*kw
         ortho = zeropower_newton_schulz(stack, ns_steps, dtype=ns_dtype)
         ps = [params[i] for i in idx]
         step = [o.view_as(p).to(p.dtype) for o, p in zip(ortho.unbind(0), ps)]
-        torch._foreach_add_(ps, torch._foreach_mul(step, -lr))
+        foreach.add_(ps, foreach.mul(step, -lr))
 
 
 def default_ns_dtype(device: torch.device) -> torch.dtype:
     """bf16 Newton-Schulz on GPUs; fp32 on CPUs, where bf16 matmuls are emulated."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def ns_dtype_for(precision: str) -> torch.dtype:
+    """The Newton-Schulz dtype of a training step that computes in `precision`: bf16 when
+    the step does (airbench94_muon's choice, the GPU presets), fp32 when it computes in
+    fp32 (the CPU default: bf16 matmuls are emulated there and far slower)."""
+    return torch.float32 if precision == "fp32" else torch.bfloat16
 
 
 class Muon(torch.optim.Optimizer):
@@ -289,6 +300,78 @@ class Muon(torch.optim.Optimizer):
                          ns_steps=group["ns_steps"],
                          ns_dtype=self.ns_dtype or default_ns_dtype(ps[0].device))
         return loss
+
+
+# --------------------------------------------------------------------------- update rules
+#
+# One rule per optimizer kind: `rule(g, params, grads, state, lr, momentum, impl)` updates
+# the group `g`'s parameters that have gradients this step (`params`, with their `grads`
+# and their slices of `state`), reading the step's learning rate for the group and the
+# scheduled momentum (None: the group's own) as device tensors.
+
+UpdateRule = Callable[..., None]
+UPDATE_RULES: dict[str, tuple[UpdateRule, tuple[str, ...]]] = {}
+
+
+def update_rule(kind: str, state: tuple[str, ...] = ()):
+    """Register a function as the update rule of `kind` groups; `state` names the
+    per-parameter state tensors it reads (torch's names, created by `init_state_`)."""
+    def register(fn: UpdateRule) -> UpdateRule:
+        UPDATE_RULES[kind] = (fn, state)
+        return fn
+    return register
+
+
+@update_rule("sgd", state=("momentum_buffer",))
+def _sgd_rule(g, params, grads, state, lr, momentum, impl) -> None:
+    group = g.group
+    sgd_update_(params, grads, state.get("momentum_buffer"), lr=lr,
+                momentum=momentum if momentum is not None else group["momentum"],
+                weight_decay=group["weight_decay"], nesterov=group["nesterov"], impl=impl)
+
+
+@update_rule("adam", state=("exp_avg", "exp_avg_sq", "step"))
+def _adam_rule(g, params, grads, state, lr, momentum, impl) -> None:
+    group = g.group
+    beta1, beta2 = group["betas"]
+    adam_update_(params, grads, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=lr,
+                 beta1=momentum if momentum is not None else beta1, beta2=beta2,
+                 eps=group["eps"], weight_decay=group["weight_decay"],
+                 decoupled=isinstance(g.opt, torch.optim.AdamW), impl=impl)
+
+
+@update_rule("muon", state=("momentum_buffer",))
+def _muon_rule(g, params, grads, state, lr, momentum, impl) -> None:
+    # Muon keeps its own momentum (the schedule's momentum cycles the SGD half only).
+    group = g.group
+    muon_update_(params, grads, state["momentum_buffer"], lr=lr, momentum=group["momentum"],
+                 nesterov=group["nesterov"], ns_steps=group["ns_steps"], ns_dtype=g.opt.ns_dtype,
+                 batches=g.batches if len(params) == len(g.params) else None)
+
+
+@update_rule("triton")
+def _triton_rule(g, params, grads, state, lr, momentum, impl) -> None:
+    # fastres' Triton SGD (+EMA) updates all its groups in one launch, which
+    # `Optimizers.step` makes after the per-group rules; its groups only take the step's
+    # learning rate and momentum here.
+    g.group["lr"] = lr
+    if momentum is not None:
+        g.group["momentum"] = momentum
+
+
+@dataclass
+class GroupState:
+    """One parameter group as the update rules see it, gathered once when the optimizers
+    are built: its state tensors are never replaced afterwards (a compiled step and a
+    captured CUDA graph hold them)."""
+
+    opt: torch.optim.Optimizer
+    index: int                        # row of the group's learning rate in the lr table
+    kind: str                         # its update rule: sgd | adam | muon | triton
+    group: dict                       # the torch param group (base_lr, role, decay, ...)
+    params: list[Tensor]
+    state: dict[str, list[Tensor]]    # state name -> one tensor per parameter
+    batches: list[list[int]] | None   # Muon: same-shape filters orthogonalised together
 
 
 # --------------------------------------------------------------------------- state
@@ -334,15 +417,66 @@ def load_state_inplace_(opt: torch.optim.Optimizer, state_dict: dict) -> None:
 
 @dataclass
 class Optimizers:
-    """The run's optimizers (one, or SGD + Muon) seen as one: parameter groups, state,
-    zero_grad. `TrainStep` applies their updates (see the module docstring)."""
+    """The run's optimizers (one, or SGD + Muon) seen as one: parameter groups and their
+    update rules, state, zero_grad, state dicts. `step(lrs, momentum)` is the whole
+    optimizer update of a training step (see the module docstring)."""
 
     optimizers: list[torch.optim.Optimizer]
     base_momentum: list[float] = field(default_factory=list)
+    impl: str = "foreach"                                 # resolved optim.impl
+    groups: list[GroupState] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.impl != "triton":  # fastres' Triton SGD creates its own (zero) buffers
+            for opt in self.optimizers:
+                init_state_(opt)
+        self.groups = []
+        for opt in self.optimizers:
+            kind = ("triton" if self.impl == "triton" else
+                    "muon" if isinstance(opt, Muon) else
+                    "adam" if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) else "sgd")
+            names = UPDATE_RULES[kind][1]
+            for g in opt.param_groups:
+                params = [p for p in g["params"] if p.requires_grad]
+                state = {k: [opt.state[p][k] for p in params] for k in names
+                         if params and k in opt.state[params[0]]}
+                batches = shape_groups(params) if kind == "muon" else None
+                self.groups.append(GroupState(opt, len(self.groups), kind, g, params, state,
+                                              batches))
 
     @property
     def param_groups(self):
         return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def params_with_grads(self) -> list[Tensor]:
+        """The parameters that got a gradient this step."""
+        return [p for g in self.groups for p in g.params if p.grad is not None]
+
+    def step(self, lrs: Tensor, momentum: Tensor | None = None,
+             ema_decay: Tensor | None = None) -> None:
+        """Update every parameter that has a gradient: `lrs[g.index]` is group g's learning
+        rate (a device tensor), `momentum` the scheduled momentum (None: each group's own),
+        `ema_decay` the decay for an optimizer that averages the weights in its own pass."""
+        fused = []
+        for g in self.groups:
+            params = [p for p in g.params if p.grad is not None]
+            if not params:
+                continue
+            state = g.state
+            if len(params) != len(g.params):  # some parameters got no gradient this step
+                state = {k: [v for p, v in zip(g.params, vs) if p.grad is not None]
+                         for k, vs in g.state.items()}
+            rule = UPDATE_RULES[g.kind][0]
+            rule(g, params, [p.grad for p in params], state, lrs[g.index], momentum,
+                 self.impl)
+            if g.kind == "triton":
+                fused.append(g.opt)
+        for opt in dict.fromkeys(fused):
+            opt.step(**({"ema_decay": ema_decay} if opt.accepts_ema_decay else {}))
+
+    def state_tensors(self) -> list[Tensor]:
+        """Every optimizer state tensor the update rules mutate."""
+        return [t for g in self.groups for vs in g.state.values() for t in vs]
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -359,12 +493,14 @@ class Optimizers:
             load_state_inplace_(opt, st)
 
 
-def build_optimizers(model: nn.Module, o: OptimConfig, *, ema_shadows=None) -> Optimizers:
+def build_optimizers(model: nn.Module, o: OptimConfig, *, ema_shadows=None,
+                     ns_dtype: torch.dtype | None = None) -> Optimizers:
     """The optimizer(s) for `model` as `o` describes, with their state created.
 
     `o.impl` must already be resolved (not "auto"). `ema_shadows` (id(parameter) -> fp32
     shadow, from `EMA.shadows_by_param`) are handed to the Triton SGD, which updates them in
-    the same pass as the weights.
+    the same pass as the weights. `ns_dtype`: Muon's Newton-Schulz dtype (default: bf16 on
+    a GPU, fp32 on a CPU; `TrainStep` passes `ns_dtype_for(precision)`).
     """
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters")
@@ -384,8 +520,9 @@ def build_optimizers(model: nn.Module, o: OptimConfig, *, ema_shadows=None) -> O
             opts.append(Muon([dict(params=filters, lr=o.muon_lr, base_lr=o.muon_lr,
                                    role="filter")],
                              lr=o.muon_lr, momentum=o.muon_momentum, nesterov=o.nesterov,
-                             ns_steps=o.muon_ns_steps))
-        result = Optimizers(opts, [o.momentum])
+                             ns_steps=o.muon_ns_steps,
+                             ns_dtype=ns_dtype or default_ns_dtype(filters[0].device)))
+        return Optimizers(opts, [o.momentum], o.impl)
     elif o.name == "sgd":
         groups = param_groups(model, o)
         if o.impl == "triton":
@@ -399,14 +536,9 @@ def build_optimizers(model: nn.Module, o: OptimConfig, *, ema_shadows=None) -> O
             opt.accepts_ema_decay = ema_shadows is not None
         else:
             opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
-        result = Optimizers([opt], [o.momentum])
+        return Optimizers([opt], [o.momentum], o.impl)
     elif o.name in ("adam", "adamw"):
         cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-        result = Optimizers([cls(param_groups(model, o), lr=o.lr, betas=o.betas, eps=o.eps)],
-                            [o.betas[0]])
-    else:
-        raise ConfigError(f"unknown optimizer {o.name!r}")
-    for opt in result.optimizers:
-        if isinstance(opt, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, Muon)):
-            init_state_(opt)  # FusedSGD creates its own (zero) buffers
-    return result
+        return Optimizers([cls(param_groups(model, o), lr=o.lr, betas=o.betas, eps=o.eps)],
+                          [o.betas[0]], o.impl)
+    raise ConfigError(f"unknown optimizer {o.name!r}")

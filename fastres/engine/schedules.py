@@ -91,3 +91,49 @@ def whiten_bias_factor(step: int, whiten_steps: int) -> float:
     if whiten_steps <= 0:
         return 0.0
     return max(0.0, 1.0 - step / whiten_steps)
+
+
+class ScheduleTables:
+    """Every schedule of a run as device tables indexed by the step: the learning rate of
+    each parameter group, the momentum (when cycled) and the EMA decay (when on). Computed
+    once from the pure functions above, so they hold exactly what the schedules define;
+    `at(t)` looks step `t` (a 0-d device tensor) up without a host sync, so a compiled step
+    reads its hyper-parameters from here and replays as a CUDA graph.
+
+    `groups`: (base_lr, role) per parameter group, in the order of the lr table's rows.
+    Roles with a schedule of their own: "whiten_bias" (the speed-run net's whitening bias,
+    trained for its first `whiten_steps` steps only) and "norm" (frozen, lr 0, in phase 2).
+    """
+
+    def __init__(self, s: ScheduleConfig, total: int, phase2: int,
+                 groups: list[tuple[float, str | None]], *, whiten_steps: int = 0,
+                 base_momentum: float = 0.0, ema_decay_at=None, device=None):
+        import torch
+
+        n = max(total, 1)
+        factor = [lr_factor(t, total, s, phase2) for t in range(n)]
+        rows = []
+        for base, role in groups:
+            if role == "whiten_bias":
+                rows.append([base * whiten_bias_factor(t, whiten_steps) for t in range(n)])
+            elif role == "norm":  # phase 2: frozen affine (robust under DDP and compile)
+                rows.append([0.0 if t >= phase2 else base * f for t, f in enumerate(factor)])
+            else:
+                rows.append([base * f for f in factor])
+        kw = dict(dtype=torch.float32, device=device)
+        self.lr = torch.tensor(rows, **kw).reshape(len(rows), n)
+        self.momentum = torch.tensor([momentum_at(t, total, s, base_momentum)
+                                      for t in range(n)], **kw) if s.cycle_momentum else None
+        self.ema_decay = torch.tensor([ema_decay_at(t) for t in range(n)], **kw) \
+            if ema_decay_at is not None else None
+
+    def at(self, t):
+        """(learning rate per group, momentum or None, EMA decay or None) at step `t`
+        (clamped to the last row), all on the device."""
+        t = t.clamp(max=self.lr.shape[1] - 1).view(1)
+        momentum = None if self.momentum is None else self.momentum.index_select(0, t).view(())
+        decay = None if self.ema_decay is None else self.ema_decay.index_select(0, t).view(())
+        return self.lr.index_select(1, t).view(-1), momentum, decay
+
+    def tensors(self) -> list:
+        return [t for t in (self.lr, self.momentum, self.ema_decay) if t is not None]

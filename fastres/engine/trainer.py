@@ -1,11 +1,11 @@
 """The training loop: `train(cfg, model, loaders) -> RunResult`.
 
-`train` is three parts, each on one screen: `_setup` (device, data-dependent init, DDP and
-compile wrappers, the `TrainStep`, warm-up, resume), a loop of `train_one_epoch` (the steps,
-then the epoch's metrics, logging evaluation and checkpoint), and `_finish` (the timed
-final evaluation and the result). The step itself -- forward, backward, optimizer, EMA,
-schedules -- is `fastres.engine.step.TrainStep`; nothing here touches a gradient. The loop
-reads device values at epoch ends and `log_every` points only.
+`train` is a `Session` (device, data-dependent init, DDP, the `TrainStep`, evaluation
+weights, checkpoint schema) plus the loop, in three parts: `_setup` (records, the Session,
+warm-up, resume), a loop of `train_one_epoch` (the steps, then the epoch's metrics,
+logging evaluation and checkpoint), and `_finish` (the timed final evaluation and the
+result). Nothing here touches a gradient. The loop reads device values at epoch ends and
+`log_every` points only.
 
 Timing follows the speed-run convention: the timed region runs from the first training step
 (the speed-run net's data-dependent whitening init included) to the final test accuracy
@@ -25,18 +25,20 @@ import torch.nn as nn
 
 from fastres.bench import Timer, environment
 from fastres.config import Config, to_dict
-from fastres.distributed import Dist, all_reduce_sum, convert_sync_batchnorm
-from fastres.errors import CheckpointError, ConfigError, FastresError, TrainingDiverged
+from fastres.config import num_classes_for
+from fastres.distributed import Dist, all_reduce_sum
+from fastres.errors import ConfigError, FastresError, TrainingDiverged
 from fastres.pipelines.base import check_loader
 
 from .ema import EMA
-from .evaluate import autocast_for, evaluate, tta_logits
+from .modes import unwrap
 from .progress import Progress
-from .records import FiniteGuard, RunRecorder, load_state_dict_checked
-from .rundir import check_compatible
-from .step import TrainStep, _rng_state, _set_rng_state, unwrap
+from .records import FiniteGuard, RunRecorder
+from .rundir import check_compatible, open_recorder
+from .session import INIT_IMAGES, Session
+from .step import TrainStep
 
-WHITEN_INIT_IMAGES = 5000  # airbench initialises its whitening conv from 5000 train images
+WHITEN_INIT_IMAGES = INIT_IMAGES  # the name this module exported before Session
 
 __all__ = ["train", "train_one_epoch", "RunResult", "Interrupted", "unwrap",
            "WHITEN_INIT_IMAGES"]
@@ -97,58 +99,71 @@ class _SignalStop:
 
 @dataclass
 class _Run:
-    """Everything a run carries from setup to finish."""
+    """Everything a run carries from setup to finish: the Session (model, step, evaluation)
+    and the loop's own records."""
 
-    cfg: Config
-    dist: Dist
-    device: torch.device
-    model: nn.Module
-    step: TrainStep
-    train_loader: object
+    session: Session
     test_loader: object
-    eval_net: nn.Module
     recorder: RunRecorder
     timer: Timer
     env: dict
-    data_init_s: float = 0.0
     epochs_log: list = field(default_factory=list)
     guard: FiniteGuard | None = None
     resumed_stage: str | None = None
     reached: dict = field(default_factory=lambda: {"at_s": None, "at_epoch": None})
 
     @property
+    def cfg(self) -> Config:
+        return self.session.cfg
+
+    @property
+    def dist(self) -> Dist:
+        return self.session.dist
+
+    @property
+    def device(self) -> torch.device:
+        return self.session.device
+
+    @property
+    def model(self) -> nn.Module:
+        return self.session.model
+
+    @property
+    def step(self) -> TrainStep:
+        return self.session.step
+
+    @property
+    def train_loader(self):
+        return self.session.train_loader
+
+    @property
     def steps_per_epoch(self) -> int:
         return self.step.steps_per_epoch
 
     def checkpoint_state(self, epoch_done: int, epoch_step: int) -> dict:
-        return {"config": to_dict(self.cfg), "model": unwrap(self.model).state_dict(),
-                **self.step.state_dict(), "epoch": epoch_done, "epoch_step": epoch_step,
-                "epochs": self.epochs_log, "timed_s": self.timer.total,
-                "world_size": self.dist.world_size, "rng": _rng_state(self.device)}
+        return self.session.state_dict(epoch=epoch_done, epoch_step=epoch_step,
+                                       epochs=self.epochs_log, timed_s=self.timer.total)
 
     def evaluate(self, tta: str, label: str | None = None) -> dict:
-        r = self.cfg.run
-        ema = self.step.ema
-        kw = dict(precision=r.precision, dist=self.dist, device=self.device,
-                  progress=r.progress if label else None, label=label or "evaluation")
-        if self.cfg.optim.eval_weights == "ema" and ema is not None:
-            with ema.swapped(self.model):
-                return evaluate(self.eval_net, self.test_loader, tta, **kw)
-        return evaluate(self.eval_net, self.test_loader, tta, **kw)
+        return self.session.evaluate(self.test_loader, tta,
+                                     progress=self.cfg.run.progress if label else None,
+                                     label=label or "evaluation")
 
 
 def train(cfg: Config, model: nn.Module, loaders, *, dist: Dist = Dist(),
           data_info: dict | None = None, resume: dict | None = None,
-          handle_signals: bool = False,
+          handle_signals: bool = False, recorder: RunRecorder | None = None,
           on_epoch: Callable[[dict], None] | None = None) -> RunResult:
     """Train `model` on `loaders = (train_loader, test_loader)` as `cfg` says.
 
     `cfg` must be resolved (`fastres.config.resolve`). `resume` is a checkpoint dict from
     `load_checkpoint`; the run continues so that its final weights equal an uninterrupted
     run's. `handle_signals` (the CLI sets it) makes SIGTERM/Ctrl-C write a checkpoint and
-    raise `Interrupted`. `on_epoch` receives each epoch's metrics dict.
+    raise `Interrupted`. `recorder` writes the run's records (default: one for
+    `cfg.run.out_dir`, or none when it is empty). `on_epoch` receives each epoch's metrics
+    dict.
     """
-    run = _setup(cfg, model, loaders, dist, data_info, resume)
+    run = _setup(cfg, model, loaders, dist, data_info, resume, recorder)
     r = cfg.run
     progress = Progress(r.progress, total=run.step.total, initial=run.step.step,
                         enabled=dist.is_main)
@@ -243,7 +258,8 @@ def _checked_totals(run: _Run):
     return totals
 
 
-def _setup(cfg: Config, model: nn.Module, loaders, dist: Dist, data_info, resume) -> _Run:
+def _setup(cfg: Config, model: nn.Module, loaders, dist: Dist, data_info, resume,
+           recorder: RunRecorder | None = None) -> _Run:
     r = cfg.run
     if "auto" in (r.precision, r.compile, cfg.optim.impl, r.device, r.cuda_graph):
         raise ConfigError("train() needs a resolved config: call fastres.config.resolve(cfg, "
@@ -258,41 +274,29 @@ def _setup(cfg: Config, model: nn.Module, loaders, dist: Dist, data_info, resume
     if len(train_loader) == 0:
         raise ConfigError(f"the training set ({getattr(train_loader, 'num_examples', '?')} "
                           f"images per rank) is smaller than one batch "
-                          f"({train_loader.batch_size}); lower data.batch_size")
+                          f"({train_loader.batch_size}); lower data.batch_size or use more "
+                          "data")
     if resume is not None:  # before the recorder writes anything into the directory
         check_compatible(resume.get("config"), resume.get("world_size", 1), cfg,
                          dist.world_size)
-    recorder = RunRecorder(r.out_dir, enabled=dist.is_main)
+    if recorder is None:
+        recorder = open_recorder(r.out_dir, enabled=dist.is_main, resumed=resume is not None)
     env = environment(device)
     env.update(world_size=dist.world_size, data=data_info or {})
     recorder.start(to_dict(cfg), env, resumed=resume is not None)
 
-    memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
-    model = model.to(device=device, memory_format=memory_format)
+    # the data-dependent init is part of the timed run (Session.init_s)
+    session = Session(cfg, model, train_loader, dist=dist, init=resume is None)
     timer = Timer(device)
-    data_init_s = 0.0
-    if resume is None and hasattr(model, "data_init"):  # part of the timed run
-        timer.start()
-        model.data_init(train_loader.sample(WHITEN_INIT_IMAGES).to(device))
-        data_init_s = timer.stop()
-    if r.sync_bn and dist.enabled:
-        model = convert_sync_batchnorm(model)
-    net = model
-    if dist.enabled:  # broadcasts rank 0's parameters and buffers: all ranks start equal
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    step = TrainStep(cfg, model, steps_per_epoch=len(train_loader), dist=dist, net=net)
-    compiled = r.compile != "off"
-    eval_net = torch.compile(model, mode=r.compile_mode) if compiled else model
-    run = _Run(cfg, dist, device, model, step, train_loader, test_loader, eval_net, recorder,
-               timer, env, data_init_s)
-    if compiled or device.type == "cuda":
-        _warm_up(run)
+    timer.total = session.init_s
+    run = _Run(session, test_loader, recorder, timer, env)
+    if r.compile != "off" or device.type == "cuda":
+        session.warm_up(test_loader)
     if resume is not None:
         _restore(resume, run)
-        recorder.truncate_log(step.step)
-    run.guard = FiniteGuard(unwrap(model), ema=step.ema, recorder=recorder,
-                            start_step=step.step)
+        recorder.truncate_log(run.step.step)
+    run.guard = FiniteGuard(unwrap(run.model), ema=run.step.ema, recorder=recorder,
+                            start_step=run.step.step)
     return run
 
 
@@ -323,7 +327,7 @@ def _finish(run: _Run, n_epochs: int, stopper: _SignalStop) -> RunResult:
         "tta": r.tta, "tta_top1": final_eval["top1"] if r.tta != "none" else None,
         "tta_top5": final_eval["top5"] if r.tta != "none" else None,
         "eval_weights": "ema" if (run.cfg.optim.eval_weights == "ema" and step.ema) else "raw",
-        "timed_s": run.timer.total, "train_s": train_s, "data_init_s": run.data_init_s,
+        "timed_s": run.timer.total, "train_s": train_s, "data_init_s": run.session.init_s,
         "final_eval_s": eval_s, "steps": step.step, "epochs": step.step / run.steps_per_epoch,
         "images_seen": images, "img_per_s": images / train_s if train_s > 0 else None,
         "target_acc": r.target_acc, "reached_target": final_eval["top1"] >= r.target_acc,
@@ -344,7 +348,7 @@ def _training_flops(run: _Run, images: int) -> dict:
     x = run.train_loader.sample(1)
     try:
         per_image = training_flops(unwrap(run.model), batch=1, count_batch=1,
-                                   num_classes=_num_classes(run.model),
+                                   num_classes=num_classes_for(run.cfg.data.dataset),
                                    input_shape=tuple(x.shape[1:]), device=run.device)
     except Exception:  # a model the counter cannot run on one image: no FLOP figures
         return {"train_flops": None, "mfu": None}
@@ -357,52 +361,8 @@ def _training_flops(run: _Run, images: int) -> dict:
             "mfu": mfu(total / run.dist.world_size, train_s, peak[1] if peak else None)}
 
 
-def _num_classes(model: nn.Module) -> int:
-    linears = [m for m in unwrap(model).modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else 10
-
-
-def _warm_up(run: _Run) -> None:
-    """Compile and autotune the step (both phases) and the evaluation on random data of the
-    real shapes, then restore the initial state, so that warm-up does not count as
-    training."""
-    r, device = run.cfg.run, run.device
-    x = run.train_loader.sample(1)
-    dtype, shape = x.dtype, tuple(x.shape[1:])
-    rng = _rng_state(device)
-
-    def batch(n):
-        return torch.randn(n, *shape, device=device).to(dtype=dtype,
-                                                        memory_format=torch.channels_last)
-
-    run.step.warm_up(batch(run.train_loader.batch_size),
-                     torch.randint(0, 2, (run.train_loader.batch_size,), device=device))
-    n_test = getattr(run.test_loader, "num_examples", None)
-    sizes = {run.test_loader.batch_size}
-    if n_test and n_test % run.test_loader.batch_size:
-        sizes.add(n_test % run.test_loader.batch_size)
-    run.eval_net.eval()
-    with torch.no_grad():
-        for b in sorted(sizes):
-            for tta in {"none", r.tta}:
-                with autocast_for(device, r.precision):
-                    tta_logits(run.eval_net, batch(b), tta)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    _set_rng_state(rng, device)
-    run.step.train_mode()
-
-
 def _restore(state: dict, run: _Run) -> None:
-    load_state_dict_checked(unwrap(run.model), state.get("model"), "the checkpoint resumed")
-    try:
-        run.step.load_state_dict(state)
-    except (KeyError, ValueError, RuntimeError) as e:  # optimizer/EMA/scaler state
-        raise CheckpointError(f"the checkpoint resumed does not fit this run's optimizer or "
-                              f"EMA ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
-            from None
+    run.session.load_state_dict(state, what="the checkpoint resumed")
     run.resumed_stage = state.get("stage", "train")
-    if "rng" in state:
-        _set_rng_state(state["rng"], run.device)
     run.epochs_log[:] = list(state.get("epochs", []))
     run.timer.total = float(state.get("timed_s", 0.0))

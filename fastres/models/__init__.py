@@ -12,8 +12,8 @@ exported for subclassing and isinstance checks; build models through `create_mod
 also applies the registered defaults (initialisation, zero_init_residual, BN momentum).
 """
 from .layers import BatchNormAct2d, norm_act_factory
-from .registry import (ModelEntry, count_params, create_model, list_models, model_info,
-                       register_model)
+from .registry import (ModelEntry, check_model, count_params, create_model, list_models,
+                       model_info, register_model)
 
 # Importing the model modules registers their entry points.
 from . import cifar_resnet, resnet, preact_resnet, vgg, googlenet, airbench  # noqa: E402,F401
@@ -26,6 +26,7 @@ from .resnet import ResNet  # noqa: E402
 from .vgg import VGG, VGGCifar  # noqa: E402
 
 __all__ = [
+    "check_model",
     "AirbenchNet", "BatchNormAct2d", "CifarResNet", "GoogLeNetCifar", "ModelEntry",
     "PreActResNet", "ResNet", "VGG", "VGGCifar", "count_flops", "count_params",
     "create_model", "flops_row", "list_models", "model_info", "norm_act_factory",

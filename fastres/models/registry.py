@@ -103,6 +103,12 @@ def _entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
+def check_model(name: str) -> None:
+    """ConfigError (one line, with "did you mean") unless `name` is a registered model: what
+    the tools and `run_training` check before any data is read."""
+    _entry(name)
+
+
 # Listing order: the reference table's CIFAR models first, then the larger designs.
 FAMILY_ORDER = ("resnet-cifar", "preact-resnet", "resnet-cifar-stem", "resnet-imagenet", "vgg",
                 "inception", "speedrun")

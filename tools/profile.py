@@ -5,8 +5,10 @@
     fastres profile --modes eager,model,step,step+graph      # the TrainStep modes, side by side
     fastres profile --compare                                # eager vs model compile vs fused
     fastres profile --check-graph                            # graph breaks / recompiles
+    fastres profile --check-graph --as-device cuda           # ... of the GPU's step, on a CPU
     fastres profile --busy                                   # GPU-busy fraction of the step
-    fastres profile --trace traces/ --nvtx                   # + Chrome trace, NVTX ranges
+    fastres profile --trace traces/ --nvtx                   # + Chrome trace, kernel table,
+                                                             #   NVTX ranges
 
 The step is the trainer's own `fastres.engine.TrainStep`, built from the preset (model,
 optimizer, loss, schedules, micro-batches, augmentation; flags override them), run
@@ -16,7 +18,10 @@ augmentation included), forward (with the loss), backward and optimizer (update,
 zero_grad), once per micro-batch for the first two; when the whole step is one compiled
 graph (modes step, step+graph) there is one phase, "step". CUDA events between phases on a
 GPU (read once, after the last step), a clock on the CPU, where every op finishes before it
-returns. The phases tile the step, so img/s = batch x steps / their sum.
+returns. The phases tile the step, so img/s = batch x steps / their sum. Each phase is
+also timed on the host: when the host takes longer to issue a phase than the GPU to run
+it, the GPU waits, and the phase's GPU-timeline time is the host's (a host-bound step);
+the two columns side by side tell which.
 
 Modes (`--modes`, comma-separated; ratios against the first): eager (run.compile=off),
 model (run.compile=on: the model's forward and backward compiled), step (run.compile=step:
@@ -38,7 +43,13 @@ import sys
 import time
 from pathlib import Path
 
-from fastres.tools._common import (add_config_args, config_from, csv_list, env_line, fmt,
+if __name__ == "__main__":  # run as a script: this folder must not shadow the standard
+    # library's `profile` module, which torch's compiler imports through cProfile
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+
+from fastres.tools._common import (add_config_args, add_overwrite_arg, claim_output_dir,
+                                   claim_output_file, config_from, csv_list, env_line, fmt,
                                    markdown_table, pct, write_json)
 
 SCHEMA = "fastres-profile-v2"
@@ -82,20 +93,28 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="with --modes/--compare: comma-separated (default: the preset's; "
                         "--compare: channels_last,contiguous)")
     p.add_argument("--check-graph", action="store_true",
-                   help="compile the whole step and print `graph breaks: N, recompiles: M` "
-                        "with the reason for each break (runs steps 0-2, phase 2, later steps)")
+                   help="compile the whole step and print `graph breaks: N, recompiles: M, "
+                        "missing fake impls: K` with the reason for each (runs steps 0-2, "
+                        "phase 2, later steps); exits 1 unless all are 0")
+    p.add_argument("--as-device", choices=("cuda",),
+                   help="with --check-graph: resolve the config for this device (the GPU's "
+                        "bf16, fused ops, compile=step, CUDA graphs) and trace its step on "
+                        "this machine with fake tensors, then lower it with Inductor for an "
+                        "sm_90 GPU; needs no GPU")
     p.add_argument("--busy", action="store_true",
                    help="GPU: the fraction of the step's wall time the GPU runs kernels "
                         "(torch.profiler over the timed steps)")
     p.add_argument("--trace", metavar="DIR",
-                   help="after the timed steps, profile --trace-steps more with torch.profiler "
-                        "and write a Chrome trace (chrome://tracing, ui.perfetto.dev) into DIR")
+                   help="after the timed steps, profile --trace-steps more with torch.profiler, "
+                        "write a Chrome trace (chrome://tracing, ui.perfetto.dev) into DIR and "
+                        "print the top kernels by time and the host gaps between them")
     p.add_argument("--trace-steps", type=int, default=5, help="steps in the trace (default 5)")
     p.add_argument("--nvtx", action="store_true",
                    help="NVTX ranges around each phase of the timed steps (GPU; for Nsight)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config the step is built from (JSON) and exit")
+    add_overwrite_arg(p, "--json FILE or --trace DIR")
     add_config_args(p, preset="speedrun",
                     fields=("data-dir", "model", "batch-size", "loader", "fused-kernels",
                             "device", "seed"))
@@ -106,35 +125,38 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 class PhaseClock:
     """Timestamps at every phase boundary: `mark(name)` ends the running phase and starts
-    `name` ("end" starts nothing). CUDA events on a GPU (recorded on the stream, no sync;
-    `totals` synchronises once), perf_counter on a CPU."""
+    `name` ("end" starts nothing). Each boundary is stamped twice: a CUDA event on the
+    stream (the GPU's timeline; recorded without a sync, read once in `totals`) and the
+    host's clock (when the host got there). On a CPU both are the host's clock."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
         self.names: list[str] = []
         self.stamps: list = []
+        self.host: list[float] = []
 
     def mark(self, name: str) -> None:
         import torch
 
+        self.host.append(time.perf_counter())
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             self.stamps.append(ev)
-        else:
-            self.stamps.append(time.perf_counter())
         self.names.append(name)
 
-    def totals(self) -> dict[str, float]:
-        """Seconds spent in each named phase."""
+    def totals(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Seconds spent in each named phase: (on the device's timeline, on the host)."""
+        host = [b - a for a, b in zip(self.host, self.host[1:])]
         if self.cuda:
             self.stamps[-1].synchronize()  # host sync: once, after the timed loop
-            dt = [a.elapsed_time(b) / 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
+            dev = [a.elapsed_time(b) / 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
         else:
-            dt = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
-        out: dict[str, float] = {}
-        for name, d in zip(self.names, dt):
-            out[name] = out.get(name, 0.0) + d
+            dev = host
+        out: tuple[dict[str, float], dict[str, float]] = ({}, {})
+        for name, d, h in zip(self.names, dev, host):
+            out[0][name] = out[0].get(name, 0.0) + d
+            out[1][name] = out[1].get(name, 0.0) + h
         return out
 
 
@@ -168,14 +190,6 @@ class _Marker:
                 self._label.__enter__()
 
 
-def _endless(loader):
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
 def count_step_flops(cfg, num_classes: int, batch: int, device) -> dict:
     """FLOPs of one training step of `cfg`'s model (see `fastres.bench.training_flops`),
     counted on a plain copy (BatchNorm is not a counted op, fused or not)."""
@@ -204,24 +218,15 @@ def _peak_memory(device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of the process"
 
 
-def build_step(cfg, images, labels, num_classes: int, *, fullgraph: bool = True):
-    """The training loader, model and TrainStep for the resolved `cfg`, as `fastres train`
-    builds them (the same micro-batching, optimizer, schedules)."""
-    import torch
-
-    from fastres.engine import TrainStep, build_model
+def build_session(cfg, images, labels, num_classes: int):
+    """The training loader and the Session (model on its device, data-dependent init,
+    TrainStep) for the resolved `cfg`, as `fastres train` builds them."""
+    from fastres.engine import Session, build_model
     from fastres.engine.build import loader_options
-    from fastres.engine.trainer import WHITEN_INIT_IMAGES
     from fastres.pipelines import build_loader
 
     loader = build_loader(cfg.data.loader, images, labels, loader_options(cfg))
-    device = torch.device(cfg.run.device)
-    memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-    model = build_model(cfg, num_classes).to(device=device, memory_format=memory_format)
-    if hasattr(model, "data_init"):  # the speed-run net's whitening filters, as in training
-        model.data_init(loader.sample(min(WHITEN_INIT_IMAGES, loader.num_examples)).to(device))
-    step = TrainStep(cfg, model, steps_per_epoch=len(loader), fullgraph=fullgraph)
-    return loader, model, step
+    return loader, Session(cfg, build_model(cfg, num_classes), loader)
 
 
 def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
@@ -232,12 +237,16 @@ def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
     fraction and a trace. Returns the figures."""
     import torch
 
+    from fastres._compat import reset_compiler
+    from fastres.pipelines import endless
+
     r = cfg.run
     device = torch.device(r.device)
     if r.compile != "off":
-        torch._dynamo.reset()  # each mode compiles from scratch, as a fresh process would
-    loader, model, step = build_step(cfg, images, labels, num_classes)
-    batches = _endless(loader)
+        reset_compiler()  # each mode compiles from scratch, as a fresh process would
+    loader, session = build_session(cfg, images, labels, num_classes)
+    step = session.step
+    batches = endless(loader)
     contiguous = not r.channels_last
 
     def one(hook) -> None:
@@ -263,14 +272,14 @@ def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
     for _ in range(steps):
         one(marker)
     marker("end")
-    phases = clock.totals()
+    phases, host_phases = clock.totals()
     _sync(device)
     wall_s = time.perf_counter() - wall0
     peak_mem, mem_kind = _peak_memory(device)
 
     busy_frac = _gpu_busy(lambda: one(no_marks), device, steps) if busy else None
 
-    trace_path = None
+    trace_path, kernels = None, None
     if trace_dir:
         from torch.profiler import ProfilerActivity, profile
 
@@ -285,6 +294,10 @@ def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
         trace_path = str(Path(trace_dir) / f"{trace_name}.json")
         prof.export_chrome_trace(trace_path)
+        from fastres.bench import kernel_summary, profiled_kernels
+
+        what, intervals = profiled_kernels(prof)
+        kernels = {"what": what, **kernel_summary(intervals, trace_steps)}
 
     from fastres.bench import mfu
 
@@ -303,12 +316,15 @@ def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
         "img_per_s": imgs / step_s if step_s > 0 else None,
         "step_ms": 1e3 * step_s / steps, "wall_step_ms": 1e3 * wall_s / steps,
         "phases_ms": {p: 1e3 * t / steps for p, t in phases.items()},
+        "host_phases_ms": {p: 1e3 * t / steps for p, t in host_phases.items()},
+        "device_timeline": device.type == "cuda",
         "phase_share": {p: t / step_s for p, t in phases.items()} if step_s > 0 else {},
         "flops_per_step": flops["per_step"], "tflops": tflops,
         "peak_tflops": peak[1] if peak else None, "peak_source": peak[0] if peak else None,
         "mfu": mfu(flops["per_step"] * steps, step_s, peak[1] if peak else None),
         "gpu_busy": busy_frac,
         "peak_memory_bytes": peak_mem, "peak_memory_kind": mem_kind, "trace": trace_path,
+        "kernels": kernels,
     }
 
 
@@ -342,11 +358,14 @@ def mode_config(cfg, mode: str, memory_format: str | None):
     from fastres import config as C
 
     base, fused = (mode[:-len("+fused")], True) if mode.endswith("+fused") else (mode, False)
+    from fastres.engine.compile import step_impl
+
     comp, graph = BASE_MODES[base]
     run = {"compile": comp, "cuda_graph": graph}
     if memory_format:
         run["channels_last"] = memory_format == "channels_last"
-    return C.replace(cfg, run=run, model={"fused_kernels": fused})
+    impl = step_impl(cfg.optim.impl) if comp == "step" else cfg.optim.impl
+    return C.replace(cfg, run=run, model={"fused_kernels": fused}, optim={"impl": impl})
 
 
 def unavailable(mode: str, cfg) -> str | None:
@@ -356,7 +375,9 @@ def unavailable(mode: str, cfg) -> str | None:
     on_gpu = cfg.run.device.startswith("cuda")
     if "graph" in mode and not on_gpu:
         return "CUDA graphs need a CUDA device"
-    if mode.startswith("step") and not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+    from fastres._compat import can_trace_backward
+
+    if mode.startswith("step") and not can_trace_backward():
         return f"torch {torch.__version__} cannot trace backward into a graph (needs >= 2.11)"
     if mode.startswith("step") and cfg.optim.impl == "triton":
         return "optim.impl=triton runs eagerly"
@@ -372,10 +393,15 @@ def _gib(n: int) -> str:
 
 
 def report(m: dict, math: str) -> str:
-    rows = [[p, f"{m['phases_ms'][p]:.3f}", f"{100 * m['phase_share'].get(p, 0):.1f}%"]
-            for p in m["phases_ms"]]
-    rows.append(["step", f"{m['step_ms']:.3f}", "100.0%"])
-    lines = [markdown_table(["phase", "ms/step", "share"], rows), ""]
+    host = m.get("host_phases_ms", {})
+    rows = [[p, f"{m['phases_ms'][p]:.3f}", f"{100 * m['phase_share'].get(p, 0):.1f}%",
+             f"{host.get(p, 0.0):.3f}"] for p in m["phases_ms"]]
+    rows.append(["step", f"{m['step_ms']:.3f}", "100.0%", f"{sum(host.values()):.3f}"])
+    lines = [markdown_table(["phase", "ms/step", "share", "host ms/step"], rows)]
+    if m.get("device_timeline"):
+        lines.append("(ms/step: the device's timeline; host ms/step: the host's time to issue "
+                     "the phase. Where the two are close, the device waited on the host.)")
+    lines.append("")
     lines.append(f"throughput   {m['img_per_s']:,.0f} img/s  ({m['step_ms']:.3f} ms/step; "
                  f"wall clock {m['wall_step_ms']:.3f} ms/step; micro-batch "
                  f"{m['micro_batch']} of {m['batch_size']})")
@@ -394,6 +420,24 @@ def report(m: dict, math: str) -> str:
                  + (" (compilation included)" if m["compile"] != "off" else ""))
     if m["trace"]:
         lines.append(f"trace        {m['trace']}")
+    return "\n".join(lines)
+
+
+def kernel_report(label: str, k: dict) -> str:
+    """The top kernels of a traced mode, and the gaps between them."""
+    rows = [[t["name"][:70], f"{t['calls'] / max(k['steps'], 1):g}",
+             f"{t['total_ms_per_step']:.3f}", f"{100 * t['share']:.1f}%"] for t in k["top"]]
+    span = k["span_ms_per_step"]
+    lines = [f"{label}: top {len(rows)} {k['what']} by time, per step (over {k['steps']} "
+             "traced steps)", markdown_table(["name", "calls", "ms", "share of busy"], rows,
+                                             align="lrrr"),
+             f"launches {k['launches_per_step']:.0f}/step; busy {k['busy_ms_per_step']:.3f} ms, "
+             f"span {span:.3f} ms, gaps between them {k['gap_ms_per_step']:.3f} ms/step "
+             f"({100 * k['gap_ms_per_step'] / span if span else 0:.1f}% of the span"
+             + ("; on a GPU: the device waiting on the host)" if k["what"] == "GPU kernels"
+                else ")")]
+    for g in k["largest_gaps"]:
+        lines.append(f"  gap {g['us']:.1f} us after {g['after'][:50]} before {g['before'][:50]}")
     return "\n".join(lines)
 
 
@@ -419,19 +463,77 @@ def compare_table(results: list[dict]) -> str:
 
 # --------------------------------------------------------------------------- main
 
-def _check_graph(cfg, images, labels, num_classes: int) -> dict:
-    from fastres.engine.step import check_graph
+def _check_graph(cfg, images, labels, num_classes: int, as_device: str | None) -> dict:
+    from fastres.engine import build_model, check_graph
 
-    loader, model, _ = build_step(cfg, images, labels, num_classes)
-    x, y = next(iter(loader))
-    rep = check_graph(cfg, model, x, y, steps_per_epoch=len(loader))
+    if as_device:
+        # No data and no loader: a fake batch of the GPU loader's shape, dtype and layout.
+        from fastres.config import TRAIN_SIZES
+
+        n = cfg.data.train_limit or TRAIN_SIZES[cfg.data.dataset]
+        per_epoch = max(n // cfg.data.batch_size, 1)
+        rep = check_graph(cfg, build_model(cfg, num_classes), steps_per_epoch=per_epoch,
+                          as_device=as_device)
+    else:
+        loader, session = build_session(cfg, images, labels, num_classes)
+        x, y = next(iter(loader))
+        per_epoch = len(loader)
+        rep = check_graph(cfg, session.model, x, y, steps_per_epoch=per_epoch)
     print(rep.line())
     for reason in rep.reasons:
         print(f"  break: {reason}")
+    for op in rep.missing_fake:
+        print(f"  missing fake impl: {op}")
+    for err in rep.errors:
+        print(f"  compile error: {err}")
+    for why in rep.cudagraph:
+        print(f"  cuda graph: {why}")
     print(f"  ({rep.graphs} graph(s) over steps {rep.steps}; phase 2 starts at step "
-          f"{_phase2(cfg, len(loader))})")
+          f"{_phase2(cfg, per_epoch)}" + (f"; traced for {rep.device}" if rep.device else "")
+          + ")")
+    if rep.kernels:
+        print()
+        print(kernels_table(rep.kernels))
     return {"breaks": rep.breaks, "recompiles": rep.recompiles, "graphs": rep.graphs,
-            "reasons": rep.reasons, "steps": rep.steps}
+            "reasons": rep.reasons, "steps": rep.steps, "missing_fake": rep.missing_fake,
+            "errors": rep.errors, "cudagraph": rep.cudagraph, "device": rep.device,
+            "kernels": rep.kernels, "ok": rep.ok}
+
+
+def _check_as_device(args, cfg, num_classes: int) -> int:
+    """--check-graph --as-device: trace the GPU configuration's step here; exit 1 unless
+    nothing stood in the way."""
+    from fastres import config as C
+    from fastres.bench import environment
+
+    env = environment(None)
+    print(f"fastres profile --check-graph --as-device {args.as_device}: {cfg.model.name}, "
+          f"{cfg.run.precision}, batch {cfg.data.batch_size}, optimizer {cfg.optim.name} "
+          f"({cfg.optim.impl}), compile {cfg.run.compile}, cuda graph {cfg.run.cuda_graph}, "
+          f"preset {args.preset}")
+    print(f"  traced on {env_line(env)}", flush=True)
+    check = _check_graph(cfg, None, None, num_classes, args.as_device)
+    if args.json:
+        out = {"schema": SCHEMA, "tool": "fastres profile", "env": env,
+               "config": C.to_dict(cfg), "graph_check": check}
+        print(f"\nwrote {write_json(args.json, out)}")
+    return 0 if check["ok"] else 1
+
+
+def kernels_table(kernels: list[dict]) -> str:
+    """What Inductor generates for each captured graph of the step, for an sm_90 GPU."""
+    rows = []
+    for k in kernels:
+        name = k["graph"]
+        if k.get("error"):
+            rows.append([name, str(k["ops"]), "lowering stopped: " + k["error"], "", "", ""])
+            continue
+        rows.append([name, str(k["ops"]), str(k["triton_kernels"]), str(k["launches"]),
+                     str(k["library_calls"]), ", ".join(k["aten_fallbacks"]) or "-"])
+    return ("Inductor's code for the step on an sm_90 GPU (generated here, not run):\n"
+            + markdown_table(
+                ["graph", "aten ops", "Triton kernels", "launches", "library calls",
+                 "aten fallbacks"], rows, align="lrrrrl"))
 
 
 def _phase2(cfg, steps_per_epoch: int) -> int:
@@ -442,17 +544,38 @@ def _phase2(cfg, steps_per_epoch: int) -> int:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-
-    from fastres import config as C
-    from fastres.errors import ConfigError, unknown_choice
+    from fastres.errors import ConfigError
 
     if args.steps < 0 or args.trace_steps < 1:
         raise ConfigError("--steps must be >= 0 and --trace-steps >= 1")
+    # Output targets are checked (and claimed) before anything is built or measured.
+    if args.json:
+        args.json = str(claim_output_file(args.json, overwrite=args.overwrite))
+    trace = claim_output_dir(args.trace, overwrite=args.overwrite, flag="--trace") \
+        if args.trace else None
+    if trace is not None:
+        args.trace = str(trace.path)
+    try:
+        return _main(args)
+    finally:
+        if trace is not None:
+            trace.release()
+
+
+def _main(args) -> int:
+    from fastres import config as C
+    from fastres.errors import ConfigError, unknown_choice
+
     run = {"progress": "none", "out_dir": ""}
     if args.memory_format:
         run["channels_last"] = args.memory_format == "channels_last"
     if args.compile:
         run["compile"] = args.compile
+    if args.as_device and not args.check_graph:
+        raise ConfigError("--as-device traces without running anything: use it with "
+                          "--check-graph")
+    if args.check_graph:  # the check is about the step compiled whole: resolve it so
+        run["compile"] = "step"
     cfg = config_from(args, run=run)
     if args.compare:
         modes = csv_list(args.modes or "eager,model,model+fused", "--modes")
@@ -475,18 +598,20 @@ def main(argv=None) -> int:
     from fastres.bench import device_peak, environment, math_mode
     from fastres.engine import resolve_for
 
-    cfg = resolve_for(cfg)
+    cfg = C.resolve(cfg, args.as_device) if args.as_device else resolve_for(cfg)
     if args.print_config:
         import json
 
         print(json.dumps(C.to_dict(cfg), indent=2))
         return 0
+    num_classes = C.num_classes_for(cfg.data.dataset)
+    if args.as_device:
+        return _check_as_device(args, cfg, num_classes)
     device = torch.device(cfg.run.device)
     on_gpu = device.type == "cuda"
     env = environment(device)
     steps = args.steps or (50 if on_gpu else 5)
     batch = cfg.data.batch_size
-    num_classes = 100 if cfg.data.dataset == "cifar100" else 10
 
     if args.data_dir:
         from fastres.data import load_cifar
@@ -525,11 +650,11 @@ def main(argv=None) -> int:
             print(f"graph check skipped: {why}")
             out["graph_check"] = {"skipped": why}
         else:
-            out["graph_check"] = _check_graph(cfg, images, labels, num_classes)
+            out["graph_check"] = _check_graph(cfg, images, labels, num_classes, None)
         if not modes and not args.busy:
             if args.json:
                 print(f"\nwrote {write_json(args.json, out)}")
-            return 0
+            return 0 if out["graph_check"].get("ok", True) else 1
 
     if args.busy and not on_gpu:
         print("gpu busy: skipped: needs a CUDA device")
@@ -559,6 +684,9 @@ def main(argv=None) -> int:
                                f"{'cl' if mcfg.run.channels_last else 'nchw'}")
         m["mode"] = name
         results.append(m)
+        if m.get("kernels"):
+            print(kernel_report(f"{name}, {m['memory_format']}", m["kernels"]) + "\n",
+                  flush=True)
         if len(settings) > 1:
             print(f"  measured {name}, {m['memory_format']}: {m['img_per_s']:,.0f} img/s",
                   flush=True)

@@ -23,13 +23,19 @@ it with SIGTERM (the trainer checkpoints; the next call resumes it).
 
 Writes OUT/table.md (conventions at the top: device, data, what the training time
 includes), OUT/table.csv and OUT/table.png (Top-1 against training time, one marker per
-row, one colour per recipe). Each row's training log is OUT/logs/MODEL-RECIPE.log.
+row, one colour per recipe), each atomically. Each row's training log is
+OUT/logs/MODEL-RECIPE.log. OUT is taken before any run is read or trained, under the
+run-directory contract: its location is checked, it is locked (a second table process into
+it is refused), and a folder holding anything but a table (table files, logs/, MODEL/
+directories) is refused unless --overwrite (moved to OUT.old-<time>, nothing deleted). Run
+directories are read through `fastres.engine.rundir.inspect`.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import io
 import json
 import os
 import shlex
@@ -40,8 +46,9 @@ import textwrap
 import threading
 from pathlib import Path
 
-from fastres.tools._common import (check_model, csv_list, env_line, fmt, markdown_table, pct,
-                                   summarize)
+from fastres.tools._common import (add_overwrite_arg, check_model, claim_output_dir, csv_list,
+                                   env_line, fmt, markdown_table, pct, save_figure, summarize,
+                                   write_text)
 
 # The article's table, in its order (VGG-16 is its ImageNet reference row).
 ARTICLE_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202",
@@ -64,12 +71,10 @@ SMOKE_EPOCHS = 2.0
 # Fixed for every row the table trains: a checkpoint every epoch, so a row stopped
 # mid-run (budget, Ctrl-C, a crash) loses at most one epoch.
 ROW_RUN = {"checkpoint_every": 1}
-# Fields a run may change between its start and a --resume (the trainer's own list), and
-# those the table leaves out of the per-row command because it passes them as flags.
-_EXEMPT = {("run", "out_dir"), ("run", "progress"), ("data", "data_dir"),
-           ("data", "download"), ("data", "workers")}
-JPEG_NOTE = ("the JPEG-75 copy of CIFAR-10 that this project's machines hold scores ~3 "
-             "points below the official files")
+# What may be in a table folder besides the rows' MODEL/ directories: the table updates
+# such a folder in place; anything else there is the user's and refuses the folder.
+TABLE_FILES = ("table.md", "table.csv", "table.png", "logs")
+JPEG_NOTE = ("a JPEG-75 copy of CIFAR-10 scores ~3 points below the official files")
 CSV_FIELDS = ("model", "recipe", "preset", "status", "runs", "top1", "top1_std", "top5",
               "top5_std", "tta", "tta_top1", "article_top1", "article_top5", "delta_top1",
               "train_min", "train_min_std", "img_per_s", "epochs", "params", "params_m",
@@ -96,6 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/table", metavar="DIR",
                    help="table folder: table.md, table.csv, table.png, and the rows' run "
                         "directories OUT/MODEL/RECIPE (default runs/table)")
+    add_overwrite_arg(p, "--out")
     p.add_argument("--runs", nargs="+", default=[], metavar="DIR",
                    help="also read finished runs from these run directories or folders "
                         "(their recipe is recognised from their config, else 'custom')")
@@ -126,23 +132,27 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- run records
 
-def _load_json(path: Path) -> dict:
-    from fastres.errors import DataError
+def _is_table_dir(path: Path) -> bool:
+    """True when everything in `path` is what a table folder holds (its files, logs/, and
+    one directory per registered model): the table may update it in place."""
+    from fastres.engine import rundir
+    from fastres.models import list_models
 
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable run record ({e}); re-run that training or leave "
-                        "its directory out") from None
+    models = set(list_models())
+    return all(name in TABLE_FILES or (name in models and (path / name).is_dir())
+               for name in rundir.contents(path))
 
 
 def read_run(run_dir: str | Path, recipe: str | None = None) -> dict:
-    """One finished run: model, recipe, accuracy, timing and device from its record files.
-    `recipe`: known from the table's layout; None = recognised from the config."""
-    run_dir = Path(run_dir)
-    cfg = _load_json(run_dir / "config.json")
-    res = _load_json(run_dir / "result.json")
-    env = _load_json(run_dir / "env.json") if (run_dir / "env.json").exists() else {}
+    """One finished run: model, recipe, accuracy, timing and device from its record files
+    (`rundir.inspect`). `recipe`: known from the table's layout; None = recognised from the
+    config."""
+    from fastres.engine import rundir
+
+    info = rundir.inspect(run_dir)
+    info.require("config", "result")
+    cfg, res, env = info.config, info.result, info.env or {}
+    run_dir = info.path
     data = env.get("data") or {}
     return {
         "dir": str(run_dir), "model": cfg["model"]["name"],
@@ -154,6 +164,7 @@ def read_run(run_dir: str | Path, recipe: str | None = None) -> dict:
         "epochs": res.get("epochs"), "device": res.get("device") or env.get("device"),
         "test_size": data.get("test_size"), "world_size": res.get("world_size", 1),
         "official": data.get("official"), "env": env,
+        "fingerprints": info.data_fingerprints,
     }
 
 
@@ -201,12 +212,14 @@ def _differences(have: dict, want: dict, sections: dict) -> list[str]:
     """'section.key: a there, b now' for each field of `want` (only the keys listed per
     section, all when None) that is set (not auto/None) and recorded in `have` with another
     value. Resolved fields (auto -> a device's choice) and resume-exempt ones are skipped."""
+    from fastres.engine.records import RESUME_EXEMPT
+
     diffs = []
     for sec, keys in sections.items():
         for key, value in want.get(sec, {}).items():
             if keys is not None and key not in keys:
                 continue
-            if (sec, key) in _EXEMPT or value is None or value == "auto":
+            if (sec, key) in RESUME_EXEMPT or value is None or value == "auto":
                 continue
             if sec == "optim" and key in ("impl", "eval_weights"):
                 continue
@@ -250,6 +263,7 @@ def plan_rows(models: list[str], recipes: list[str], out: Path, args) -> list[di
     for a model's family, or a finished row trained with other settings stops here, not
     hours in."""
     from fastres import config as C
+    from fastres.engine import rundir
     from fastres.errors import ConfigError
     from fastres.models import model_info
 
@@ -265,9 +279,9 @@ def plan_rows(models: list[str], recipes: list[str], out: Path, args) -> list[di
                 continue
             row["preset"], cfg = row_config(m, recipe, args)
             row["cfg"] = cfg = C.replace(cfg, run={"out_dir": str(d)})
-            if row["state"] in ("finished", "partial") and (d / "config.json").is_file():
-                diffs = _differences(_load_json(d / "config.json"), C.to_dict(cfg),
-                                     {s: None for s in C.SECTIONS})
+            recorded = rundir.inspect(d).config
+            if row["state"] in ("finished", "partial") and recorded is not None:
+                diffs = _differences(recorded, C.to_dict(cfg), {s: None for s in C.SECTIONS})
                 if diffs:
                     raise ConfigError(
                         f"{d} holds a {row['state']} run with other settings "
@@ -292,6 +306,7 @@ def train_command(preset_name: str, cfg, row_dir: Path, resume: bool,
     """The `python -m fastres train` line for one row: its preset, then `--set` for every
     field the row changes, so the command alone reproduces the row."""
     from fastres import config as C
+    from fastres.engine.records import RESUME_EXEMPT
 
     base, now = C.to_dict(C.preset(preset_name)), C.to_dict(cfg)
     cmd = [sys.executable, "-m", "fastres", "train", "--preset", preset_name,
@@ -300,7 +315,7 @@ def train_command(preset_name: str, cfg, row_dir: Path, resume: bool,
         cmd.append("--download")
     for sec, values in now.items():
         for key, value in values.items():
-            if (sec, key) not in _EXEMPT and value != base[sec][key]:
+            if (sec, key) not in RESUME_EXEMPT and value != base[sec][key]:
                 cmd += ["--set", f"{sec}.{key}={_set_value(value)}"]
     if resume:
         cmd.append("--resume")
@@ -312,22 +327,17 @@ def train_command(preset_name: str, cfg, row_dir: Path, resume: bool,
 def row_state(row_dir: Path) -> str:
     """finished (result.json), partial (a checkpoint to resume), stale (started, nothing to
     resume: a new run must replace it) or new."""
-    if (row_dir / "result.json").is_file():
-        return "finished"
-    if (row_dir / "checkpoints" / "last.pt").is_file():
-        return "partial"
-    if row_dir.is_dir() and any(row_dir.iterdir()):
-        return "stale"
-    return "new"
+    from fastres.engine import rundir
+
+    return {"finished": "finished", "checkpoint": "partial", "started": "stale",
+            "other": "stale"}.get(rundir.inspect(row_dir).state, "new")
 
 
 def epochs_done(row_dir: Path) -> int:
     """Epochs a partial row has logged (metrics.jsonl lines with an epoch time)."""
-    try:
-        lines = (row_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return 0
-    return sum('"epoch_s"' in line for line in lines)
+    from fastres.engine import rundir
+
+    return rundir.inspect(row_dir).epochs_logged
 
 
 def _train_supports_overwrite() -> bool:
@@ -443,11 +453,16 @@ def train_rows(plan: list[dict], out: Path, budget_min: float | None) -> None:
 # --------------------------------------------------------------------------- rows
 
 def model_counts(name: str, num_classes: int, kwargs: dict) -> dict:
-    """Parameters and forward FLOPs at 32x32, batch 1, built on the meta device (counts
-    depend on shapes only), with the run's model kwargs."""
+    """Parameters and forward FLOPs at 32x32, batch 1, with the run's model kwargs: the
+    `fastres models` figures at the defaults, else built on the meta device (counts
+    depend on shapes only)."""
     import torch
 
     from fastres.models import count_flops, count_params, create_model
+    from fastres.tools.models import counts
+
+    if not kwargs:
+        return counts(name, num_classes, 32)
 
     with torch.device("meta"):
         model = create_model(name, num_classes=num_classes, **kwargs)
@@ -460,8 +475,10 @@ def table_row(name: str, recipe: str, runs: list[dict], status: str | None = Non
     from fastres.models import model_info
     from fastres.tools.models import reference_notes
 
+    from fastres.config import num_classes_for
+
     info = model_info(name)
-    num_classes = 100 if runs and runs[0]["dataset"] == "cifar100" else 10
+    num_classes = num_classes_for(runs[0]["dataset"] if runs else "cifar10")
     kwargs = runs[0]["kwargs"] if runs else {}
     counts = counts or model_counts(name, num_classes, kwargs)
     notes = reference_notes(dict(name=name, params=counts["params"], num_classes=num_classes,
@@ -475,6 +492,9 @@ def table_row(name: str, recipe: str, runs: list[dict], status: str | None = Non
     trained_on = [r["config"]["data"].get("train_limit", 0) for r in runs]
     if any(trained_on):
         notes.append(f"trained on a {max(trained_on)}-image subset of the training set")
+    if any(len(r.get("fingerprints") or []) > 1 for r in runs):
+        notes.append("resumed on another copy of the data (its history.jsonl names "
+                     "each data fingerprint)")
     if any(r["world_size"] > 1 for r in runs):
         notes.append(f"{runs[0]['world_size']} processes")
     article = dict(info["article"])
@@ -579,14 +599,14 @@ def notes_text(rows: list[dict]) -> str:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (" ".join(r[k]) if k == "run_dirs" else "; ".join(r[k])
-                            if k == "notes" else "" if r[k] is None else r[k])
-                        for k in CSV_FIELDS})
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (" ".join(r[k]) if k == "run_dirs" else "; ".join(r[k])
+                        if k == "notes" else "" if r[k] is None else r[k])
+                    for k in CSV_FIELDS})
+    write_text(path, f.getvalue())
 
 
 def _recipe_order(recipe: str) -> tuple:
@@ -628,8 +648,7 @@ def plot(path: Path, rows: list[dict], title: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(title="recipe")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -639,15 +658,29 @@ def plot(path: Path, rows: list[dict], title: str) -> bool:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = get_args_parser().parse_args(argv)
-    from fastres import config as C
     from fastres.errors import ConfigError
-    from fastres.models import list_models
 
     if args.budget_min is not None and args.budget_min < 0:
         raise ConfigError(f"--budget-min must be >= 0, got {args.budget_min}")
     if args.epochs is not None and not args.epochs > 0:
         raise ConfigError(f"--epochs must be > 0, got {args.epochs}")
-    out = Path(args.out)
+    for m in csv_list(args.models, "--models") if args.models else []:
+        check_model(m)
+    # The table's folder, before any run is read or trained: location, lock, refusal.
+    claimed = claim_output_dir(args.out, overwrite=args.overwrite, update=_is_table_dir)
+    try:
+        if claimed.moved_to is not None:
+            print(f"--overwrite: the previous contents of {args.out} are now in "
+                  f"{claimed.moved_to}", flush=True)
+        return _table(args, argv, Path(args.out))
+    finally:
+        claimed.release()
+
+
+def _table(args, argv: list[str], out: Path) -> int:
+    from fastres import config as C
+    from fastres.models import list_models
+
     extra = find_runs(args.runs)
     own = {}  # (model, recipe) -> finished run in OUT/MODEL/RECIPE
     if out.is_dir():
@@ -696,7 +729,7 @@ def main(argv=None) -> int:
         status = p.get("status")
         if status is None and not runs and p["state"] == "partial":
             status = f"partial: {epochs_done(p['dir'])} epochs; --train resumes it"
-        classes = 100 if runs and runs[0]["dataset"] == "cifar100" else 10
+        classes = C.num_classes_for(runs[0]["dataset"] if runs else "cifar10")
         kwargs = runs[0]["kwargs"] if runs else {}
         ckey = (p["model"], classes, json.dumps(kwargs, sort_keys=True))
         if ckey not in counts:  # counting builds the model: once per model
@@ -720,10 +753,9 @@ def main(argv=None) -> int:
         print()
         print(notes)
 
-    out.mkdir(parents=True, exist_ok=True)
     md, csv_path, png = out / "table.md", out / "table.csv", out / "table.png"
-    md.write_text("# CIFAR-10 results (fastres)\n\n" + head + "\n\n" + table + "\n\n" +
-                  (notes + "\n\n" if notes else "") + f"Written by: `{command}`\n")
+    write_text(md, "# CIFAR-10 results (fastres)\n\n" + head + "\n\n" + table + "\n\n" +
+               (notes + "\n\n" if notes else "") + f"Written by: `{command}`\n")
     write_csv(csv_path, rows)
     devices = sorted({r["device"] for r in rows if r["device"]})
     wrote = [md, csv_path]

@@ -4,7 +4,13 @@ carry one at a time to a machine with no network and a cap on each transfer.
     fastres pack-dali --python 3.12 --out KIT         # pack the DALI installed here
     fastres pack-dali --verify KIT                    # check every part against the manifest
     fastres pack-dali --install KIT --target T        # check, reassemble, unpack into T
+    fastres pack-dali --install A B C --target T      # the same, parts spread over folders
     PYTHONPATH=T python3 -c "import nvidia.dali"      # use it (the target's own Python)
+
+Moving a kit: copy MANIFEST.json and the parts with any tool, in any number of transfers,
+into one folder or several; --verify and --install take every folder that holds some of
+them, find each part, and stop with one line on a part that is missing, in two folders,
+truncated or corrupt, a stray part of another kit, or two different manifests.
 
 What goes in (from this environment's site-packages), for one target Python:
   * nvidia/dali without C++ headers (include/), bytecode, or the backend_impl and
@@ -88,9 +94,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--out", metavar="DIR", help="pack: write the parts and MANIFEST.json "
                       "into DIR (new or empty)")
-    mode.add_argument("--verify", metavar="DIR", help="check a kit's parts against its manifest")
-    mode.add_argument("--install", metavar="DIR", help="check a kit, then unpack it into "
-                      "--target")
+    mode.add_argument("--verify", metavar="DIR", nargs="+",
+                      help="check a kit's parts against its manifest; the manifest and the "
+                           "parts may be spread over several folders")
+    mode.add_argument("--install", metavar="DIR", nargs="+",
+                      help="check a kit (in one folder or spread over several), then unpack "
+                           "it into --target")
     mode.add_argument("--list", action="store_true", help="print what a pack would hold "
                       "(files and sizes by group) and exit; nothing is written")
     p.add_argument("--python", metavar="X.Y", help="pack: the target's Python (default: this "
@@ -474,56 +483,114 @@ def write_kit(out: Path, stem: str, entries: list[Entry], facts: dict, *, part_b
 
 # --------------------------------------------------------------------------- verify, install
 
-def read_manifest(kit: Path) -> dict:
-    path = kit / MANIFEST
-    if not kit.is_dir():
-        raise KitError(f"{kit} is not a folder; give the kit folder that holds {MANIFEST} "
-                       f"and the parts")
-    if not path.is_file():
-        raise KitError(f"{kit} has no {MANIFEST}: not a kit folder (make one with fastres "
+def _as_folders(kit) -> list[Path]:
+    """One folder or several, as a list of Paths."""
+    if isinstance(kit, (str, os.PathLike)):
+        return [Path(kit)]
+    folders = [Path(k) for k in kit]
+    if not folders:
+        raise KitError("name at least one kit folder")
+    return folders
+
+
+def read_manifest(kit) -> dict:
+    """The kit's manifest, from the one folder (of `kit`: a folder or several) that holds
+    MANIFEST.json; several copies must be identical."""
+    folders = _as_folders(kit)
+    for f in folders:
+        if not f.is_dir():
+            raise KitError(f"{f} is not a folder; give the folder(s) that hold {MANIFEST} "
+                           f"and the parts")
+    found = [f / MANIFEST for f in folders if (f / MANIFEST).is_file()]
+    where = folders[0] if len(folders) == 1 else f"any of {', '.join(map(str, folders))}"
+    if not found:
+        raise KitError(f"{where} has no {MANIFEST}: not a kit folder (make one with fastres "
                        f"pack-dali --out DIR, and copy {MANIFEST} with the parts)")
+    texts = {p: p.read_bytes() for p in found}
+    if len(set(texts.values())) > 1:
+        raise KitError(f"{len(found)} different {MANIFEST} files ({', '.join(map(str, found))}): "
+                       f"parts of two kits? keep the one that came with these parts")
+    path = found[0]
     try:
-        m = json.loads(path.read_text())
+        m = json.loads(texts[path])
         if m.get("format") != KIT_FORMAT:
             raise KitError(f"{path}: kit format {m.get('format')!r}, this fastres reads "
                            f"{KIT_FORMAT}")
         m["parts"][0]["sha256"], m["whole"]["sha256"]  # noqa: B018 (shape check)
+        names = [p["name"] for p in m["parts"]]
     except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
         raise KitError(f"{path} is not a readable kit manifest ({type(e).__name__}: {e})") \
             from None
+    if len(set(names)) != len(names):
+        raise KitError(f"{path} lists a part twice: not a manifest pack-dali wrote")
     return m
 
 
-def verify(kit: Path, log=print) -> dict:
-    """Check every part's presence, size and SHA-256, and the whole's; return the manifest.
-    One KitError names every missing part, or the first corrupt one."""
-    m = read_manifest(kit)
-    parts = m["parts"]
-    missing = [p["name"] for p in parts if not (kit / p["name"]).is_file()]
+def locate_parts(kit, m: dict) -> dict[str, Path]:
+    """Where each of the manifest's parts is among the kit's folders. One KitError names
+    every missing part, a part found in two folders (with each copy's size against the
+    manifest), or a file that looks like a part of this kit but is not in its manifest."""
+    folders = _as_folders(kit)
+    stem = m["whole"]["name"]
+    want = {p["name"]: p for p in m["parts"]}
+    seen: dict[str, list[Path]] = {}
+    stray = []
+    for f in dict.fromkeys(folder.resolve() for folder in folders):
+        for path in sorted(f.iterdir()):
+            if path.name in want and path.is_file():
+                seen.setdefault(path.name, []).append(path)
+            elif re.fullmatch(re.escape(stem) + r"\.\d{3,}", path.name):
+                stray.append(path)
+    missing = [n for n in want if n not in seen]
     if missing:
-        raise KitError(f"{len(missing)} of {len(parts)} parts missing in {kit}: "
-                       f"{', '.join(missing)}; copy them in beside {MANIFEST}")
+        searched = ", ".join(map(str, folders))
+        raise KitError(f"{len(missing)} of {len(want)} parts missing in {searched}: "
+                       f"{', '.join(missing)}; copy them into "
+                       f"{'that folder' if len(folders) == 1 else 'one of these folders'}")
+    twice = {n: ps for n, ps in seen.items() if len(ps) > 1}
+    if twice:
+        n, ps = next(iter(twice.items()))
+        copies = "; ".join(f"{p} ({p.stat().st_size} bytes)" for p in ps)
+        raise KitError(f"part {n} is in {len(ps)} folders: {copies}; the manifest says "
+                       f"{want[n]['bytes']} bytes; keep one copy"
+                       + (f" ({len(twice) - 1} more parts are duplicated)" if len(twice) > 1
+                          else ""))
+    if stray:
+        raise KitError(f"{stray[0]} is not a part of this kit's manifest ({len(want)} parts): "
+                       f"a part of another kit with the same name? remove it")
+    return {n: seen[n][0] for n in want}
+
+
+def verify(kit, log=print) -> dict:
+    """Check every part's presence (in the kit's folder, or in any of several), size and
+    SHA-256, and the whole's; return the manifest with `paths` (part name -> file) added.
+    One KitError names every missing part, a duplicated one, or the first corrupt one."""
+    m = read_manifest(kit)
+    paths = locate_parts(kit, m)
+    parts = m["parts"]
     for p in parts:
-        size = (kit / p["name"]).stat().st_size
+        size = paths[p["name"]].stat().st_size
         if size != p["bytes"]:
-            raise KitError(f"part {p['name']} is {size} bytes, the manifest says "
+            raise KitError(f"part {paths[p['name']]} is {size} bytes, the manifest says "
                            f"{p['bytes']}: copy it again (truncated or from another kit)")
     whole = hashlib.sha256()
     for p in parts:
         h = hashlib.sha256()
-        with open(kit / p["name"], "rb") as f:
+        with open(paths[p["name"]], "rb") as f:
             for chunk in iter(lambda: f.read(_CHUNK), b""):
                 h.update(chunk)
                 whole.update(chunk)
         if h.hexdigest() != p["sha256"]:
             raise KitError(f"part {p['name']} is corrupt (sha256 {h.hexdigest()[:16]}..., "
-                           f"expected {p['sha256'][:16]}...): copy it again")
-        log(f"  ok  {p['name']}  {_mib(p['bytes'])}  sha256 {p['sha256'][:16]}")
+                           f"expected {p['sha256'][:16]}...; {paths[p['name']]}): copy it "
+                           f"again")
+        log(f"  ok  {p['name']}  {_mib(p['bytes'])}  sha256 {p['sha256'][:16]}"
+            + (f"  ({paths[p['name']].parent})" if len(_as_folders(kit)) > 1 else ""))
     if whole.hexdigest() != m["whole"]["sha256"]:
         raise KitError(f"the parts are each intact but together hash to "
                        f"{whole.hexdigest()[:16]}..., not {m['whole']['sha256'][:16]}...: "
                        f"parts from two different kits?")
-    return m
+    return {**m, "paths": paths}
 
 
 class _Concat(io.RawIOBase):
@@ -554,8 +621,9 @@ class _Concat(io.RawIOBase):
         super().close()
 
 
-def install(kit: Path, target: Path, *, any_python: bool = False, log=print) -> dict:
-    """Verify `kit`, then unpack it into `target` (staged, then moved in)."""
+def install(kit, target: Path, *, any_python: bool = False, log=print) -> dict:
+    """Verify `kit` (a folder, or several folders that hold the manifest and the parts
+    between them), then unpack it into `target` (staged, then moved in)."""
     m = verify(kit, log=log)
     here = "%d.%d" % sys.version_info[:2]
     if m["python"] != here and not any_python:
@@ -574,7 +642,7 @@ def install(kit: Path, target: Path, *, any_python: bool = False, log=print) -> 
                        f"({existing[0].name}, ...); give a new or empty folder")
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target))
     try:
-        stream = io.BufferedReader(_Concat([kit / p["name"] for p in m["parts"]]),
+        stream = io.BufferedReader(_Concat([m["paths"][p["name"]] for p in m["parts"]]),
                                    buffer_size=_CHUNK)
         with tarfile.open(fileobj=stream, mode="r|xz") as tar:
             if hasattr(tarfile, "data_filter"):      # 3.12, and 3.11.4+ / 3.10.12+
@@ -591,7 +659,7 @@ def install(kit: Path, target: Path, *, any_python: bool = False, log=print) -> 
         for item in staging.iterdir():
             os.replace(item, target / item.name)
     except (tarfile.TarError, lzma.LZMAError, EOFError) as e:
-        raise KitError(f"unpacking {kit} failed ({type(e).__name__}: {e}); verify passed, "
+        raise KitError(f"unpacking the kit failed ({type(e).__name__}: {e}); verify passed, "
                        f"so the kit was made broken: pack it again") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -616,8 +684,8 @@ def main(argv=None) -> int:
             raise KitError("--python, --codecs and --wheels are pack options; a kit's "
                            "manifest says what it holds")
     if args.verify:
-        kit = Path(args.verify)
-        print(f"verifying {kit}")
+        kit = [Path(d) for d in args.verify]
+        print(f"verifying {', '.join(map(str, kit))}")
         m = verify(kit)
         print(f"kit ok: DALI {m['dali_version']} for Python {m['python']}, {len(m['parts'])} "
               f"parts, {_mib(m['whole']['bytes'])}, sha256 {m['whole']['sha256'][:16]}")
@@ -626,9 +694,9 @@ def main(argv=None) -> int:
         if not args.target:
             raise KitError("--install needs --target T (the folder to unpack into; then "
                            "PYTHONPATH=T)")
-        kit, target = Path(args.install), Path(args.target)
+        kit, target = [Path(d) for d in args.install], Path(args.target)
         t0 = time.perf_counter()
-        print(f"installing {kit} into {target}")
+        print(f"installing {', '.join(map(str, kit))} into {target}")
         m = install(kit, target, any_python=args.any_python)
         print(f"installed DALI {m['dali_version']} (Python {m['python']}): {m['files']} files, "
               f"{_mib(m['unpacked_bytes'])} in {time.perf_counter() - t0:.1f} s; use it with "

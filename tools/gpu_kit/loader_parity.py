@@ -26,6 +26,11 @@ source, and compares every pixel. Per case (an augmentation setting) and loader:
                  loader's counts and areas equal
   channels       per-channel mean and std of all batches, DALI against tensor
 
+The decoder is integer arithmetic after one rounding, so it reads the same on every
+device (a float decode mis-read flipped images on a GPU, whose division by a constant is a
+multiplication by a float32 reciprocal: issue 20). Without a GPU the output says what it
+did not check: DALI's GPU operators and its GPU feed.
+
 Exit status 0 when every check passes, 1 when one fails (2 for bad arguments).
 """
 from __future__ import annotations
@@ -72,6 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dali-threads", type=int, default=4, help="DALI CPU threads")
     p.add_argument("--seed", type=int, default=0, help="shuffle and augmentation seed")
     p.add_argument("--json", default="", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--json FILE exists: move it to NAME.old-<time>.json first (nothing is "
+                        "deleted); without it an existing file is refused")
     return p
 
 
@@ -91,19 +99,33 @@ def readable_images(n: int):
 
 
 def _first(mask, values):
-    """values at the first True of each row of `mask` (B, K); -1 where none."""
+    """values at the first True of each row of `mask` (B, K); -1 where none.
+
+    The first position is the least index where the mask holds (`amin`), so the choice
+    does not rest on how a device's `argmax` breaks ties."""
     import torch
 
-    idx = mask.float().argmax(dim=1)
-    got = values.gather(1, idx[:, None])[:, 0]
-    return torch.where(mask.any(dim=1), got, torch.full_like(got, -1))
+    k = mask.shape[1]
+    pos = torch.arange(k, device=mask.device).expand_as(mask)
+    first = torch.where(mask, pos, k).amin(dim=1)
+    got = values.gather(1, first.clamp(max=k - 1)[:, None])[:, 0]
+    return torch.where(first < k, got, torch.full_like(got, -1))
 
 
 def read_back(x, pad: int, mean, std) -> dict:
     """Decode a float32 batch (B, C, H, W) of readable images: index, crop offsets (in
     the padded image, after the flip, as EpochPlan has them), flip, the rounded uint8
     pixels, the cutout mask, and the largest distance of an un-normalised value from a
-    whole number."""
+    whole number.
+
+    Everything after the rounding is integer arithmetic, on purpose: it must decode the
+    same on every device. A float decode such as `((red - 3) / 7).long()` is exact on
+    the CPU but not on a GPU, where ATen divides a float tensor by a Python scalar as a
+    multiplication by the float32 reciprocal: 7 * 22 / 7 comes out 22.000002, and the
+    offset `W + pad - 1 - j - col` of a flipped image 2.999998, truncated to 2. That
+    was the H200's "crop dx skewed" failure (issue 20); tests/test_pipelines.py runs
+    this decoder under the GPU's division rule.
+    """
     import torch
 
     b = x.shape[0]
@@ -111,9 +133,12 @@ def read_back(x, pad: int, mean, std) -> dict:
     s = torch.tensor(std, device=x.device) * 255
     u = x.permute(0, 2, 3, 1).float() * s + m                 # B, H, W, C in uint8 units
     r = u.round()
+    q = r.long()                                              # whole numbers: exact
     cut = (x == 0).all(dim=1)                                 # B, H, W: cutout zeros
-    row, col = (r[..., 0] - 3) / 7, (r[..., 1] - 3) / 7
-    ok = ~cut & (r[..., 0] % 7 == 3) & (r[..., 1] % 7 == 3)   # zero padding fails this
+    red, green = q[..., 0], q[..., 1]
+    row = (red - 3).div(7, rounding_mode="floor")           # integer division: exact
+    col = (green - 3).div(7, rounding_mode="floor")
+    ok = ~cut & (red % 7 == 3) & (green % 7 == 3)             # zero padding fails this
     ii = torch.arange(HW, device=x.device)
     # A pixel in the interior, with its right neighbour, fixes dy, dx and the flip.
     inner = ok[:, :, :-1] & ok[:, :, 1:]
@@ -129,13 +154,13 @@ def read_back(x, pad: int, mean, std) -> dict:
     src_c = _first(flat, col[:, :, :-1].reshape(b, -1))
     src_c1 = _first(flat, col[:, :, 1:].reshape(b, -1))
     flip = (src_c1 < src_c).long()
-    dy = (src_r - i0 + pad).long()
+    dy = src_r - i0 + pad
     # Not flipped: col = j + dx - pad. Flipped (mirror, then crop): col = W + pad - 1 - j - dx.
-    dx = torch.where(flip == 1, HW + pad - 1 - j0 - src_c, src_c - j0 + pad).long()
-    blue = r[..., 2].reshape(b, -1)
+    dx = torch.where(flip == 1, HW + pad - 1 - j0 - src_c, src_c - j0 + pad)
+    blue = q[..., 2].reshape(b, -1)
     lo = _first((ok & (row < HW // 2)).reshape(b, -1), blue)
     hi = _first((ok & (row >= HW // 2)).reshape(b, -1), blue)
-    index = (lo + 256 * hi).long()
+    index = lo + 256 * hi
     index = torch.where((i0 < 0) | (lo < 0) | (hi < 0), torch.full_like(index, -1), index)
     frac = (u - r).abs().amax(dim=-1).masked_fill(cut, 0).amax()
     return {"index": index, "dy": dy, "dx": dx, "flip": flip, "u8": r, "cut": cut,
@@ -190,6 +215,7 @@ def run_case(name: str, settings: dict, images, labels, *, device, dtype, batch:
              "bad_decode": 0, "box": 0}
     t0 = time.perf_counter()
     dali, tensor = make("dali", torch.float32), make("tensor", torch.float32)
+    feed_path = getattr(dali, "feed_path", None)
     n_epoch = dali.num_examples
     for epoch in range(epochs):
         dali.set_epoch(epoch)
@@ -320,17 +346,21 @@ def run_case(name: str, settings: dict, images, labels, *, device, dtype, batch:
                                 f"|dali - tensor| {max(dm, ds):.1e}")
     return {"settings": settings, "batch_size": batch, "epochs": epochs,
             "images_per_epoch": n_epoch, "seconds": round(seconds, 2), "checks": checks,
-            "ok": all(c["ok"] for c in checks.values())}
+            "feed_path": feed_path, "ok": all(c["ok"] for c in checks.values())}
 
 
 # --------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.json:  # checked (and claimed) before any work: the output contract
+        from fastres.tools._common import claim_output_file
 
-    import torch
+        args.json = str(claim_output_file(args.json, overwrite=args.overwrite))
+
 
     from fastres.bench import environment
+    from fastres.engine.amp import precision_dtype
     from fastres.errors import ConfigError, unknown_choice
     from fastres.pipelines.dali import dali_available
     from fastres.tools._common import device_arg
@@ -351,8 +381,7 @@ def main(argv=None) -> int:
         raise ConfigError(f"--batch-size must lie in [1, --images={n}], got {batch}")
     if args.epochs < 1:
         raise ConfigError(f"--epochs must be at least 1, got {args.epochs}")
-    dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "fp32": torch.float32,
-             "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = precision_dtype(args.dtype, "cuda" if gpu else "cpu")
     if not dali_available():
         raise ConfigError("the parity check needs NVIDIA DALI: pip install 'fastres[dali]', "
                           "or on an offline machine the kit of `fastres pack-dali`")
@@ -370,6 +399,13 @@ def main(argv=None) -> int:
         for name, chk in r["checks"].items():
             print(f"  {'ok  ' if chk['ok'] else 'FAIL'} {name:<20} {chk['detail']}")
     results["ok"] = all(r["ok"] for r in results["cases"].values())
+    paths = {r["feed_path"] for r in results["cases"].values() if r["feed_path"]}
+    for p in sorted(paths):
+        print(f"\nDALI feed: {p}")
+    if not gpu:
+        print("not checked here (needs a CUDA device): DALI's GPU operators and its GPU feed "
+              "(the data set in GPU memory, batches gathered there and handed to a GPU "
+              "external source without a host copy); run this check on a GPU")
     print(f"\nparity: {'every check passed' if results['ok'] else 'FAILED'}")
     if args.json:
         from fastres.tools._common import write_json

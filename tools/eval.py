@@ -1,0 +1,93 @@
+"""`fastres eval`: evaluate a checkpoint on the test set.
+
+    fastres eval --checkpoint runs/speedrun/checkpoints/last.pt --data-dir data [--tta flip]
+    fastres eval --checkpoint runs/speedrun --data-dir data        # a run directory's last.pt
+
+Uses the config stored in the checkpoint to rebuild the model; evaluates the weights the
+run evaluated (EMA when the run kept one) unless --weights says otherwise. The checkpoint is
+read as a resume reads it (`fastres.engine.rundir.read_checkpoint`): one line and exit 2
+when it is corrupt, not a run checkpoint, or holds NaN/inf (the tensors are named), before
+any data is read.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fastres import config as C
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("fastres eval", add_help=add_help, description=__doc__)
+    p.add_argument("--checkpoint", required=True,
+                   help="a fastres checkpoint (last.pt), or a run directory (its last.pt)")
+    p.add_argument("--data-dir", required=True, help="folder with the data set")
+    p.add_argument("--tta", choices=("none", "flip", "flip_translate"),
+                   help="test-time augmentation (default: the run's)")
+    p.add_argument("--weights", choices=("auto", "raw", "ema"), default="auto",
+                   help="which weights to evaluate (default: the run's choice)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, help="evaluation batch size")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--progress", choices=("auto", "bar", "plain", "none"), default="auto",
+                   help="progress on stderr: a bar on a terminal, else a line every few "
+                        "seconds with images done and ETA (default: auto)")
+    return p
+
+
+def main(argv=None) -> int:
+    from fastres.engine import Session, build, resolve_for, rundir
+    from fastres.engine.records import strict_dumps
+    from fastres.errors import CheckpointError, ConfigError
+
+    args = get_args_parser().parse_args(argv)
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        info = rundir.inspect(path)
+        if info.checkpoint_path is None:
+            raise CheckpointError(f"{path} holds no checkpoint (checkpoints/last.pt): it holds "
+                                  f"{info.describe()}")
+        path = info.checkpoint_path
+    state = rundir.read_checkpoint(path)
+    try:
+        cfg = C.from_dict(state["config"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: its config cannot be read ({e})") from None
+    weights = args.weights
+    if weights == "auto":
+        weights = "ema" if state.get("ema") is not None else "raw"
+    if weights == "ema" and state.get("ema") is None:
+        raise CheckpointError(f"{path} holds no EMA weights (the run had optim.ema_decay=0); "
+                              "use --weights raw")
+    run = {"device": args.device, "out_dir": "", "precision": "auto", "compile": "off",
+           "cuda_graph": "auto"}
+    data = {"data_dir": args.data_dir, "download": False}
+    if args.batch_size:
+        data["eval_batch_size"] = args.batch_size
+    cfg = C.replace(cfg, run=run, data=data, optim={"impl": "auto", "eval_weights": weights})
+    cfg = resolve_for(cfg)
+    built = build(cfg)
+    # The run's own Session: its model, device, memory format and evaluation weights (the
+    # EMA's where the run kept one); only the weights are loaded.
+    session = Session(cfg, built.model, built.loaders[0], init=False)
+    session.load_state_dict(state, what=f"{path} (for model {cfg.model.name!r})",
+                            weights_only=True)
+    tta = args.tta or cfg.run.tta
+    res = session.evaluate(built.loaders[1], tta, progress=args.progress,
+                           label=f"fastres eval (tta {tta})")
+    res.update(checkpoint=str(path), weights=weights, tta=tta,
+               step=state.get("step"), data=built.data_info)
+    if args.json:
+        print(strict_dumps(res, indent=2))
+    else:
+        print(f"{path}: top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}  loss "
+              f"{res['loss']:.4f}  ({res['n']} images, weights {weights}, tta {tta}, step "
+              f"{state.get('step')})")
+    return 0
+
+
+if __name__ == "__main__":
+    from fastres.tools.cli import run_tool
+
+    sys.exit(run_tool("eval", main))
