@@ -28,10 +28,17 @@ class TrainingDiverged(FastresError):
     """The loss, a parameter or a buffer became NaN or infinite (no checkpoint holds it)."""
 
 
-class RunDirError(FastresError):
-    """A run directory that cannot be used: a file or read-only place, in use by another
-    run, holding a run that was not asked to be resumed or replaced, or a write that
+class OutputError(FastresError):
+    """An output location that cannot be used: a file where a folder is needed (or the
+    reverse), a read-only or pseudo file system, a folder without write permission, one in
+    use by another fastres process, one that holds data the caller did not ask to replace
+    (every writer refuses to replace data without an explicit `overwrite`), or a write that
     failed (a full disk)."""
+
+
+class RunDirError(OutputError):
+    """An `OutputError` about a run directory (`--out` of `fastres train`) or a tool's
+    output folder or file, all under the same contract (`fastres.engine.rundir`)."""
 
 
 class PeerLost(FastresError):

@@ -164,9 +164,33 @@ def _check_split(arg, what: str, k: int, kc: int | None):
     return images, labels, coarse
 
 
+def _what_is_there(target: Path) -> str:
+    """What an existing data folder or archive holds, in a few words, for the refusal."""
+    from fastres.data import ARCHIVE_MD5, OFFICIAL_MD5, _md5_file
+
+    if target.is_file():
+        size = target.stat().st_size
+        official = _md5_file(target) in ARCHIVE_MD5.values()
+        return (f"{'the official archive' if official else 'an archive'}, "
+                f"{size / 2**20:.1f} MiB")
+    files = sorted(p for p in target.iterdir() if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    known = {name: md5 for table in OFFICIAL_MD5.values() for name, md5 in table.items()}
+    official = files and all(p.name in known and _md5_file(p) == known[p.name] for p in files)
+    names = ", ".join(p.name for p in files[:3]) + (", ..." if len(files) > 3 else "")
+    return (f"{'the official data set: ' if official else ''}{len(files)} file"
+            f"{'s' if len(files) != 1 else ''}, {size / 2**20:.1f} MiB ({names})")
+
+
+def _atomic_write(path: Path, blob: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+
+
 def write_cifar(root, dataset: str = "cifar10", train=None, test=None, *, archive: bool = False,
                 classes: Sequence[str] | None = None,
-                coarse_classes: Sequence[str] | None = None) -> Path:
+                coarse_classes: Sequence[str] | None = None, overwrite: bool = False) -> Path:
     """Write a data set in the official on-disk format under `root`; return the folder
     (`root/cifar-10-batches-py`) or, with `archive=True`, the archive
     (`root/cifar-10-python.tar.gz`, members under the same folder name, nothing extracted).
@@ -174,8 +198,21 @@ def write_cifar(root, dataset: str = "cifar10", train=None, test=None, *, archiv
     train/test: (images (N, 32, 32, 3) uint8 NHWC, labels (N,)); for CIFAR-100 optionally
     (images, fine_labels, coarse_labels). CIFAR-10 training data is split over data_batch_1..5
     as in the original (sizes differ by at most one). classes default to the official names.
+
+    Data already there (the folder holding files, or the archive) is never replaced unless
+    `overwrite=True`: an `OutputError` names it and what it holds (the real CIFAR-10 in
+    `data/` is one call away from a test's 512 synthetic images otherwise). Each file is
+    written to a temporary name and renamed, so a folder never holds a half-written file.
     """
+    from fastres.errors import OutputError
+
     lay = _layout(dataset)
+    root = Path(root)
+    target = root / (lay.archive if archive else lay.folder)
+    if not overwrite and (target.is_file() or (target.is_dir() and any(target.iterdir()))):
+        raise OutputError(f"{target} already holds {_what_is_there(target)}; write_cifar "
+                          "never replaces data: pass overwrite=True to replace it, or write "
+                          "under another root")
     if train is None or test is None:
         raise ValueError("write_cifar needs train=(images, labels) and test=(images, labels)")
     classes = list(classes or (CIFAR10_CLASSES if lay.name == "cifar10" else CIFAR100_CLASSES))
@@ -209,7 +246,6 @@ def write_cifar(root, dataset: str = "cifar10", train=None, test=None, *, archiv
         files["train"] = _dump_py2(batch(*tr, "training batch 1 of 1", 0))
         files["test"] = _dump_py2(batch(*te, "testing batch 1 of 1", 0))
 
-    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if archive:
         dest = root / lay.archive
@@ -227,7 +263,7 @@ def write_cifar(root, dataset: str = "cifar10", train=None, test=None, *, archiv
     folder = root / lay.folder
     folder.mkdir(exist_ok=True)
     for name, blob in files.items():
-        (folder / name).write_bytes(blob)
+        _atomic_write(folder / name, blob)
     return folder
 
 # ---------------------------------------------------------------------------------------------
@@ -273,11 +309,13 @@ def synthetic(n_train: int, n_test: int, num_classes: int = 10, seed: int = 0) -
                      fingerprint=fp, source=f"synthetic(seed={seed})")
 
 
-def synthetic_dir(root, n_train: int, n_test: int, *, seed: int = 0) -> str:
+def synthetic_dir(root, n_train: int, n_test: int, *, seed: int = 0,
+                  overwrite: bool = False) -> str:
     """`synthetic(n_train, n_test)` written as a CIFAR-10 folder under `root` (what a
-    `--data-dir` takes); returns `root` as a string. The fixture most tool tests start from."""
+    `--data-dir` takes); returns `root` as a string. The fixture most tool tests start from.
+    Like `write_cifar`, it replaces data already there only with `overwrite=True`."""
     d = synthetic(n_train, n_test, seed=seed)
     write_cifar(root, train=(d.train.images, d.train.labels),
-                test=(d.test.images, d.test.labels))
+                test=(d.test.images, d.test.labels), overwrite=overwrite)
     return str(root)
 

@@ -1,9 +1,14 @@
-"""Faults a careful user runs into, one test per item of issue 12 (numbered as there).
+"""Faults a careful user runs into, one test per item of issue 12 (numbered as there), then
+one or more per item of issue 23 (`test_23_*`, the items named in each docstring).
 
 What is checked: the run directory is the user's data (locked while used, never replaced
 without --resume or --overwrite, unchanged by a refused command, validated before any data
 is read), no checkpoint holds a non-finite state, JSON is strict, every fault ends in one
 line (exit 2, or 130 for a signal, 1 for a dead DDP peer), and evaluations show progress.
+Issue 23: every tool's output folder and file is under the same contract; a checkpoint is
+checked for NaN/inf when loaded; last.pt and last.json never disagree and a kill's temporary
+files go at the next start; a resume keeps the record's history; library writers never
+replace data; typos, resumes and a batch larger than the data each say one clear line.
 Signals and second processes are real (subprocesses); everything else calls the CLI in
 process. Smoke scale: resnet8 on 128 synthetic images written in the real CIFAR-10 format.
 Timings are never asserted.
@@ -28,8 +33,7 @@ from fastres import config as C
 from fastres.engine import rundir
 from fastres.engine.evaluate import evaluate
 from fastres.engine.progress import EvalProgress
-from fastres.engine.records import (FiniteGuard, RunRecorder, atomic_write_json,
-                                    load_checkpoint, load_state_dict_checked, named_tensors,
+from fastres.engine.records import (FiniteGuard, RunRecorder, load_checkpoint, load_state_dict_checked, named_tensors,
                                     nonfinite, save_checkpoint, strict_dumps)
 from fastres.errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged
 from fastres.testing import synthetic_dir
@@ -457,7 +461,7 @@ def test_10_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(RunDirError, match="No space left on device.*unchanged"):
-        save_checkpoint(path, {"step": 2})
+        save_checkpoint(path, {"step": 2}, overwrite=True)
     assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
 
 
@@ -472,7 +476,7 @@ def test_11_weights_that_do_not_fit_are_one_short_line(finished, tmp_path, capsy
     state = load_checkpoint(ckpt)
     state.pop("format")
     state["model"] = create_model("resnet20").state_dict()
-    save_checkpoint(ckpt, state)
+    save_checkpoint(ckpt, state, overwrite=True)
     before = snapshot(out)
     # train --resume: refused before any data is read, nothing changed
     rc, _, err = cli(capsys, ["train", "--out", str(out), "--resume",
@@ -633,3 +637,482 @@ def test_resume_and_restart_detection(tmp_path):
     (out / "result.json").write_text(json.dumps({"top1": 0.5, "world_size": 1}))
     assert rundir.plan_run(out, resume=True).finished
     rd.release()
+
+
+# =========================================================================== issue 23
+
+from fastres.engine import records as R  # noqa: E402
+from fastres.engine.run import run_training  # noqa: E402
+from fastres.errors import OutputError  # noqa: E402
+from fastres.testing import synthetic, write_cifar  # noqa: E402
+from fastres.tools._common import (check_output_file, claim_output_dir,  # noqa: E402
+                                   claim_output_file, write_json)
+
+HOLD_LOCK = '''import fcntl, json, os, sys, time
+path = sys.argv[1]
+os.makedirs(path, exist_ok=True)
+fd = os.open(os.path.join(path, ".fastres.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({"pid": os.getpid(), "since": "now"}).encode())
+print("locked", flush=True)
+time.sleep(120)
+'''
+
+
+@contextlib.contextmanager
+def held_by_another_process(path: Path, tmp_path: Path):
+    """`path` locked (.fastres.lock) by a second process, as a running tool would hold it."""
+    script = tmp_path / "hold_lock.py"
+    script.write_text(HOLD_LOCK)
+    proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE,
+                            text=True, env=ENV)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def smoke_cfg(data_dir: str, **sections) -> C.Config:
+    """The `smoke()` command line as a config, for library calls."""
+    cfg = C.replace(C.preset("smoke", epochs=1), data={
+        "data_dir": str(data_dir), "train_limit": 128, "test_limit": 64, "batch_size": 32,
+        "eval_batch_size": 64}, run={"progress": "none"})
+    return C.replace(cfg, **sections) if sections else cfg
+
+
+# --------------------------------------------------------------------------- 23.1 outputs
+
+SPEEDRUN = ["speedrun", "--preset", "smoke", "--data-dir", MISSING_DATA, "--runs", "1"]
+
+
+def test_23_speedrun_out_unusable_is_one_line_before_the_data(tmp_path, capsys):
+    """Item 1: `speedrun --out` a file, below a file, /proc, /sys, a folder without write
+    permission: one line, exit 2, before the (missing) data are read."""
+    for name, (out, needle) in _unusable(tmp_path).items():
+        rc, _, err = cli(capsys, [*SPEEDRUN, "--out", str(out)])
+        assert rc == 2, name
+        line = error_line(err, "speedrun")
+        assert needle in line and MISSING_DATA not in line, (name, line)
+
+
+def test_23_speedrun_never_replaces_an_earlier_result(tmp_path, capsys):
+    """Item 1: a second speed run into the same --out (with or without --records) is
+    refused before any data is read, suggests only flags speedrun has, and changes
+    nothing; --overwrite moves the earlier result aside first."""
+    out = tmp_path / "sr"
+    out.mkdir()
+    (out / "speedrun.json").write_text('{"schema": "fastres-speedrun-v1", "runs": [1]}\n')
+    before = snapshot(out)
+    for extra in ([], ["--records"]):
+        rc, _, err = cli(capsys, [*SPEEDRUN, "--out", str(out), *extra])
+        assert rc == 2
+        line = error_line(err, "speedrun")
+        assert "already holds" in line and "speedrun.json" in line, line
+        assert "--overwrite" in line and "--resume" not in line, line
+        assert MISSING_DATA not in line
+    assert snapshot(out) == before
+    rc, printed, err = cli(capsys, [*SPEEDRUN, "--out", str(out), "--overwrite"])
+    assert rc == 2 and MISSING_DATA in error_line(err, "speedrun")  # got as far as the data
+    (aside,) = tmp_path.glob("sr.old-*")
+    assert str(aside) in printed
+    assert (aside / "speedrun.json").read_text().startswith('{"schema"')
+    assert not (out / "speedrun.json").exists()
+
+
+def test_23_a_tool_folder_in_use_is_refused_naming_the_process(tmp_path, capsys):
+    """Item 1: speedrun and table into a folder another process holds: one line with its
+    pid; nothing read, nothing written."""
+    out = tmp_path / "busy"
+    with held_by_another_process(out, tmp_path) as pid:
+        for argv, tool in (([*SPEEDRUN, "--out", str(out)], "speedrun"),
+                           (["table", "--out", str(out)], "table")):
+            rc, _, err = cli(capsys, argv)
+            assert rc == 2
+            line = error_line(err, tool)
+            assert f"pid {pid}" in line and "in use" in line, line
+    assert rundir.contents(out) == []
+
+
+def test_23_table_out_is_checked_locked_and_never_takes_a_foreign_folder(tmp_path, capsys):
+    """Item 1: `fastres table --out` a file or /proc is one line; a folder holding other
+    files is refused unchanged (--overwrite moves them aside); its own folder is updated
+    in place, each file written atomically."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, needle in ((a_file, "is a file"), ("/proc/fastres-table", "cannot hold")):
+        rc, _, err = cli(capsys, ["table", "--models", "resnet20", "--out", str(out)])
+        assert rc == 2 and needle in error_line(err, "table")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("the user's own work")
+    before = snapshot(mine)
+    rc, _, err = cli(capsys, ["table", "--models", "resnet20", "--out", str(mine)])
+    assert rc == 2
+    line = error_line(err, "table")
+    assert "thesis.tex" in line and "--overwrite" in line, line
+    assert snapshot(mine) == before
+    rc, _, err = cli(capsys, ["table", "--models", "resnet20", "--out", str(mine),
+                              "--overwrite"])
+    assert rc == 0, err[-2000:]
+    (aside,) = tmp_path.glob("mine.old-*")
+    assert (aside / "thesis.tex").read_text() == "the user's own work"
+    assert (mine / "table.md").is_file() and (mine / "table.csv").is_file()
+    rc, _, err = cli(capsys, ["table", "--models", "resnet20,resnet32", "--out", str(mine)])
+    assert rc == 0, err[-2000:]                      # its own folder: updated in place
+    assert "resnet32" in (mine / "table.md").read_text()
+    assert not [p for p in mine.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_23_json_file_targets_are_checked_first_and_never_replaced_silently(tmp_path):
+    """Item 1 (`--json FILE` of profile, bench-kernels, bench-loaders, loader-parity): the
+    location is checked before any work; an existing file is refused unless overwrite,
+    which moves it to NAME.old-<time>.json; the write is atomic."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for target, needle in ((tmp_path, "is a folder"), (a_file / "r.json", "lies below"),
+                           ("/proc/fastres.json", "cannot hold"),
+                           ("/sys/fastres.json", "cannot hold")):
+        with pytest.raises(RunDirError, match=needle):
+            check_output_file(target)
+    report = tmp_path / "sub" / "report.json"
+    assert check_output_file(report) == report          # a missing folder is created later
+    write_json(report, {"tool": "fastres profile", "x": float("nan")}, overwrite=False)
+    assert json.loads(report.read_text()) == {"tool": "fastres profile", "x": None,
+                                              "nonfinite": ["x"]}
+    with pytest.raises(RunDirError, match=r"report.json already exists \(a `fastres profile` "
+                                          r"report.*--overwrite moves it to report.old-"):
+        check_output_file(report)
+    with pytest.raises(RunDirError, match="appeared while"):
+        write_json(report, {"x": 2}, overwrite=False)
+    assert check_output_file(report, overwrite=True) == report
+    write_json(report, {"x": 3}, overwrite=True)
+    (old,) = report.parent.glob("report.old-*.json")
+    assert json.loads(old.read_text())["tool"] == "fastres profile"
+    assert json.loads(report.read_text()) == {"x": 3}
+    assert sorted(p.name for p in report.parent.iterdir()) == sorted(["report.json",
+                                                                       old.name])
+    # A tool that writes its report several times claims the file once, at its start.
+    with pytest.raises(RunDirError, match="already exists"):
+        claim_output_file(report)
+    assert claim_output_file(report, overwrite=True) == report and not report.exists()
+    for figures in ({"x": 4}, {"x": 4, "y": 5}):
+        write_json(report, figures)
+    assert json.loads(report.read_text()) == {"x": 4, "y": 5}
+    assert len(list(report.parent.glob("report.old-*.json"))) == 2
+
+
+@pytest.mark.parametrize("tool,module", [
+    ("profile", "fastres.tools.profile"), ("bench-kernels", "fastres.tools.bench_kernels"),
+    ("bench-loaders", "fastres.tools.bench_loaders"), ("scaling", "fastres.tools.scaling"),
+    ("loader-parity", "fastres.tools.gpu_kit.loader_parity")])
+def test_23_every_tools_json_target_is_refused_before_any_work(tool, module, tmp_path,
+                                                                 capsys):
+    """Each tool that writes `--json FILE` claims it at its start: an existing report is
+    one line, exit 2, before anything is measured, and stays as it was."""
+    import importlib
+
+    from fastres.tools.cli import run_tool
+
+    report = tmp_path / "report.json"
+    report.write_text('{"tool": "an earlier run"}')
+    main = importlib.import_module(module).main
+    need = ["--data-dir", str(tmp_path)] if tool == "scaling" else []
+    assert run_tool(tool, main, need + ["--json", str(report)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0], err
+    assert report.read_text() == '{"tool": "an earlier run"}'
+
+
+def test_23_claim_output_dir_is_the_one_contract_for_tool_folders(tmp_path):
+    """Item 1 (profile --trace DIR, device-check --out): the helper the tools call."""
+    with pytest.raises(RunDirError, match="--trace .* is a file"):
+        claim_output_dir(__file__, flag="--trace")
+    with pytest.raises(RunDirError, match="cannot hold"):
+        claim_output_dir("/proc/traces", flag="--trace")
+    traces = tmp_path / "traces"
+    claimed = claim_output_dir(traces, flag="--trace")
+    (traces / "step.json").write_text("{}")
+    claimed.release()
+    with pytest.raises(RunDirError, match=r"holds 1 file \(step.json\).*--overwrite.*another "
+                                          r"--trace"):
+        claim_output_dir(traces, flag="--trace")
+    claimed = claim_output_dir(traces, flag="--trace", overwrite=True)
+    assert (claimed.moved_to / "step.json").is_file() and rundir.contents(traces) == []
+    claimed.release()
+    unused = claim_output_dir(tmp_path / "unused", flag="--trace")
+    unused.release()
+    assert not (tmp_path / "unused").exists()   # created, nothing written: removed again
+
+
+# --------------------------------------------------------------------------- 23.2 finite
+
+def test_23_a_checkpoint_with_nan_is_refused_by_resume_and_eval(finished, tmp_path, data_dir,
+                                                                capsys):
+    """Item 2: a NaN in a BatchNorm running_var (written to disk by something else): resume
+    and eval refuse it in one line naming the tensor, exit 2, before any data is read."""
+    out = copy_run(finished[0], tmp_path / "run")
+    (out / "result.json").unlink()
+    ckpt = out / "checkpoints" / "last.pt"
+    state = load_checkpoint(ckpt)
+    state.pop("format")
+    name = next(k for k in state["model"] if k.endswith("running_var"))
+    state["model"][name][0] = float("nan")
+    save_checkpoint(ckpt, state, overwrite=True)
+    before = snapshot(out)
+    rc, printed, err = cli(capsys, ["train", "--out", str(out), "--resume", "--data-dir",
+                                    MISSING_DATA])
+    assert rc == 2
+    line = error_line(err)
+    assert "NaN or infinite" in line and f"model.{name}" in line, line
+    assert "last good" not in line and "epoch 1" not in printed
+    assert snapshot(out) == before
+    for target in (ckpt, out):   # the checkpoint, or its run directory
+        rc, printed, err = cli(capsys, ["eval", "--checkpoint", str(target), "--data-dir",
+                                        data_dir, "--progress", "none"])
+        assert rc == 2 and "top-1" not in printed
+        assert f"model.{name}" in error_line(err, "eval")
+    with pytest.raises(CheckpointError, match=f"1 of .* tensors: model.{name}"):
+        load_checkpoint(ckpt)
+    assert load_checkpoint(ckpt, check_finite=False)["step"] == 4
+
+
+# --------------------------------------------------------------------------- 23.3 last.json
+
+def test_23_last_json_lagging_last_pt_is_detected_and_repaired(tmp_path, monkeypatch):
+    """Item 3, in process: the process dies between last.pt and last.json (the write of
+    last.json never happens). Readers take the step from last.pt; the next start repairs
+    last.json and removes the temporary files a kill left."""
+    out = tmp_path / "run"
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    rec = R.RunRecorder(rundir.claim(out, "new"))
+    rec.start({"run": {}}, {})
+    rec.checkpoint({"model": model.state_dict(), "step": 4, "epoch": 1})
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed between last.pt and last.json")
+
+    monkeypatch.setattr(R, "write_checkpoint_info", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rec.checkpoint({"model": model.state_dict(), "step": 8, "epoch": 2})
+    monkeypatch.undo()
+    rec.close()
+    assert read_json(out / "checkpoints" / "last.json")["step"] == 4   # lagging
+    info = rundir.inspect(out)
+    assert info.step == 8 and info.checkpoint["source"] == "last.pt"
+    assert "step 8" in info.describe()
+    for stale in (out / "checkpoints" / ".last.pt.a1b2c3d4.tmp",
+                  out / ".config.json.zz99_x0y.tmp"):
+        stale.write_bytes(b"half a file")
+    theirs = out / ".notes.abcdefgh.tmp"        # not a file fastres writes: left alone
+    theirs.write_text("x")
+    rd = rundir.claim(out, "resume")
+    assert sorted(p.name for p in rd.removed) == [".config.json.zz99_x0y.tmp",
+                                                   ".last.pt.a1b2c3d4.tmp"]
+    assert theirs.exists()
+    rec = R.RunRecorder(rd)
+    rec.start({"run": {}}, {}, resumed=True)
+    assert rec.kept_step == 8 and "(step 8)" in rec.kept_note()
+    side = read_json(out / "checkpoints" / "last.json")
+    assert side["step"] == 8 and rundir.inspect(out).checkpoint["source"] == "last.json"
+    rec.close()
+
+
+KILL_AT_WRITE = '''"""`fastres ARGV...` that SIGKILLs itself when it is about to rename the
+Nth temporary file of TARGET into place: `python kill_at_write.py TARGET N ARGV...`."""
+import os, signal, sys
+
+TARGET, NTH = sys.argv[1], int(sys.argv[2])
+_replace, seen = os.replace, [0]
+
+
+def replace(src, dst, *a, **k):
+    if os.path.basename(str(dst)) == TARGET:
+        seen[0] += 1
+        if seen[0] == NTH:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return _replace(src, dst, *a, **k)
+
+
+os.replace = replace
+from fastres.tools.cli import main
+sys.exit(main(sys.argv[3:]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,step", [("last.json", 8), ("last.pt", 4)])
+def test_23_sigkill_between_checkpoint_writes(target, step, data_dir, tmp_path, capsys):
+    """Item 3, a real SIGKILL: at the second checkpoint (step 8, before the final
+    evaluation), just before last.json's rename (last.pt is new, last.json old) or
+    last.pt's (both old, a half-written temporary file left). Readers name the step last.pt
+    holds; --resume continues from it, and the next start leaves no temporary file."""
+    script = tmp_path / "kill_at_write.py"
+    script.write_text(KILL_AT_WRITE)
+    out = tmp_path / "run"
+    argv = smoke(data_dir, out, "--epochs", "2", "--set", "run.checkpoint_every=1",
+                 "--set", "run.eval_every=0")
+    proc = subprocess.run([sys.executable, str(script), target, "2", *argv],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (proc.stdout + proc.stderr)[-3000:]
+    temps = [p.name for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert temps and temps[0].startswith(f".{target}."), temps
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == step
+    assert rundir.inspect(out).step == step
+    assert f"checkpoint at step {step}" in rundir.describe(out)
+
+    rc, printed, err = cli(capsys, [*argv, "--resume"])
+    assert rc == 0, err[-3000:]
+    assert f"from step {step} (epoch {step // 4}" in printed, printed
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers, leftovers
+    side = read_json(out / "checkpoints" / "last.json")
+    assert side["step"] == 8 and rundir.inspect(out).checkpoint["source"] == "last.json"
+    assert read_json(out / "result.json")["steps"] == 8
+
+
+# --------------------------------------------------------------------------- 23.4 history
+
+def test_23_a_resume_keeps_the_record_and_appends_what_changed(finished, tmp_path, capsys):
+    """Item 4: resumed on another copy of the data with config.json edited by hand: the
+    first config.json (as edited) and env.json stay, the edit is one line, and
+    history.jsonl names both data sets; --resume says where it resumes (item 6)."""
+    out = copy_run(finished[0], tmp_path / "run")
+    (out / "result.json").unlink()
+    other = synthetic_dir(tmp_path / "other", 128, 128, seed=1)
+    config = json.loads((out / "config.json").read_text())
+    config["optim"]["lr"] = 0.5
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    config_bytes = (out / "config.json").read_bytes()
+    env_bytes = (out / "env.json").read_bytes()
+    first_fp = json.loads(env_bytes)["data"]["fingerprint"]
+
+    rc, printed, err = cli(capsys, ["train", "--out", str(out), "--resume", "--data-dir",
+                                    other])
+    assert rc == 0, err[-3000:]
+    ckpt = out / "checkpoints" / "last.pt"
+    assert f"resuming {out} from step 4 (epoch 1, stage final_eval): {ckpt}" in printed
+    edited = [line for line in (printed + err).splitlines() if "edited by hand" in line]
+    assert len(edited) == 1 and "optim.lr: 0.5 in the file" in edited[0], edited
+    assert (out / "config.json").read_bytes() == config_bytes
+    assert (out / "env.json").read_bytes() == env_bytes
+    history = R.read_history(out)
+    assert [h["event"] for h in history] == ["start", "resume"]
+    resume = history[1]
+    assert resume["step"] == 4 and resume["stage"] == "final_eval"
+    assert resume["changed"]["data.fingerprint"][0] == first_fp
+    assert resume["changed"]["data.data_dir"] == [str(Path(config["data"]["data_dir"])),
+                                                  other]
+    assert resume["config_json_edited"] == ["optim.lr: 0.5 in the file, 0.05 in the run"]
+    fps = rundir.inspect(out).data_fingerprints
+    assert len(fps) == 2 and fps[0] == first_fp
+    assert any("other data" in line for line in (printed + err).splitlines())
+
+
+# --------------------------------------------------------------------------- 23.5 writers
+
+def test_23_write_cifar_never_replaces_data(tmp_path):
+    """Item 5: write_cifar (and synthetic_dir) refuse a folder or archive that holds data,
+    naming it and what it holds; overwrite=True replaces it."""
+    first, second = synthetic(100, 20, seed=0), synthetic(30, 10, seed=1)
+    for archive in (False, True):
+        root = tmp_path / ("archive" if archive else "folder")
+        write_cifar(root, train=(first.train.images, first.train.labels),
+                    test=(first.test.images, first.test.labels), archive=archive)
+        before = snapshot(root)
+        what = r"an archive, .* MiB" if archive else r"7 files, .* MiB \(batches.meta"
+        with pytest.raises(OutputError, match=f"already holds {what}.*overwrite=True"):
+            write_cifar(root, train=(second.train.images, second.train.labels),
+                        test=(second.test.images, second.test.labels), archive=archive)
+        assert snapshot(root) == before
+        with pytest.raises(OutputError, match="never replaces data"):
+            synthetic_dir(root, 30, 10) if not archive else write_cifar(
+                root, train=(second.train.images, second.train.labels),
+                test=(second.test.images, second.test.labels), archive=True)
+        write_cifar(root, train=(second.train.images, second.train.labels),
+                    test=(second.test.images, second.test.labels), archive=archive,
+                    overwrite=True)
+        from fastres.data import load_cifar
+
+        assert len(load_cifar(root).train) == 30
+    with pytest.raises(RunDirError, match="already exists.*overwrite=True"):
+        save_checkpoint(tmp_path / "archive" / "cifar-10-python.tar.gz", {"step": 1})
+
+
+# --------------------------------------------------------------------------- 23.6 messages
+
+@pytest.mark.parametrize("tool", ["train", "speedrun", "profile"])
+def test_23_a_preset_typo_is_one_line_with_a_suggestion(tool, capsys):
+    """Item 6: every tool that takes --preset: one line with "did you mean", no usage."""
+    rc, _, err = cli(capsys, [tool, "--preset", "speedrunn"])
+    assert rc == 2
+    assert "did you mean 'speedrun'?" in error_line(err, tool)
+    assert "usage:" not in err
+
+
+def test_23_an_argparse_typo_is_one_line_with_a_suggestion(capsys):
+    rc, _, err = cli(capsys, ["train", "--loader", "dalli"])
+    assert rc == 2 and "usage:" not in err
+    assert "did you mean 'dali'?" in error_line(err)
+    rc, _, err = cli(capsys, ["eval"])
+    assert rc == 2 and "required: --checkpoint" in error_line(err, "eval")
+
+
+def test_23_library_batch_larger_than_the_data_names_both_numbers(tmp_path):
+    """Item 6: preset("speedrun") (batch 2000) on 1,024 images, through the library: the
+    error names the batch and the data size, and the run directory is left as it was."""
+    data = synthetic_dir(tmp_path / "data", 1024, 64)
+    cfg = C.replace(C.preset("speedrun"), data={"data_dir": data}, run={"device": "cpu"})
+    with pytest.raises(ConfigError, match=r"data.batch_size=2000 is larger than the training "
+                                          r"set \(1024 images in the data given\).*at most "
+                                          r"1024"):
+        run_training(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"2000 .*\(1024 images"):
+        rundir.check_data_fits(C.preset("speedrun"), 1, n_train=1024)
+    rundir.check_data_fits(C.preset("speedrun"), 1, n_train=2000)
+
+
+# --------------------------------------------------------------------------- 22.2 engine
+
+def test_23_run_training_owns_the_run_directory(data_dir, tmp_path):
+    """Issue 22 item 2: the sequence `fastres train` ran, as one library call."""
+    out = tmp_path / "run"
+    said = []
+    first = run_training(smoke_cfg(data_dir), out, say=said.append)
+    assert first.action == "new" and first.final["steps"] == 4
+    assert any(line.startswith("data cifar10") for line in said)
+    info = rundir.inspect(out)
+    assert info.finished and info.stage == "finished" and info.config["model"]["name"] == \
+        "resnet8"
+    assert [h["event"] for h in info.history] == ["start"]
+    with pytest.raises(RunDirError, match="already holds a finished run"):
+        run_training(smoke_cfg(data_dir), out)
+    again = run_training(smoke_cfg(data_dir), out, resume=True)
+    assert again.finished_before and again.final == info.result
+    replaced = run_training(smoke_cfg(data_dir), out, overwrite=True)
+    assert replaced.moved_to is not None and (replaced.moved_to / "result.json").is_file()
+    assert rundir.held(out) is None   # released
+
+
+def test_23_inspect_reads_every_state(tmp_path):
+    assert rundir.inspect(tmp_path / "nope").state == "missing"
+    assert rundir.inspect(tmp_path).state == "empty"
+    (tmp_path / "notes.txt").write_text("x")
+    assert rundir.inspect(tmp_path).describe() == "1 file (notes.txt)"
+    (tmp_path / "config.json").write_text("{not json")
+    info = rundir.inspect(tmp_path)
+    assert info.state == "started" and "config.json" in info.problems
+    with pytest.raises(RunDirError, match="config.json: unreadable"):
+        info.require("config")
+
+
+def test_23_records_does_not_import_rundir():
+    """Issue 22 item 2: records (writing) sits below rundir (the contract): one direction."""
+    import ast
+
+    tree = ast.parse((ROOT / "fastres" / "engine" / "records.py").read_text())
+    imported = [(getattr(n, "module", "") or "") + ":" + ",".join(a.name for a in n.names)
+                for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [i for i in imported if "rundir" in i], imported

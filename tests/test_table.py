@@ -16,7 +16,7 @@ import pytest
 
 from fastres import config as C
 from fastres.testing import synthetic_dir
-from fastres.tools import results_table as T
+from fastres.tools import table as T
 from fastres.tools.cli import main as cli_main
 from fastres.tools.cli import run_tool
 

@@ -5,7 +5,6 @@ on-disk format, its outputs exist with the documented keys, columns and rows (PN
 Markdown, CSV, Chrome trace), and argument mistakes end with exit status 2 and one line.
 Timings are never asserted.
 """
-import csv
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ from fastres.tools.cli import main as cli_main
 from fastres.tools.cli import run_tool
 from fastres.testing import synthetic_dir
 from fastres import bench
-from fastres.tools import profile_step as prof
+from fastres.tools import profile as prof
 from fastres.tools import speedrun
 from fastres.tools._common import markdown_table, summarize
 
@@ -142,6 +141,13 @@ def test_speedrun_smoke(data_dir, tmp_path, capsys):
     assert s["reached_fraction"] == 1.0 and s["runs"] == 2
     assert (out / "speedrun.png").read_bytes()[:8] == PNG_MAGIC
 
+    # The same command again: refused before the data are read; the first result stays.
+    first = (out / "speedrun.json").read_bytes()
+    one_line_error(capsys, "speedrun", speedrun.main,
+                   ["--preset", "smoke", "--data-dir", "/nonexistent", "--out", str(out)],
+                   "already holds")
+    assert (out / "speedrun.json").read_bytes() == first
+
 
 def test_speedrun_arguments(data_dir, capsys):
     one_line_error(capsys, "speedrun", speedrun.main, ["--preset", "nope"], "unknown preset")
@@ -218,10 +224,11 @@ def test_profile_arguments(capsys):
 
 
 def test_profile_script_help():
-    """`python tools/profile_step.py` runs as a script, like `fastres profile` (the file is
-    not named `profile`, so it cannot shadow the standard library's module)."""
+    """`python tools/profile.py` runs as a script, like `fastres profile`: named after its
+    subcommand, it must not shadow the standard library's `profile` (which torch's compiler
+    imports through cProfile) when its folder is the script's sys.path[0]."""
     env = dict(os.environ, PYTHONPATH="")
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "profile_step.py"), "--help"],
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "profile.py"), "--help"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "--memory-format" in r.stdout and "--compare" in r.stdout
@@ -235,3 +242,44 @@ def test_help_through_the_cli(command, flag, capsys):
         cli_main([command, "--help"])
     assert e.value.code == 0
     assert flag in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- models
+
+def test_fastres_models_builds_no_model(monkeypatch, capsys):
+    """`fastres models` lists the figures it keeps (issue 23: 17 s -> ~2 s, most of it
+    importing torch): no model is built or counted at the defaults."""
+    import fastres.models as M
+    import fastres.models.flops as F
+
+    def refuse(*a, **k):
+        raise AssertionError("fastres models built a model")
+
+    monkeypatch.setattr(M, "create_model", refuse)
+    monkeypatch.setattr(F, "create_model", refuse)
+    assert cli_main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{len(M.list_models())} models") and "resnet1202" in out
+    assert "article prints 1.17 M params, true 11.17 M" in out
+
+
+@pytest.mark.slow
+def test_known_counts_match_the_models():
+    """Every figure `fastres models` keeps equals a fresh count (a model that changes must
+    update KNOWN_COUNTS), and every registered model has its figures."""
+    import torch
+
+    from fastres.models import count_flops, count_params, create_model, list_models
+    from fastres.tools.models import KNOWN_COUNTS
+
+    assert sorted(KNOWN_COUNTS) == sorted(list_models())
+    for name, (params, flops) in KNOWN_COUNTS.items():
+        for classes, want in params.items():
+            with torch.device("meta"):
+                got = count_params(create_model(name, num_classes=classes))
+            assert got == want, (name, classes, got)
+        for (classes, side), want in flops.items():
+            with torch.device("meta"):
+                model = create_model(name, num_classes=classes)
+            got = count_flops(model, (1, 3, side, side))
+            assert got == want, (name, classes, side, got)

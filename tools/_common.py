@@ -1,6 +1,21 @@
-"""What `fastres speedrun`, `fastres profile` and `fastres table` share: the config flags
-(the same names and meaning as `fastres train`'s), aligned Markdown tables, JSON output and
-the one-line environment header printed above every figure.
+"""What the tools share: the config flags (the same names and meaning as `fastres train`'s),
+the output contract for every folder and file a tool writes, aligned Markdown tables, JSON
+output and the one-line environment header printed above every figure.
+
+The output contract (the run directory's, `fastres.engine.rundir`, for every tool):
+
+- a tool's output folder (`speedrun --out`, `table --out`, `profile --trace`,
+  `device-check --out`) is taken with `claim_output_dir` before any data is read: its
+  location is checked (not a file, not below one, not /proc or /sys, not read-only,
+  writable), it is locked for the tool's life (a second process into it is refused,
+  naming the first), and a folder that holds anything is refused unless `--overwrite`
+  (the old contents move to OUT.old-<time>; nothing is deleted) or it is the tool's own
+  folder the tool updates in place (`fastres table`'s rows);
+- a tool's output file (`--json FILE`) is taken with `claim_output_file` before the tool
+  measures anything (location as above; an existing file is refused unless
+  `--overwrite`, which moves it to NAME.old-<time>.json at once), and written by
+  `write_json` atomically (temporary file, fsync, rename), as every figure
+  (`save_figure`) and text (`write_text`).
 
 Kept small on purpose: anything one tool alone needs lives in that tool.
 """
@@ -8,26 +23,32 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 
 # --------------------------------------------------------------------------- config flags
 
-def add_config_args(p: argparse.ArgumentParser, *, preset: str = "speedrun",
-                    fields: Sequence[str] = ("data-dir", "download", "model", "epochs",
-                                             "batch-size", "loader", "fused-kernels", "seed",
-                                             "device", "precision", "compile")) -> None:
-    """`fastres train`'s config flags (the subset named in `fields`), same dests, so
-    `config_from_args` maps them onto the config exactly as `fastres train` does.
+CONFIG_FLAGS = ("data-dir", "download", "model", "epochs", "batch-size", "loader",
+                "fused-kernels", "seed", "device", "precision", "compile")
 
-    --preset takes no argparse `choices`: an unknown name goes through `config.preset`,
-    whose ConfigError prints one line naming the choices (argparse would print the whole
-    usage block)."""
+
+def add_config_args(p: argparse.ArgumentParser, *, preset: str = "speedrun",
+                    fields: Sequence[str] = CONFIG_FLAGS,
+                    title: str = "run config (as in `fastres train`; --set reaches every "
+                                 "field)") -> None:
+    """`fastres train`'s config flags (the subset named in `fields`), same dests, so
+    `config_from_args` maps them onto the config exactly as `fastres train` does (and
+    `fastres train` itself takes them from here: one definition).
+
+    --preset takes no argparse `choices`: an unknown name goes through `config.preset`
+    (`check_preset`), whose ConfigError prints one line with a "did you mean" and the
+    choices (argparse would print the whole usage block)."""
     from fastres import config as C
 
-    g = p.add_argument_group("run config (as in `fastres train`; --set reaches every field)")
+    g = p.add_argument_group(title)
     g.add_argument("--preset", default=preset, metavar="NAME",
                    help=f"recipe to start from: {', '.join(C.list_presets())} "
                         f"(default: {preset})")
@@ -74,12 +95,19 @@ def config_from(args: argparse.Namespace, **replace_sections):
     return cfg
 
 
-def check_model(name: str) -> None:
+def check_preset(name: str) -> None:
+    """One-line ConfigError (with "did you mean") for a preset name that does not exist."""
+    from fastres import config as C
     from fastres.errors import unknown_choice
-    from fastres.models import list_models
 
-    if name not in list_models():
-        raise unknown_choice("model", name, list_models())
+    if name not in C.list_presets():
+        raise unknown_choice("preset", name, C.list_presets())
+
+
+def check_model(name: str) -> None:
+    from fastres.models import check_model as check
+
+    check(name)
 
 
 def csv_list(text: str, what: str) -> list[str]:
@@ -159,12 +187,136 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
     return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
 
 
-def write_json(path: str | Path, obj) -> Path:
-    """Atomic, indented JSON (tuples as lists, tensors as lists, paths as strings)."""
+def add_overwrite_arg(p: argparse.ArgumentParser, what: str = "--out") -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"{what} holds an earlier output: move it to NAME.old-<time> first "
+                        "(nothing is deleted); without it such a target is refused")
+
+
+def claim_output_dir(out, *, overwrite: bool = False, flag: str = "--out",
+                     update: Callable[[Path], bool] | None = None):
+    """Take a tool's output folder under the run-directory contract, before any data is
+    read: location checked, locked for the tool's life, refused when it holds anything
+    unless `overwrite` (moved to OUT.old-<time>) or `update(path)` says it is this tool's
+    own folder, which the tool updates in place. Returns the claim (a
+    `fastres.engine.rundir.RunDir`: `.path`, `.moved_to`; call `.release()` when done, or
+    leave it to the OS when the process ends). A refusal is one RunDirError line and
+    changes nothing.
+
+        out = claim_output_dir(args.out, overwrite=args.overwrite)
+        try:
+            ...  # read data, measure, write into out.path
+        finally:
+            out.release()
+    """
+    from fastres.engine import rundir
+
+    path = rundir.check_location(out, flag=flag)
+    mode = "overwrite" if overwrite else "new"
+    if mode == "new" and update is not None and rundir.contents(path) and update(path):
+        mode = "resume"
+    return rundir.claim(path, mode, flag=flag, resumable=False)
+
+
+def _file_summary(path: Path) -> str:
+    import json
+    import time
+
+    st = path.stat()
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(st.st_mtime))
+    what = f"{st.st_size:,} bytes, written {when}"
+    if st.st_size < 1 << 24:
+        try:
+            head = json.loads(path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return what
+        if isinstance(head, dict) and isinstance(head.get("tool"), str):
+            what = f"a `{head['tool']}` report, {what}"
+    return what
+
+
+def check_output_file(path: str | Path, *, overwrite: bool = False,
+                      flag: str = "--json") -> Path:
+    """Check a tool's output file before the tool reads data or measures anything: a
+    place a file can be written (not a folder, not below a file, not /proc or /sys, not
+    read-only, writable) and, unless `overwrite`, no file there yet (RunDirError naming it
+    and what it holds). Changes nothing; returns the absolute path for `write_json`."""
+    from fastres.engine import rundir
+    from fastres.errors import RunDirError
+
+    target = rundir.check_file_location(path, flag=flag)
+    if target.exists() and not overwrite:
+        raise RunDirError(f"{flag} {path} already exists ({_file_summary(target)}); "
+                          "--overwrite moves it to "
+                          f"{target.stem}.old-<time>{target.suffix} (nothing is deleted), or "
+                          "choose another file")
+    return target
+
+
+def claim_output_file(path: str | Path, *, overwrite: bool = False,
+                      flag: str = "--json") -> Path:
+    """`check_output_file`, then, with `overwrite`, move the existing file to
+    NAME.old-<time>.json now (before any work, as `--overwrite` does to a folder): the
+    target is then this run's own, and `write_json(target, obj)` may replace it as often as
+    the tool writes (a benchmark that saves each figure as it is measured)."""
+    target = check_output_file(path, overwrite=overwrite, flag=flag)
+    _prepare_target(target, True if overwrite else None)
+    return target
+
+
+def _prepare_target(path: Path, overwrite: bool | None) -> Path | None:
+    """Apply the file contract at write time: None keeps the old call's meaning (replace);
+    False refuses a file that appeared since `check_output_file`; True moves it aside."""
+    from fastres.engine import rundir
+    from fastres.errors import RunDirError
+
+    if overwrite is None or not path.exists():
+        return None
+    if not overwrite:
+        raise RunDirError(f"{path} appeared while this tool ran; the new output was not "
+                          "written over it; run again with another file or --overwrite")
+    aside = rundir.aside_path(path)
+    try:
+        os.replace(path, aside)
+    except OSError as e:
+        raise RunDirError(f"--overwrite: could not move {path} to {aside} "
+                          f"({e.strerror or e}); nothing was written") from None
+    return aside
+
+
+def write_json(path: str | Path, obj, *, overwrite: bool | None = None) -> Path:
+    """Atomic, indented, strict JSON (tuples and tensors as lists, paths as strings, NaN
+    as null). `overwrite`: False refuses an existing file, True moves it to
+    NAME.old-<time>.json first (call `check_output_file` at the start with the same value,
+    so the answer comes before the work); None (older callers) replaces it."""
     from fastres.engine.records import atomic_write_json
 
     path = Path(path)
+    _prepare_target(path, overwrite)
     atomic_write_json(path, obj)
+    return path
+
+
+def save_figure(fig, path: str | Path, *, overwrite: bool | None = None) -> Path:
+    """A matplotlib figure written atomically (PNG by the suffix), as `write_json`."""
+    import io
+
+    from fastres.engine.records import atomic_write_bytes
+
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png")
+    _prepare_target(path, overwrite)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """A text file (a table, a summary) written atomically."""
+    from fastres.engine.records import atomic_write_bytes
+
+    path = Path(path)
+    atomic_write_bytes(path, text.encode())
     return path
 
 

@@ -5,12 +5,14 @@
     fastres models --num-classes 100 --json
 
 FLOPs are counted by torch.utils.flop_counter on one 3x32x32 image; one multiply-add is two
-FLOPs, so GMACs = GFLOPs / 2. Models are built on the meta device: parameter and FLOP counts
-depend only on shapes, and skipping weight allocation and initialisation keeps the whole
-listing short: ~15 s on a 2-core CPU, ~6 s of it resnet1202, whose 1,200 BatchNorms each
-go through FlopCounterMode's Python decomposition (vgg16 drops from ~2 s to 0.1 s). The
-notes column flags where the reference article's printed figures disagree with the true
-counts (see shared/REFERENCE.md).
+FLOPs, so GMACs = GFLOPs / 2. The counts at the registry's defaults are kept in
+`KNOWN_COUNTS` (each one checked against a fresh count by tests/test_tools.py), so the
+listing builds no model: counting them all takes 7-17 s on a 2-core CPU (resnet1202 alone
+~2.5 s on the meta device, its 1,200 BatchNorms each through FlopCounterMode's Python
+decomposition); the listing takes ~2 s, most of it importing torch. Other class counts
+(--num-classes) and a model registered later are counted on the meta device. The notes
+column flags where the reference article's printed figures disagree with the true counts
+(see shared/REFERENCE.md).
 """
 from __future__ import annotations
 
@@ -38,12 +40,71 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+# name: ({num_classes: parameters}, {(num_classes, image side): forward FLOPs}), counted by
+# fastres.models.flops on the meta device with the entry point's defaults. A model whose
+# blocks change must update its figures here: test_known_counts_match_the_models fails
+# otherwise, naming the figure.
+KNOWN_COUNTS = {
+    "resnet8": ({10: 75290}, {(10, 32): 24478976}),
+    "resnet20": ({10: 269722}, {(10, 32): 81102080}),
+    "resnet32": ({10: 464154}, {(10, 32): 137725184}),
+    "resnet44": ({10: 658586}, {(10, 32): 194348288}),
+    "resnet56": ({10: 853018}, {(10, 32): 250971392}),
+    "resnet110": ({10: 1727962}, {(10, 32): 505775360}),
+    "resnet1202": ({10: 19421274}, {(10, 32): 5658477824}),
+    "preact_resnet18": ({10: 11172170}, {(10, 32): 1110845440}),
+    "resnet18_cifar": ({10: 11173962}, {(10, 32): 1110845440}),
+    "resnet34_cifar": ({10: 21282122}, {(10, 32): 2318804992}),
+    "resnet50_cifar": ({10: 23520842}, {(10, 32): 2595659776}),
+    "resnet101_cifar": ({10: 42512970}, {(10, 32): 5019967488}),
+    "resnet152_cifar": ({10: 58156618}, {(10, 32): 7444275200}),
+    "resnet18": ({10: 11181642, 1000: 11689512}, {(10, 32): 74033152, (10, 224): 3627132928}),
+    "resnet34": ({10: 21289802, 1000: 21797672}, {(10, 32): 149530624, (10, 224): 7326509056}),
+    "resnet50": ({10: 23528522, 1000: 25557032}, {(10, 32): 166862848, (10, 224): 8174313472}),
+    "resnet101": ({10: 42520650, 1000: 44549160}, {(10, 32): 318382080, (10, 224): 15598755840}),
+    "resnet152": ({10: 58164298, 1000: 60192808}, {(10, 32): 469901312, (10, 224): 23023198208}),
+    "vgg16": ({10: 134301514, 1000: 138357544}, {(10, 32): 865550336, (10, 224): 30932418560}),
+    "vgg16_cifar": ({10: 14724042}, {(10, 32): 626403328}),
+    "googlenet_cifar": ({10: 6158346}, {(10, 32): 3043512320}),
+    "airbench94": ({10: 1972792}, {(10, 32): 236294720}),
+    "airbench_tiny": ({10: 38968}, {(10, 32): 12279232}),
+}
+
+
+def counts(name: str, num_classes: int = 10, image_size: int = 32) -> dict:
+    """{"params", "flops"} of a registered model at its defaults: `KNOWN_COUNTS` where it
+    holds the figure, else counted (built on the meta device)."""
+    params, flops = KNOWN_COUNTS.get(name, ({}, {}))
+    p, f = params.get(num_classes), flops.get((num_classes, image_size))
+    if p is None or f is None:
+        from fastres.models import flops_row
+
+        row = flops_row(name, num_classes=num_classes, image_size=image_size, device="meta")
+        p, f = row["params"], row["flops"]
+    return {"params": p, "flops": f}
+
+
+def model_row(name: str, num_classes: int = 10, image_size: int = 32) -> dict:
+    """One row of the listing (the keys of `fastres.models.flops_row`)."""
+    from fastres.models import model_info
+
+    c = counts(name, num_classes, image_size)
+    info = model_info(name)
+    return dict(name=name, family=info["family"], params=c["params"],
+                params_m=c["params"] / 1e6, flops=c["flops"], gflops=c["flops"] / 1e9,
+                gmacs=c["flops"] / 2e9, image_size=image_size, num_classes=num_classes,
+                info=info)
+
+
 def _unit(printed: str) -> float:
     """One unit in the last printed digit: '0.26' -> 0.01, '733.8' -> 0.1."""
     return 10.0 ** -(len(printed.split(".")[1]) if "." in printed else 0)
 
 
 def _params_at(name: str, num_classes: int) -> int:
+    params = KNOWN_COUNTS.get(name, ({}, {}))[0].get(num_classes)
+    if params is not None:
+        return params
     import torch
 
     from fastres.models import count_params, create_model
@@ -53,9 +114,7 @@ def _params_at(name: str, num_classes: int) -> int:
 
 
 def _gflops_at(name: str, image_size: int) -> float:
-    from fastres.models import flops_row
-
-    return flops_row(name, image_size=image_size, device="meta")["gflops"]
+    return counts(name, 10, image_size)["flops"] / 1e9
 
 
 def reference_notes(row: dict) -> list[str]:
@@ -115,7 +174,7 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
 
     from fastres.errors import ConfigError
-    from fastres.models import flops_row, list_models
+    from fastres.models import list_models
 
     names = list_models(args.filter)
     if not names:
@@ -134,9 +193,8 @@ def main(argv=None) -> int:
         print("-" * len(header))
     out = []
     for name in names:
-        # Rows print as they are counted: the whole list takes several seconds on a CPU.
-        row = flops_row(name, num_classes=args.num_classes, image_size=IMAGE_SIZE,
-                        device="meta")
+        # Rows print as they come: a figure not in KNOWN_COUNTS is counted (seconds).
+        row = model_row(name, args.num_classes, IMAGE_SIZE)
         notes = reference_notes(row)
         if args.json:
             out.append(_json_row(row, notes))

@@ -31,6 +31,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    metavar="SECTION.KEY=VALUE", help="config overrides for every run")
     p.add_argument("--out", help="folder for the runs' records (default: a temporary one)")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--json FILE exists: move it to NAME.old-<time>.json first (nothing is "
+                        "deleted); without it an existing file is refused")
     return p
 
 
@@ -69,6 +72,10 @@ def run_once(n: int, args, out: Path) -> dict:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.json:  # checked (and claimed) before any work: the output contract
+        from fastres.tools._common import claim_output_file
+
+        args.json = str(claim_output_file(args.json, overwrite=args.overwrite))
     counts = _counts(args.nprocs)
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fastres-scaling-"))
     rows = []
@@ -90,7 +97,9 @@ def main(argv=None) -> int:
               f"{100 * r['efficiency']:.0f}% | {r['timed_s']:.1f} | {r['top1']:.4f} |")
     print(f"\nrecords in {root}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"preset": args.preset, "rows": rows}, indent=2))
+        from fastres.tools._common import write_json
+
+        write_json(args.json, {"preset": args.preset, "rows": rows})
     return 0
 
 

@@ -19,7 +19,11 @@ plot and the first epoch that meets the target; without it, time to target is th
 the run when the final accuracy meets the target.
 
 Writes speedrun.json (device, versions, git sha, data fingerprint, resolved config, per-run
-results, summary) and speedrun.png (accuracy against timed seconds) into --out.
+results, summary) and speedrun.png (accuracy against timed seconds) into --out. --out is
+taken under the run-directory contract before any data is read: a file, /proc, a read-only
+or unwritable place is one line and exit 2; a folder another process uses is refused
+naming it; a folder that holds anything (an earlier speed run) is refused unless
+--overwrite, which moves it to OUT.old-<time> first (nothing is deleted).
 """
 from __future__ import annotations
 
@@ -29,8 +33,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from fastres.tools._common import (add_config_args, config_from, env_line, fmt, fmt_pm,
-                                   pct, summarize, write_json)
+from fastres.tools._common import (add_config_args, add_overwrite_arg, claim_output_dir,
+                                   config_from, env_line, fmt, fmt_pm, pct, save_figure,
+                                   summarize, write_json)
 
 SCHEMA = "fastres-speedrun-v1"
 
@@ -55,6 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "GPU or with compile on, none on a CPU in eager mode; 0 = none)")
     p.add_argument("--out", metavar="DIR",
                    help="output folder (default: runs/speedrun-PRESET-YYYYmmdd-HHMMSS)")
+    add_overwrite_arg(p, "--out")
     p.add_argument("--records", action="store_true",
                    help="also keep each run's own record directory under OUT/runs/seed_S "
                         "(config, metrics, result, final checkpoint)")
@@ -129,7 +135,7 @@ def table_row(i: int, r: dict) -> str:
 
 
 def summary_text(s: dict) -> str:
-    t, a = s["timed_s"], s["accuracy"]
+    t = s["timed_s"]
     lines = [f"summary over {s['runs']} run{'s' if s['runs'] != 1 else ''}:",
              f"  time        {fmt_pm(t, '.3f')} s   (min {t['min']:.3f}, max {t['max']:.3f})",
              f"  epochs      {fmt_pm(s['epochs'], '.2f')}",
@@ -185,7 +191,7 @@ def plot(result: dict, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best", framealpha=0.85, ncol=2 if len(runs) > 5 else 1)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -195,7 +201,6 @@ def plot(result: dict, path: Path) -> Path | None:
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
 
-    from fastres import config as C
     from fastres.errors import ConfigError
 
     if args.runs < 1:
@@ -208,17 +213,31 @@ def main(argv=None) -> int:
     if args.curve:
         run["eval_every"] = 1.0
     cfg = config_from(args, run=run)
+    # The output folder, before any data is read: location, lock, refusal (--overwrite).
+    claimed = claim_output_dir(
+        args.out or f"runs/speedrun-{args.preset}-{datetime.now():%Y%m%d-%H%M%S}",
+        overwrite=args.overwrite)
+    try:
+        return _speedrun(args, argv, cfg, claimed)
+    finally:
+        claimed.release()
 
+
+def _speedrun(args, argv, cfg, claimed) -> int:
     import torch
 
+    from fastres import config as C
     from fastres.bench import environment
-    from fastres.engine import build, load_data, resolve_for, train
+    from fastres.engine import build, load_data, resolve_for, rundir, train
+    from fastres.engine.records import RunRecorder
 
+    if claimed.moved_to is not None:
+        print(f"--overwrite: the previous contents of {claimed.path} are now in "
+              f"{claimed.moved_to}")
     cfg = resolve_for(cfg)
     r = cfg.run
     seed0 = r.seed
-    out = Path(args.out or f"runs/speedrun-{args.preset}-{datetime.now():%Y%m%d-%H%M%S}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = claimed.path
     env = environment(r.device)
 
     data = load_data(cfg)  # read once; every run builds its loaders from these arrays
@@ -258,15 +277,21 @@ def main(argv=None) -> int:
     runs = []
     for i in range(args.runs):
         seed = seed0 + i
-        rcfg = C.replace(cfg, run={"seed": seed, "out_dir": str(out / "runs" / f"seed_{seed}")
-                                   if args.records else ""})
+        run_dir = out / "runs" / f"seed_{seed}"
+        rcfg = C.replace(cfg, run={"seed": seed, "out_dir": str(run_dir) if args.records
+                                   else ""})
         t0 = time.perf_counter()
         built = build(rcfg, data=data)
         if model is None:
             model = built.model
         else:
             model.load_state_dict(built.model.state_dict())
-        result = train(rcfg, model, built.loaders, data_info=info)
+        # Inside a folder claimed new (or moved aside) a seed's directory is new too.
+        recorder = RunRecorder(rundir.claim(run_dir, "new") if args.records else None)
+        try:
+            result = train(rcfg, model, built.loaders, data_info=info, recorder=recorder)
+        finally:
+            recorder.close()
         if on_gpu:
             torch.cuda.synchronize()
         runs.append(run_record(seed, result.final, result.epochs, time.perf_counter() - t0))

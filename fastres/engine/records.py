@@ -1,22 +1,33 @@
-"""Run records and checkpoints.
+"""Run records and checkpoints: what a run writes, and how.
 
 A run directory holds:
 
-    config.json       the resolved config
-    env.json          git sha, library versions, device, data fingerprint, world size
+    config.json       the resolved config of the run's first start (kept across resumes)
+    env.json          git sha, library versions, device, data fingerprint, world size, of
+                      the first start (kept across resumes)
+    history.jsonl     one line per start, restart and resume: when, where, the provenance
+                      (data fingerprint and folder, host, device, versions) and what changed
+                      since the start before
     metrics.jsonl     one JSON object per epoch (and per `log_every` steps)
     result.json       the final result; its presence is what "finished" means
     checkpoints/      last.pt (every `checkpoint_every` epochs, on SIGTERM/Ctrl-C, before the
                       final evaluation) and last.json (its step and stage, readable without
-                      torch)
+                      torch, stamped with last.pt's size and mtime: `checkpoint_info` trusts
+                      it only when the stamp matches, else reads last.pt itself)
     .fastres.lock     held (flock) by the run using the directory; see `rundir`
 
-Every file is written atomically (a temporary file in the same folder, fsync, rename), so a
-crash, a kill or a full disk never leaves a half-written file in place of a good one; a
-failed write is one `RunDirError` line naming the file and the cause. JSON is strict: a NaN
-or an infinity is written as null and its key listed under "nonfinite". No checkpoint holds
-a non-finite tensor: `RunRecorder.checkpoint` checks the state first (one reduction, one
-sync) and keeps the last good checkpoint instead.
+Every file is written atomically (a temporary `.NAME.XXXXXXXX.tmp` in the same folder,
+fsync, rename), so a crash, a kill or a full disk never leaves a half-written file in place
+of a good one; `remove_stale_temps` clears what a kill left, at the next start. A failed
+write is one `RunDirError` line naming the file and the cause. JSON is strict: a NaN or an
+infinity is written as null and its key listed under "nonfinite". No checkpoint holds a
+non-finite tensor: `RunRecorder.checkpoint` checks the state first (one reduction, one
+sync) and keeps the last good checkpoint instead, and `load_checkpoint` checks again, so a
+checkpoint damaged on disk is refused instead of resumed or evaluated.
+
+This module writes and reads files; it does not decide who may use a directory. That is
+`fastres.engine.rundir` (location, lock, refusal, resume planning), which imports this
+module; a `RunRecorder` is given a directory `rundir.claim` has already taken.
 """
 from __future__ import annotations
 
@@ -26,9 +37,12 @@ import io
 import json
 import math
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -37,6 +51,15 @@ from fastres.errors import CheckpointError, RunDirError, TrainingDiverged
 
 CHECKPOINT_FORMAT = "fastres-checkpoint-v1"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+# The layout of a run directory (this module writes it; rundir and the tools read it).
+CONFIG, ENV, HISTORY, METRICS, RESULT = ("config.json", "env.json", "history.jsonl",
+                                         "metrics.jsonl", "result.json")
+CHECKPOINTS, LAST_PT, LAST_JSON = "checkpoints", "last.pt", "last.json"
+RECORD_FILES = (CONFIG, ENV, HISTORY, METRICS, RESULT)
+# Config fields a resume may change (where the data are, how progress shows, workers).
+RESUME_EXEMPT = frozenset({("run", "out_dir"), ("run", "progress"), ("data", "data_dir"),
+                           ("data", "download"), ("data", "workers")})
 
 
 # --------------------------------------------------------------------------- strict JSON
@@ -198,16 +221,66 @@ class FiniteGuard:
             "; lower optim.lr, use run.precision=fp32, or set optim.grad_clip")
 
 
+# --------------------------------------------------------------------------- stale temps
+
+# What `atomic_write_bytes` names its temporary files: mkstemp's 8 random characters.
+_TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def stale_temps(folder, names: Iterable[str] | None = None) -> list[Path]:
+    """Temporary files an atomic write left in `folder` (a kill between the write and the
+    rename), for the target file names in `names` (None: any). Call it only while holding
+    the folder's lock: a live writer's temporary file looks the same."""
+    keep = None if names is None else set(names)
+    try:
+        entries = list(Path(folder).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for p in entries:
+        m = _TEMP.fullmatch(p.name)
+        if m and (keep is None or m.group("name") in keep) and p.is_file():
+            out.append(p)
+    return sorted(out)
+
+
+def remove_stale_temps(folder, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove `stale_temps(folder, names)`; return what was removed."""
+    gone = []
+    for p in stale_temps(folder, names):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            gone.append(p)
+    return gone
+
+
 # --------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Serialise `state` with torch.save, atomically."""
+def save_checkpoint(path: Path, state: dict, *, overwrite: bool = False) -> None:
+    """Serialise `state` with torch.save, atomically. An existing file is replaced only
+    with `overwrite=True` (a `RunDirError` otherwise: a library writer never replaces data
+    it was not told to)."""
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise RunDirError(f"{path} already exists; save_checkpoint replaces a file only with "
+                          "overwrite=True")
     buf = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, **state}, buf)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
+def state_tensors(state: Mapping) -> Iterator[tuple[str, torch.Tensor]]:
+    """The floating tensors of a checkpoint's state: model, EMA, optimizer and scaler
+    (the RNG states, the config and the epoch log are not weights)."""
+    return named_tensors({k: v for k, v in state.items() if k not in ("rng", "config",
+                                                                      "epochs")})
+
+
+def load_checkpoint(path: Path, map_location="cpu", *, check_finite: bool = True) -> dict:
+    """A fastres checkpoint's state, or one CheckpointError line: missing, corrupt, not a
+    fastres checkpoint, or (with `check_finite`) holding NaN or infinite values, naming the
+    tensors. fastres never writes a non-finite state, so such a file was changed after it
+    was written; resuming it would train on, and evaluating it would report chance."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -219,6 +292,14 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a fastres checkpoint (format "
                               f"{state.get('format') if isinstance(state, dict) else None!r})")
+    if check_finite:
+        n, bad = nonfinite(state_tensors(state))
+        if bad:
+            raise CheckpointError(
+                f"checkpoint {path} holds NaN or infinite values ({len(bad)} of {n} tensors: "
+                f"{_names(bad)}); fastres never writes such a state, so the file was changed "
+                "after it was written: it cannot be resumed or evaluated; restore a good copy "
+                "or start the run again (--overwrite)")
     return state
 
 
@@ -251,74 +332,272 @@ def load_state_dict_checked(module: nn.Module, state, what: str) -> None:
                               f"{str(e).splitlines()[0][:200]}") from None
 
 
+# --------------------------------------------------------------------------- last.json
+
+def _stamp(path: Path) -> dict:
+    """What identifies one write of a file: its size and modification time (ns). A rename
+    keeps both, a new checkpoint changes the time, copies made with `cp -p`/copy2 keep it."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _info_of(state: Mapping) -> dict:
+    return {"step": state.get("step"), "epoch": state.get("epoch"),
+            "stage": state.get("stage", "train"), "timed_s": state.get("timed_s"),
+            "world_size": state.get("world_size")}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoint_info(run_dir) -> dict | None:
+    """Step, epoch, stage, timed_s and world_size of `run_dir`/checkpoints/last.pt, or None
+    when there is none.
+
+    last.pt and last.json are two files, so a kill can fall between their writes: last.json
+    is believed only when the stamp it carries (last.pt's size and mtime) matches last.pt.
+    Otherwise (that kill, a copy that changed the mtime, a sidecar from before the stamp)
+    the figures are read from last.pt itself. "source" says which ("last.json" or
+    "last.pt"); a last.pt that cannot be read gives {"error": why}."""
+    ckpt = Path(run_dir) / CHECKPOINTS / LAST_PT
+    try:
+        stamp = _stamp(ckpt)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    side = _read_json(ckpt.with_name(LAST_JSON))
+    if isinstance(side, dict) and side.get("checkpoint") == stamp:
+        return {**side, "source": LAST_JSON}
+    try:  # mmap: the tensors stay on disk, only the small pickle is read
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        return {"error": f"{ckpt} cannot be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''})"}
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        return {"error": f"{ckpt} is not a fastres checkpoint"}
+    return {**_info_of(state), "checkpoint": stamp, "source": LAST_PT}
+
+
+def write_checkpoint_info(run_dir, info: Mapping) -> None:
+    """last.json for the last.pt now on disk, stamped with last.pt's size and mtime."""
+    ckpt = Path(run_dir) / CHECKPOINTS / LAST_PT
+    keys = ("step", "epoch", "stage", "timed_s", "world_size")
+    atomic_write_json(ckpt.with_name(LAST_JSON),
+                      {**{k: info.get(k) for k in keys}, "checkpoint": _stamp(ckpt)})
+
+
+# --------------------------------------------------------------------------- provenance
+
+def _plain(obj):
+    """`obj` as its JSON form (tuples as lists), so a config compares with config.json."""
+    return json.loads(strict_dumps(obj))
+
+
+def dict_diffs(saved: Mapping, now: Mapping, skip=frozenset()) -> list[tuple[str, object,
+                                                                              object]]:
+    """(section.key, saved value, value now) for every field the two config dicts both
+    hold with different values, but for the (section, key) pairs in `skip`. A field only
+    one side holds (a field newer than a record) is not a difference."""
+    saved, now = _plain(saved or {}), _plain(now or {})
+    out = []
+    for sec in now:
+        a, b = saved.get(sec), now[sec]
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            continue
+        out += [(f"{sec}.{k}", a[k], v) for k, v in b.items()
+                if k in a and (sec, k) not in skip and a[k] != v]
+    return out
+
+
+def config_diffs(saved: dict, now: dict) -> list[str]:
+    """'section.key: checkpoint A vs now B' for each field a resume may not change."""
+    return [f"{key}: checkpoint {a!r} vs now {b!r}"
+            for key, a, b in dict_diffs(saved, now, RESUME_EXEMPT)]
+
+
+# What a resume on another machine, another copy of the data or other versions changes.
+_ENV_KEYS = ("host", "device", "world_size", "fastres", "git_sha", "python", "torch",
+             "triton", "cuda", "cudnn", "dali", "numpy")
+_DATA_KEYS = ("fingerprint", "official", "source", "name")
+
+
+def provenance(config: Mapping, env: Mapping) -> dict:
+    """The facts a run's record must keep for every start: where the data were and which
+    data they were, the machine and the versions."""
+    data = (env or {}).get("data") or {}
+    out = {"data.data_dir": ((config or {}).get("data") or {}).get("data_dir")}
+    out.update({f"data.{k}": data.get(k) for k in _DATA_KEYS})
+    out.update({k: (env or {}).get(k) for k in _ENV_KEYS})
+    return _plain(out)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON lines of a file; a line cut short by a kill is skipped. [] when missing."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def read_history(run_dir) -> list[dict]:
+    return read_jsonl(Path(run_dir) / HISTORY)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 # --------------------------------------------------------------------------- run directory
 
+# How a recorder given a bare path claims it. Set by fastres.engine.rundir (which imports
+# this module; this module does not import it) to its `claim_for_recorder`. Only train()'s
+# default recorder (`RunRecorder(cfg.run.out_dir)`) takes this way in; run_training() and
+# the tools hand the recorder a directory rundir has claimed.
+claim_path: Callable[[Path, bool], object] | None = None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"fastres: warning: {message}", file=sys.stderr, flush=True)
+
+
 class RunRecorder:
-    """Writes the run directory. Only the main process (rank 0) writes; on other ranks the
+    """Writes a run directory. Only the main process (rank 0) writes; on other ranks the
     writing methods are no-ops, so callers need no `if rank == 0`. `checkpoint` checks the
     state for NaN/inf on every rank that has a run directory (so all ranks stop together).
 
-    `start` takes the directory under the run-directory contract (`fastres.engine.rundir`):
-    it reuses the claim `fastres train` made before loading data, or claims it itself (a
-    library call): locked, and refused when it holds files and `resumed` is false. The lock
-    is released by `finish` (or `close`, or when the process ends).
+        rd = rundir.claim(out, "new")             # location, lock, refusal: rundir's job
+        rec = RunRecorder(rd)                     # writes into it; finish() releases it
+
+    `run_dir`: the claimed directory (a `rundir.RunDir`, or anything with `.path`,
+    `.started`, `.mode` and `.release()`), or None for no records. A path is also taken
+    (train()'s default recorder): it is claimed at `start()` under the same contract.
+    `say`: where one-line notes go (a hand-edited config.json, a resume on other data);
+    default: stderr. They are kept in `notes` too.
     """
 
-    def __init__(self, out_dir: str | Path | None, enabled: bool = True):
-        self.dir = Path(out_dir) if out_dir else None
+    def __init__(self, run_dir=None, enabled: bool = True, *,
+                 say: Callable[[str], None] | None = None):
+        if run_dir is None or isinstance(run_dir, (str, os.PathLike)):
+            self.dir = Path(run_dir) if run_dir else None
+            self.run_dir = None
+        else:
+            self.run_dir = run_dir
+            self.dir = Path(run_dir.path)
         self.enabled = enabled and self.dir is not None
-        self.run_dir = None
         self.kept_step: int | None = None
+        self.notes: list[str] = []
+        self._say = say or _warn
 
     @property
     def checkpoint_path(self) -> Path | None:
-        return self.dir / "checkpoints" / "last.pt" if self.dir else None
+        return self.dir / CHECKPOINTS / LAST_PT if self.dir else None
 
     @property
     def checkpoint_info_path(self) -> Path | None:
-        return self.dir / "checkpoints" / "last.json" if self.dir else None
+        return self.dir / CHECKPOINTS / LAST_JSON if self.dir else None
+
+    def _note(self, message: str) -> None:
+        self.notes.append(message)
+        self._say(message)
+
+    def _event(self, event: str, prov: dict, **extra) -> dict:
+        return {"event": event, "time": _now(), "host": socket.gethostname(),
+                "pid": os.getpid(), **extra, "provenance": prov}
 
     def start(self, config: dict, env: dict, resumed: bool = False) -> None:
+        """Begin writing: a new run writes config.json, env.json, an empty metrics.jsonl and
+        the first history line; a resume keeps config.json and env.json as they are and
+        appends to history.jsonl what changed since the start before."""
         if not self.enabled:
             return
-        from . import rundir
-
-        held = rundir.held(self.dir)
-        if held is not None and not held.started:
-            self.run_dir = held  # claimed and validated by the tool before data were read
-        else:
-            self.run_dir = rundir.claim(self.dir, "resume" if resumed else "new")
+        if self.run_dir is None:
+            if claim_path is None:
+                raise RuntimeError("RunRecorder(path) needs fastres.engine.rundir imported "
+                                   "(import fastres.engine)")
+            self.run_dir = claim_path(self.dir, resumed)
         self.run_dir.started = True
+        prov = provenance(config, env)
         if resumed:
-            info = rundir.checkpoint_info(self.dir)
-            self.kept_step = info.get("step") if info else None
-        atomic_write_json(self.dir / "config.json", config)
-        atomic_write_json(self.dir / "env.json", env)
-        if not resumed:
-            atomic_write_bytes(self.dir / "metrics.jsonl", b"")
+            self._start_resumed(config, env, prov)
+            return
+        restart = getattr(self.run_dir, "mode", None) == "restart"
+        earlier = read_history(self.dir) if restart else []
+        changed = _changes(_last_provenance(earlier, self.dir), prov) if restart else {}
+        atomic_write_json(self.dir / CONFIG, config)
+        atomic_write_json(self.dir / ENV, env)
+        atomic_write_bytes(self.dir / METRICS, b"")
+        if not restart:
+            atomic_write_bytes(self.dir / HISTORY, b"")
+        append_line(self.dir / HISTORY, self._event("restart" if restart else "start", prov,
+                                                    step=0, **({"changed": changed}
+                                                               if restart else {})))
+
+    def _start_resumed(self, config: dict, env: dict, prov: dict) -> None:
+        info = checkpoint_info(self.dir)
+        if info and "error" not in info:
+            self.kept_step = info.get("step")
+            if info.get("source") != LAST_JSON:  # last.json lagged (a kill between writes)
+                write_checkpoint_info(self.dir, info)
+        recorded = _read_json(self.dir / CONFIG)
+        edited = []
+        if not isinstance(recorded, dict):
+            atomic_write_json(self.dir / CONFIG, config)
+            self._note(f"{self.dir / CONFIG} was missing or unreadable: written again from "
+                       "the checkpoint's config")
+        else:
+            edited = [f"{k}: {a!r} in the file, {b!r} in the run"
+                      for k, a, b in dict_diffs(recorded, config, RESUME_EXEMPT)]
+            if edited:
+                self._note(f"{self.dir / CONFIG} was edited by hand ({'; '.join(edited[:3])}"
+                           f"{'; ...' if len(edited) > 3 else ''}); the run continues with "
+                           "its checkpoint's config, the file is left as it is, and "
+                           "history.jsonl records the difference")
+        if not isinstance(_read_json(self.dir / ENV), dict):
+            atomic_write_json(self.dir / ENV, env)
+        changed = _changes(_last_provenance(read_history(self.dir), self.dir), prov)
+        data = {k: v for k, v in changed.items() if k.startswith("data.")
+                and k != "data.data_dir"}
+        if data:
+            self._note("resuming on other data than the run's last start ("
+                       + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in data.items())
+                       + f"); {HISTORY} records both")
+        append_line(self.dir / HISTORY, self._event(
+            "resume", prov, step=info.get("step") if info else None,
+            stage=info.get("stage") if info else None, changed=changed,
+            **({"config_json_edited": edited} if edited else {})))
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
             return
-        append_line(self.dir / "metrics.jsonl", metrics)
+        append_line(self.dir / METRICS, metrics)
 
     def truncate_log(self, keep_steps_upto: int) -> None:
         """On resume: drop metrics lines written after the checkpoint being resumed."""
         if not self.enabled:
             return
-        path = self.dir / "metrics.jsonl"
+        path = self.dir / METRICS
         if not path.exists():
             return
-        kept = []
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill: drop it
-                continue
-            if row.get("step", 0) <= keep_steps_upto:
-                kept.append(strict_dumps(row))
+        kept = [strict_dumps(row) for row in read_jsonl(path)
+                if row.get("step", 0) <= keep_steps_upto]
         atomic_write_bytes(path, ("\n".join(kept) + ("\n" if kept else "")).encode())
 
     def kept_note(self) -> str:
@@ -333,15 +612,14 @@ class RunRecorder:
         return "no checkpoint had been written yet"
 
     def checkpoint(self, state: dict) -> None:
-        """Write `state` as checkpoints/last.pt (and its step and stage as last.json) unless
-        it holds a NaN or an infinity: then TrainingDiverged, and the last good checkpoint
+        """Write `state` as checkpoints/last.pt, then last.json stamped with it, unless it
+        holds a NaN or an infinity: then TrainingDiverged, and the last good checkpoint
         stays. A failed write (full disk) is one CheckpointError line; the previous
         checkpoint stays."""
         if self.dir is None:
             return
         step = state.get("step")
-        n, bad = nonfinite(named_tensors({k: v for k, v in state.items()
-                                          if k not in ("rng", "config", "epochs")}))
+        n, bad = nonfinite(state_tensors(state))
         if bad:
             raise TrainingDiverged(
                 f"the state at step {step} holds NaN or infinite values ({len(bad)} of {n} "
@@ -350,20 +628,18 @@ class RunRecorder:
         if not self.enabled:
             return
         try:
-            save_checkpoint(self.checkpoint_path, state)
+            save_checkpoint(self.checkpoint_path, state, overwrite=True)
         except RunDirError as e:
             raise CheckpointError(f"could not write the checkpoint of step {step}: "
                                   f"{str(e).split('; the previous')[0]}; "
                                   f"{self.kept_note()}") from None
         self.kept_step = step
-        atomic_write_json(self.checkpoint_info_path, {
-            "step": step, "epoch": state.get("epoch"), "stage": state.get("stage", "train"),
-            "timed_s": state.get("timed_s"), "world_size": state.get("world_size")})
+        write_checkpoint_info(self.dir, _info_of(state))
 
     def finish(self, result: dict) -> None:
         """Write result.json (the run is finished) and release the directory."""
         if self.enabled:
-            atomic_write_json(self.dir / "result.json", result)
+            atomic_write_json(self.dir / RESULT, result)
         self.close()
 
     def close(self) -> None:
@@ -372,6 +648,13 @@ class RunRecorder:
             self.run_dir = None
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _last_provenance(history: list[dict], run_dir: Path) -> dict:
+    """The provenance of the run's latest start: history's last, else env.json's."""
+    for entry in reversed(history):
+        if isinstance(entry.get("provenance"), dict):
+            return entry["provenance"]
+    return provenance(_read_json(run_dir / CONFIG) or {}, _read_json(run_dir / ENV) or {})
+
+
+def _changes(before: Mapping, now: Mapping) -> dict:
+    return {k: [before.get(k), v] for k, v in now.items() if before.get(k) != v}

@@ -1,25 +1,32 @@
 """The run-directory contract, in one place.
 
 A run directory (`--out`, `run.out_dir`) is the user's data. This module decides, before any
-data is read and before anything in the directory changes, whether a run may use it:
+data is read and before anything in the directory changes, whether a run may use it, and
+reads what a directory holds (`inspect`) for every tool that reports on runs:
 
 - **Location**: a file, a path below a file, a read-only or pseudo file system (/proc,
-  /sys) or a folder without write permission is refused (`check_location`).
+  /sys) or a folder without write permission is refused (`check_location`; a tool's output
+  file: `check_file_location`).
 - **Lock**: the run holds an exclusive `flock` on `.fastres.lock` in the directory for its
   whole life; the OS releases it when the process ends, however it ends. A second run
   into the same directory is refused, naming the holder's PID (`claim`).
 - **Refusal**: a new run into a directory that holds files is refused unless `--resume`
   (continue it) or `--overwrite` (move its files to a timestamped sibling,
-  `OUT.old-YYYYmmdd-HHMMSS`; nothing is deleted).
+  `OUT.old-YYYYmmdd-HHMMSS`; nothing is deleted). Tools that write a folder (speedrun,
+  table, profile --trace, device-check) take it under the same rules (`claim` with their
+  own flag name, and no --resume where they have none).
+- **Clean start**: what a kill left half-written (`.NAME.XXXXXXXX.tmp` of an atomic write)
+  is removed when the directory is next claimed, under the lock.
 - **Resume**: `plan_run` reads what is there: a finished run (result.json) is reported and
-  left alone; a checkpoint is resumed (checked against the config, world size and model
-  first, `check_compatible`, `check_weights_fit`); a run stopped before its first
-  checkpoint starts again from step 0 with its recorded config. A torchrun restart
-  (TORCHELASTIC_RESTART_COUNT > 0, passed in by the tool) of the job that holds the
-  directory resumes without a flag.
+  left alone; a checkpoint is resumed (checked for NaN/inf, against the config, world size
+  and model first: `read_checkpoint`, `check_compatible`, `check_weights_fit`); a run
+  stopped before its first checkpoint starts again from step 0 with its recorded config. A
+  torchrun restart (TORCHELASTIC_RESTART_COUNT > 0, passed in by the tool) of the job that
+  holds the directory resumes without a flag.
 
 The library reads no environment: `fastres train` passes the restart count and job id.
 Only the main rank claims the directory; every rank plans (they read the same files).
+Writing is `fastres.engine.records` (this module imports it; it does not import this one).
 """
 from __future__ import annotations
 
@@ -30,25 +37,35 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from fastres.config import TRAIN_SIZES, num_classes_for
 from fastres.errors import CheckpointError, ConfigError, RunDirError
 
-from .records import load_checkpoint, state_dict_mismatch
+from . import records
+from .records import (CHECKPOINTS, CONFIG, ENV, LAST_JSON, LAST_PT, METRICS, RECORD_FILES,
+                      RESULT, RESUME_EXEMPT, RunRecorder, checkpoint_info, config_diffs,
+                      load_checkpoint, read_history, read_jsonl, remove_stale_temps,
+                      state_dict_mismatch)
+
+__all__ = ["LOCK_NAME", "RESUME_EXEMPT", "RunDir", "RunInfo", "RunPlan", "check_compatible",
+           "check_data_fits", "check_file_location", "check_location", "check_resume",
+           "check_weights_fit", "claim", "config_diffs", "contents", "describe",
+           "ensure_free", "held", "inspect", "lock_info", "open_recorder", "plan_run",
+           "read_checkpoint"]
 
 LOCK_NAME = ".fastres.lock"
 # File systems that cannot hold a run, whatever the permissions say.
 _PSEUDO_FS = {"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
               "pstore", "bpf", "configfs", "efivarfs", "fusectl", "binfmt_misc"}
-# Config fields a resume may change (where the data are, how progress shows, workers).
-RESUME_EXEMPT = {("run", "out_dir"), ("run", "progress"), ("data", "data_dir"),
-                 ("data", "download"), ("data", "workers")}
 # Training-set sizes of the data sets the config names, known before any file is read.
-TRAIN_SIZES = {"cifar10": 50000, "cifar100": 50000}
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+# Files whose half-written temporaries a claim removes: the run's records, its checkpoint,
+# and what the tools write into their folders.
+TEMP_TARGETS = (*RECORD_FILES, LAST_PT, LAST_JSON, "speedrun.json", "speedrun.png",
+                "table.md", "table.csv", "table.png", "summary.json", "summary.md")
 
 
 # --------------------------------------------------------------------------- location
@@ -72,33 +89,59 @@ def _mount_of(path: Path) -> tuple[str, str] | None:
     return best
 
 
-def check_location(out) -> Path:
-    """The absolute run-directory path, or RunDirError when no run can live there.
-    Reads only; changes nothing."""
-    given = str(out)
-    path = Path(os.path.abspath(os.path.expanduser(given)))
-    if path.exists() and not path.is_dir():
-        raise RunDirError(f"--out {given} is a file, not a folder; choose a folder for the "
-                          "run's records")
+def _abs(given) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(str(given))))
+
+
+def _check_writable_below(given: str, path: Path, flag: str, what: str) -> None:
+    """RunDirError unless something can be created at `path`: its nearest existing
+    ancestor is a writable folder on a real, writable file system."""
     base = path
     while not base.exists():
         base = base.parent
     if not base.is_dir():
-        raise RunDirError(f"--out {given} lies below {base}, which is a file; choose a folder")
+        raise RunDirError(f"{flag} {given} lies below {base}, which is a file; choose a "
+                          f"{what}")
     mount = _mount_of(Path(os.path.realpath(base)))
     if mount is not None and mount[1] in _PSEUDO_FS:
-        raise RunDirError(f"--out {given} is on {mount[0]} ({mount[1]}), which cannot hold a "
-                          "run's files; choose a folder on a disk")
+        raise RunDirError(f"{flag} {given} is on {mount[0]} ({mount[1]}), which cannot hold "
+                          f"files; choose a {what} on a disk")
     try:
         read_only = bool(os.statvfs(base).f_flag & os.ST_RDONLY)
     except OSError:
         read_only = False
     if read_only:
-        raise RunDirError(f"--out {given}: {base} is on a read-only file system; choose a "
-                          "writable folder")
+        raise RunDirError(f"{flag} {given}: {base} is on a read-only file system; choose a "
+                          f"writable {what}")
     if not os.access(base, os.W_OK | os.X_OK):
-        raise RunDirError(f"--out {given}: {base} is not writable (permission denied); choose "
-                          "a writable folder")
+        raise RunDirError(f"{flag} {given}: {base} is not writable (permission denied); "
+                          f"choose a writable {what}")
+
+
+def check_location(out, *, flag: str = "--out") -> Path:
+    """The absolute folder path, or RunDirError when no run (or tool output) can live
+    there. `flag` names the option in the message. Reads only; changes nothing."""
+    given = str(out)
+    path = _abs(given)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{flag} {given} is a file, not a folder; choose a folder")
+    _check_writable_below(given, path, flag, "folder")
+    return path
+
+
+def check_file_location(target, *, flag: str = "--json") -> Path:
+    """The absolute path of an output file, or RunDirError when it cannot be written
+    there: a folder, a path below a file, a pseudo or read-only file system, a folder
+    without write permission. Whether an existing file may be replaced is the caller's
+    rule (the tools': only with --overwrite). Reads only; changes nothing."""
+    given = str(target)
+    path = _abs(given)
+    if path.is_dir():
+        raise RunDirError(f"{flag} {given} is a folder; give a file name (e.g. "
+                          f"{Path(given) / 'result.json'})")
+    if path.exists() and not path.is_file():
+        raise RunDirError(f"{flag} {given} is not a regular file; give a file name")
+    _check_writable_below(given, path.parent, flag, "file location")
     return path
 
 
@@ -112,38 +155,138 @@ def contents(path: Path) -> list[str]:
         return []
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(path: Path):
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
 
 
-def checkpoint_info(path) -> dict | None:
-    """checkpoints/last.json (step, epoch, stage of last.pt), when present and readable."""
-    return _read_json(Path(path) / "checkpoints" / "last.json")
-
-
 def lock_info(path) -> dict:
     """Who holds (or last held) the directory: pid, host, job, since."""
-    return _read_json(Path(path) / LOCK_NAME) or {}
+    info = _read_json(Path(path) / LOCK_NAME)
+    return info if isinstance(info, dict) else {}
+
+
+@dataclass
+class RunInfo:
+    """What a run directory holds, read without changing anything (`inspect`).
+
+    state: missing (no such folder) | empty | finished (result.json) | checkpoint (an
+    unfinished run with checkpoints/last.pt) | started (config.json, stopped before its
+    first checkpoint) | other (files, but no fastres run).
+    config, env, result: the JSON records (None when absent; `problems` names the files
+    that exist but cannot be read). checkpoint: `records.checkpoint_info` (step, epoch,
+    stage, timed_s, world_size; last.json when it matches last.pt, else read from last.pt).
+    history: history.jsonl's lines (one per start, restart and resume). epochs_logged:
+    metrics.jsonl lines that close an epoch.
+    """
+
+    path: Path
+    state: str
+    names: list[str] = field(default_factory=list)
+    config: dict | None = None
+    env: dict | None = None
+    result: dict | None = None
+    checkpoint: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    epochs_logged: int = 0
+    problems: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "finished"
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        ckpt = self.path / CHECKPOINTS / LAST_PT
+        return ckpt if self.checkpoint is not None else None
+
+    @property
+    def step(self) -> int | None:
+        return (self.checkpoint or {}).get("step")
+
+    @property
+    def stage(self) -> str | None:
+        """'finished', or the checkpoint's stage ('train', 'final_eval'), or None."""
+        if self.finished:
+            return "finished"
+        return (self.checkpoint or {}).get("stage")
+
+    @property
+    def data_fingerprints(self) -> list[str]:
+        """Every data fingerprint the run trained on, in order (more than one: it was
+        resumed on another copy of the data)."""
+        seen = [((self.env or {}).get("data") or {}).get("fingerprint")]
+        seen += [(h.get("provenance") or {}).get("data.fingerprint") for h in self.history]
+        out = []
+        for fp in seen:
+            if fp and fp not in out:
+                out.append(fp)
+        return out
+
+    def require(self, *names: str) -> None:
+        """RunDirError naming the first of the record files `names` (config, env, result)
+        that is missing or unreadable."""
+        for name in names:
+            file = {"config": CONFIG, "env": ENV, "result": RESULT}[name]
+            if getattr(self, name) is None:
+                why = self.problems.get(file, "missing")
+                raise RunDirError(f"{self.path / file}: {why}; the run record is incomplete "
+                                  "(re-run that training or leave its directory out)")
+
+    def describe(self) -> str:
+        """What the directory holds, in a few words, for messages."""
+        if self.state == "finished":
+            top1 = (self.result or {}).get("top1")
+            return "a finished run" + (f" (top-1 {top1:.4f})" if isinstance(top1, float)
+                                       else "")
+        if self.state == "checkpoint":
+            info = self.checkpoint or {}
+            return "an unfinished run" + (f" (checkpoint at step {info['step']})"
+                                          if info.get("step") is not None
+                                          else " (with a checkpoint)")
+        if self.state == "started":
+            return "a run stopped before its first checkpoint"
+        n = len(self.names)
+        return (f"{n} file{'s' if n != 1 else ''} ({', '.join(self.names[:3])}"
+                f"{', ...' if n > 3 else ''})")
+
+
+def inspect(path) -> RunInfo:
+    """What the run directory `path` holds (`RunInfo`). Reads only; never raises for a
+    missing or damaged record (see `RunInfo.problems` and `RunInfo.require`)."""
+    path = Path(path)
+    if not path.is_dir():
+        return RunInfo(path, "missing")
+    names = contents(path)
+    info = RunInfo(path, "empty" if not names else "other", names)
+    for attr, file in (("config", CONFIG), ("env", ENV), ("result", RESULT)):
+        f = path / file
+        if not f.exists():
+            continue
+        value = _read_json(f)
+        if isinstance(value, dict):
+            setattr(info, attr, value)
+        else:
+            info.problems[file] = "unreadable (not a JSON object)"
+    info.checkpoint = checkpoint_info(path)
+    if info.checkpoint is not None and "error" in info.checkpoint:
+        info.problems[f"{CHECKPOINTS}/{LAST_PT}"] = info.checkpoint["error"]
+    info.history = read_history(path)
+    info.epochs_logged = sum("epoch_s" in row for row in read_jsonl(path / METRICS))
+    if (path / RESULT).is_file():
+        info.state = "finished"
+    elif info.checkpoint is not None:
+        info.state = "checkpoint"
+    elif (path / CONFIG).is_file():
+        info.state = "started"
+    return info
 
 
 def describe(path) -> str:
     """What a directory holds, in a few words, for refusal messages."""
-    path = Path(path)
-    if (path / "result.json").is_file():
-        res = _read_json(path / "result.json") or {}
-        top1 = res.get("top1")
-        return "a finished run" + (f" (top-1 {top1:.4f})" if isinstance(top1, float) else "")
-    if (path / "checkpoints" / "last.pt").is_file():
-        info = checkpoint_info(path) or {}
-        return "an unfinished run" + (f" (checkpoint at step {info['step']})"
-                                      if "step" in info else " (with a checkpoint)")
-    if (path / "config.json").is_file():
-        return "a run stopped before its first checkpoint"
-    names = contents(path)
-    return f"{len(names)} other file(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    return inspect(path).describe()
 
 
 # --------------------------------------------------------------------------- lock
@@ -165,6 +308,7 @@ class RunDir:
         self.started = False
         self.mode = "new"
         self.moved_to: Path | None = None
+        self.removed: list[Path] = []
         self.key = _key(path)
 
     def __repr__(self) -> str:
@@ -200,12 +344,7 @@ class RunDir:
         names = contents(self.path)
         if not names:
             return None
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = self.path.with_name(f"{self.path.name}.old-{stamp}")
-        i = 1
-        while aside.exists():
-            i += 1
-            aside = self.path.with_name(f"{self.path.name}.old-{stamp}-{i}")
+        aside = aside_path(self.path)
         moved = 0
         try:
             aside.mkdir()
@@ -213,11 +352,25 @@ class RunDir:
                 shutil.move(str(self.path / name), str(aside / name))
                 moved += 1
         except OSError as e:
-            raise RunDirError(f"--overwrite: could not move the previous run in {self.path} to "
-                              f"{aside} ({e.strerror or e}); {moved} of {len(names)} entries "
-                              "were moved, none deleted") from None
+            raise RunDirError(f"--overwrite: could not move the previous contents of "
+                              f"{self.path} to {aside} ({e.strerror or e}); {moved} of "
+                              f"{len(names)} entries were moved, none deleted") from None
         self.moved_to = aside
         return aside
+
+
+def aside_path(path: Path) -> Path:
+    """A new sibling name for what `--overwrite` moves aside: NAME.old-<time>[-i], before
+    the suffix for a file (report.old-<time>.json)."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stem, suffix = (path.stem, path.suffix) if path.is_file() else (path.name, "")
+    i = 1
+    aside = path.with_name(f"{stem}.old-{stamp}{suffix}")
+    while aside.exists():
+        i += 1
+        aside = path.with_name(f"{stem}.old-{stamp}-{i}{suffix}")
+    return aside
 
 
 def held(path) -> RunDir | None:
@@ -237,8 +390,8 @@ def _lock_or_raise(fd: int, path: Path) -> None:
         if info.get("host") and info["host"] != socket.gethostname():
             who += f" on {info['host']}"
         since = f", since {info['since']}" if info.get("since") else ""
-        raise RunDirError(f"{path} is in use by another fastres run ({who}{since}); wait for "
-                          "it to end, stop it, or choose another --out") from None
+        raise RunDirError(f"{path} is in use by another fastres process ({who}{since}); wait "
+                          "for it to end, stop it, or choose another folder") from None
 
 
 def _open_lock(path: Path, create: bool) -> int:
@@ -246,60 +399,64 @@ def _open_lock(path: Path, create: bool) -> int:
     try:
         return os.open(path / LOCK_NAME, flags, 0o644)
     except OSError as e:
-        raise RunDirError(f"cannot use {path} as a run directory: {e.strerror or e} "
+        raise RunDirError(f"cannot use {path} as an output folder: {e.strerror or e} "
                           f"({path / LOCK_NAME})") from None
 
 
-def _refuse(path: Path) -> RunDirError:
+def _refuse(path: Path, flag: str, resumable: bool) -> RunDirError:
+    what = describe(path)
+    hint = "continue it with --resume, " if resumable and what.startswith(("a ", "an ")) \
+        else ""
     return RunDirError(
-        f"{path} already holds {describe(path)}; continue it with --resume, move it aside "
-        f"with --overwrite (to {path.name}.old-<time>, nothing is deleted), or choose another "
-        "--out")
+        f"{path} already holds {what}; {hint}move it aside with --overwrite (to "
+        f"{path.name}.old-<time>, nothing is deleted), or choose another {flag}")
 
 
-def claim(out, mode: str = "new", *, job: str | None = None) -> RunDir:
-    """Take the run directory for a run: check the location, lock it, and apply `mode`:
+def claim(out, mode: str = "new", *, job: str | None = None, flag: str = "--out",
+          resumable: bool = True) -> RunDir:
+    """Take a run directory (or a tool's output folder): check the location, lock it,
+    remove what a kill left half-written, and apply `mode`:
 
     new        refuse a directory holding files (RunDirError); create it when missing
-    resume     the run continues what is there (planned and checked by the caller)
+    resume     use what is there (a run continues; a tool updates its own folder)
     restart    a run that left no checkpoint starts again from step 0 in place
     overwrite  move what is there to OUT.old-<time>, then start fresh
 
     A directory already held by this process is reused. Raises RunDirError (one line) for
-    an unusable location, a directory in use (naming the PID), or a refused one.
+    an unusable location, a directory in use (naming the PID), or a refused one; a refused
+    claim changes nothing. `flag` and `resumable` shape the messages of tools that call
+    their folder something else, or have no --resume.
     """
     if mode not in ("new", "resume", "restart", "overwrite"):
         raise ValueError(f"unknown run-directory mode {mode!r}")
-    path = check_location(out)
+    path = check_location(out, flag=flag)
     rd = held(path)
     if rd is None:
-        fd = None
-        if (path / LOCK_NAME).exists():
-            fd = _open_lock(path, create=False)
-            _lock_or_raise(fd, path)
-        if mode == "new" and contents(path):
-            if fd is not None:
-                os.close(fd)  # closing releases the lock; the file stays as it was
-            raise _refuse(path)
-        created_dir = created_lock = False
-        if fd is None:
-            if not path.exists():
-                try:
-                    path.mkdir(parents=True)
-                    created_dir = True
-                except FileExistsError:
-                    pass
-                except OSError as e:
-                    raise RunDirError(f"cannot create the run directory {path}: "
-                                      f"{e.strerror or e}") from None
-            created_lock = not (path / LOCK_NAME).exists()
-            fd = _open_lock(path, create=True)
-            _lock_or_raise(fd, path)
-            if mode == "new" and contents(path):  # another run got in first
-                rd = RunDir(path, fd, created_dir, created_lock)
-                rd.release()
-                raise _refuse(path)
+        if mode == "new" and not (path / LOCK_NAME).exists():
+            leftovers = {p.name for p in records.stale_temps(path, TEMP_TARGETS)}
+            if [n for n in contents(path) if n not in leftovers]:
+                # A folder holding anything but a kill's leftovers: refused untouched.
+                raise _refuse(path, flag, resumable)
+        created_dir = False
+        if not path.exists():
+            try:
+                path.mkdir(parents=True)
+                created_dir = True
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise RunDirError(f"cannot create {path}: {e.strerror or e}") from None
+        created_lock = not (path / LOCK_NAME).exists()
+        fd = _open_lock(path, create=True)
+        _lock_or_raise(fd, path)
         rd = RunDir(path, fd, created_dir, created_lock)
+        leftovers = {p.name for p in records.stale_temps(path, TEMP_TARGETS)}
+        if mode == "new" and [n for n in contents(path) if n not in leftovers]:
+            rd.release()  # refused: nothing changed, not even the leftovers
+            raise _refuse(path, flag, resumable)
+        # Under the lock no other fastres process writes here: a temporary file is what a
+        # kill left between an atomic write and its rename.
+        rd.removed = _remove_temps(path)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "job": job,
                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         try:
@@ -309,11 +466,41 @@ def claim(out, mode: str = "new", *, job: str | None = None) -> RunDir:
             pass  # the lock holds without its note; a refusal then says "another process"
         _HELD[rd.key] = rd
     elif mode == "new" and contents(path):
-        raise _refuse(path)  # this process ran in it already (a library caller)
+        raise _refuse(path, flag, resumable)  # this process ran in it already (a library caller)
     if mode == "overwrite":
         rd.move_aside()
     rd.mode = mode
     return rd
+
+
+def _remove_temps(path: Path) -> list[Path]:
+    return (remove_stale_temps(path, TEMP_TARGETS)
+            + remove_stale_temps(path / CHECKPOINTS, TEMP_TARGETS))
+
+
+def claim_for_recorder(path: Path, resumed: bool) -> RunDir:
+    """The directory a `RunRecorder(path)` writes into: the claim `fastres train` (or
+    `run_training`) made before loading data when this process holds one not yet written
+    into, else a claim of its own (a library call of train(): locked, and refused when it
+    holds files and `resumed` is false)."""
+    rd = held(path)
+    if rd is not None and not rd.started:
+        return rd
+    return claim(path, "resume" if resumed else "new")
+
+
+records.claim_path = claim_for_recorder
+
+
+def open_recorder(out, *, enabled: bool = True, resumed: bool = False,
+                  say=None) -> RunRecorder:
+    """A RunRecorder for `out` (None: no records), claimed now when `enabled`: what
+    train()'s default recorder should be (it claims at its start instead)."""
+    if not out:
+        return RunRecorder(None, enabled=enabled, say=say)
+    if not enabled:
+        return RunRecorder(Path(out), enabled=False, say=say)
+    return RunRecorder(claim_for_recorder(check_location(out), resumed), say=say)
 
 
 # --------------------------------------------------------------------------- resume
@@ -340,6 +527,17 @@ class RunPlan:
     def claim_mode(self) -> str:
         return {"finished": "resume"}.get(self.action, self.action)
 
+    def where(self) -> str:
+        """Where a resume continues, for the user: step, epoch, stage, checkpoint."""
+        if self.state is None:
+            return ""
+        s = self.state
+        epoch = s.get("epoch")
+        into = f", {s['epoch_step']} steps into epoch {epoch + 1}" \
+            if s.get("epoch_step") and isinstance(epoch, int) else ""
+        return (f"resuming {self.out} from step {s.get('step')} (epoch {epoch}{into}, stage "
+                f"{s.get('stage', 'train')}): {self.out / CHECKPOINTS / LAST_PT}")
+
 
 def ensure_free(path) -> None:
     """RunDirError naming the holder when another process holds the directory's lock
@@ -350,6 +548,17 @@ def ensure_free(path) -> None:
     fd = _open_lock(path, create=False)
     _lock_or_raise(fd, path)  # closes fd and raises when held elsewhere
     os.close(fd)  # closing releases the probe's lock
+
+
+def read_checkpoint(path, *, what: str = "checkpoint") -> dict:
+    """A run checkpoint's state, checked: readable, a fastres checkpoint, finite (NaN/inf
+    named), with the run config and model weights the resume and the evaluation need."""
+    state = load_checkpoint(path)
+    for key, holds in (("config", "run config"), ("model", "model weights")):
+        if not isinstance(state.get(key), dict):
+            raise CheckpointError(f"{path} holds no {holds} ({key!r} entry missing); is it "
+                                  f"a fastres run {what} (checkpoints/last.pt)?")
+    return state
 
 
 def plan_run(out, *, resume: bool = False, overwrite: bool = False, restart_count: int = 0,
@@ -382,47 +591,33 @@ def plan_run(out, *, resume: bool = False, overwrite: bool = False, restart_coun
         return RunPlan(path, "overwrite")
     if not resume:
         return RunPlan(path, "new")
-    if not contents(path):
+    info = inspect(path)
+    if info.state in ("missing", "empty"):
         if restarted:
             return RunPlan(path, "new", note=note)
         raise CheckpointError(f"nothing to resume: {out} "
-                              f"{'does not exist' if not path.exists() else 'is empty'} "
+                              f"{'does not exist' if info.state == 'missing' else 'is empty'} "
                               "(start the run without --resume)")
-    if (path / "result.json").is_file():
-        result = _read_json(path / "result.json")
-        config = _read_json(path / "config.json")
-        if result is None or config is None:
+    if info.finished:
+        if info.result is None or info.config is None:
             raise CheckpointError(f"{out} holds a result.json but its result.json or "
                                   "config.json cannot be read")
-        return RunPlan(path, "finished", config=config, world_size=result.get("world_size"),
-                       result=result, note=note)
-    ckpt = path / "checkpoints" / "last.pt"
-    if ckpt.is_file():
-        state = load_checkpoint(ckpt)
+        return RunPlan(path, "finished", config=info.config,
+                       world_size=info.result.get("world_size"), result=info.result,
+                       note=note)
+    if info.state == "checkpoint":
+        state = read_checkpoint(path / CHECKPOINTS / LAST_PT)
         return RunPlan(path, "resume", state=state, config=state.get("config"),
                        world_size=state.get("world_size", 1), note=note)
-    config = _read_json(path / "config.json")
-    if config is not None:
-        env = _read_json(path / "env.json") or {}
-        return RunPlan(path, "restart", config=config, world_size=env.get("world_size"),
+    if info.state == "started" and info.config is not None:
+        return RunPlan(path, "restart", config=info.config,
+                       world_size=(info.env or {}).get("world_size"),
                        note=note or f"{out} holds no checkpoint yet (the run stopped before "
                                     "its first one): starting it again from step 0 with its "
                                     "recorded config")
-    raise CheckpointError(f"nothing to resume: {out} holds {describe(path)} but no fastres "
-                          f"run (no checkpoints/last.pt, no config.json); start a new run "
-                          "with --overwrite or another --out")
-
-
-def config_diffs(saved: dict, now: dict) -> list[str]:
-    """'section.key: checkpoint A vs now B' for each field a resume may not change."""
-    out = []
-    for sec, vals in now.items():
-        for k, v in vals.items():
-            old = (saved or {}).get(sec, {}).get(k, v)
-            if (sec, k) in RESUME_EXEMPT or old == v or (isinstance(v, tuple) and list(v) == old):
-                continue
-            out.append(f"{sec}.{k}: checkpoint {old!r} vs now {v!r}")
-    return out
+    raise CheckpointError(f"nothing to resume: {out} holds {info.describe()} but no fastres "
+                          f"run (no checkpoints/last.pt, no readable config.json); start a new "
+                          "run with --overwrite or another --out")
 
 
 def check_compatible(saved_config: dict | None, saved_world_size: int | None, cfg,
@@ -443,9 +638,9 @@ def check_compatible(saved_config: dict | None, saved_world_size: int | None, cf
 
 def num_classes_of(out, cfg) -> int:
     """The class count a run recorded (env.json), else the data set's."""
-    env = _read_json(Path(out) / "env.json") or {}
-    n = (env.get("data") or {}).get("num_classes")
-    return int(n) if isinstance(n, int) and n > 0 else NUM_CLASSES.get(cfg.data.dataset, 10)
+    env = _read_json(Path(out) / ENV) or {}
+    n = (env.get("data") or {}).get("num_classes") if isinstance(env, dict) else None
+    return int(n) if isinstance(n, int) and n > 0 else num_classes_for(cfg.data.dataset)
 
 
 def check_weights_fit(cfg, weights, num_classes: int, what: str) -> None:
@@ -467,22 +662,21 @@ def check_resume(plan: RunPlan, cfg, world_size: int) -> None:
         return
     check_compatible(plan.config, plan.world_size, cfg, world_size)
     if plan.state is not None:
-        if "model" not in plan.state:
-            raise CheckpointError(f"{plan.out / 'checkpoints' / 'last.pt'} holds no model "
-                                  "weights ('model' entry missing)")
         check_weights_fit(cfg, plan.state["model"], num_classes_of(plan.out, cfg),
-                          f"checkpoint {plan.out / 'checkpoints' / 'last.pt'}")
+                          f"checkpoint {plan.out / CHECKPOINTS / LAST_PT}")
 
 
 # --------------------------------------------------------------------------- data size
 
-def check_data_fits(cfg, world_size: int = 1) -> None:
-    """ConfigError when not one full batch fits in the training set, from the data set's
-    known size and data.train_limit (before the data are read)."""
+def check_data_fits(cfg, world_size: int = 1, n_train: int | None = None) -> None:
+    """ConfigError naming the batch and the data size when not one full batch fits in the
+    training set. `n_train`: the training set's size when the data are at hand (a
+    library caller's own data); otherwise the size of the data set the config names, known
+    before any file is read. data.train_limit applies either way."""
     from fastres.distributed import Dist, split_batch
 
     d = cfg.data
-    full = TRAIN_SIZES.get(d.dataset)
+    full = n_train if n_train is not None else TRAIN_SIZES.get(d.dataset)
     if full is None:
         return
     limited = 0 < d.train_limit < full
@@ -491,10 +685,13 @@ def check_data_fits(cfg, world_size: int = 1) -> None:
     per_rank = n // world_size
     if per_rank_batch <= per_rank:
         return
-    where = f"{n} images" + (" (data.train_limit)" if limited else f" in {d.dataset}")
+    where = f"{n} images" + (" (data.train_limit)" if limited else
+                             " in the data given" if n_train is not None else
+                             f" in {d.dataset}")
     if world_size > 1:
         where += f", {per_rank} per process over {world_size} processes"
     most = per_rank * world_size if d.batch_scope == "global" else per_rank
     raise ConfigError(f"data.batch_size={d.batch_size} is larger than the training set "
                       f"({where}), so there is not one full batch to train on; lower "
-                      f"data.batch_size to at most {most}")
+                      f"data.batch_size to at most {most}" + (
+                          "" if most > 0 else " (the training set is empty)"))
