@@ -12,8 +12,10 @@
             ...
 
 Loaders, by name:
-  tensor  the whole uint8 data set on the device, whole-batch tensor augmentation (tensor.py)
-  dali    an NVIDIA DALI pipeline fed from memory, GPU operators on a GPU (dali.py)
+  tensor  the whole uint8 data set on the device, augmented in whole-epoch tensor ops on a
+          GPU (each batch a slice), batch by batch on the CPU (tensor.py)
+  dali    an NVIDIA DALI pipeline fed whole batches gathered from the data set on the
+          device: on a GPU a GPU external source and GPU operators, no host copy (dali.py)
   torch   torchvision Dataset + DataLoader + transforms, the baseline (torch_loader.py)
 
 All three take the same `LoaderOptions`, apply the same augmentation with the same meaning
@@ -27,7 +29,7 @@ from __future__ import annotations
 from fastres.errors import ConfigError, unknown_choice
 
 from .base import (Augment, EpochLoader, EpochPlan, Loader, LoaderOptions, check_loader,
-                   dataset_stats, normalize, shard_indices)
+                   dataset_stats, endless, normalize, shard_indices)
 from .dali import DaliLoader, dali_available
 from .tensor import TensorLoader
 from .torch_loader import TorchLoader
@@ -66,4 +68,5 @@ def available_loaders() -> list[str]:
 
 __all__ = ["Augment", "DaliLoader", "EpochLoader", "EpochPlan", "LOADERS", "LOADER_CLASSES",
            "Loader", "LoaderOptions", "TensorLoader", "TorchLoader", "available_loaders",
-           "build_loader", "check_loader", "dataset_stats", "normalize", "shard_indices"]
+           "build_loader", "check_loader", "dataset_stats", "endless", "normalize",
+           "shard_indices"]

@@ -383,15 +383,21 @@ class EpochPlan:
         if device.type == "cpu":
             return self
         present = {k: v for k, v in self.fields().items() if v is not None}
-        packed = torch.stack(list(present.values())).pin_memory().to(device, non_blocking=True)
+        packed = torch.stack(list(present.values()))
+        if device.type == "cuda":
+            packed = packed.pin_memory()
+        packed = packed.to(device, non_blocking=True)
         return EpochPlan(**dict(zip(present, packed.unbind(0))))
+
+    def slice(self, start: int, stop: int) -> "EpochPlan":
+        """Images start..stop-1 of the plan (views)."""
+        sl = slice(start, min(stop, len(self.indices)))
+        return EpochPlan(**{k: None if v is None else v[sl] for k, v in self.fields().items()})
 
     def batches(self, batch_size: int) -> Iterator["EpochPlan"]:
         """Per-batch views, in order; the last one may be short (eval)."""
-        n = len(self.indices)
-        for start in range(0, n, batch_size):
-            sl = slice(start, min(start + batch_size, n))
-            yield EpochPlan(**{k: None if v is None else v[sl] for k, v in self.fields().items()})
+        for start in range(0, len(self.indices), batch_size):
+            yield self.slice(start, start + batch_size)
 
 
 def plan_epoch(n: int, aug: Augment, *, train: bool, batch_size: int, rank: int,
@@ -551,3 +557,13 @@ class EpochLoader:
                 f"batches={len(self)}, examples={self.num_examples}, device={self.device}, "
                 f"dtype={self.dtype}, rank={self.rank}/{self.world_size}, "
                 f"augment={self.augment})")
+
+
+def endless(loader):
+    """Batches forever, epoch after epoch, with `set_epoch` on each as the trainer calls it
+    (benchmarks and profilers that want more batches than an epoch holds)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastres.tools import pack_dali as pk
+from fastres.tools.gpu_kit import pack_dali as pk
 from fastres.tools.cli import run_tool
 
 PY = "%d.%d" % sys.version_info[:2]
@@ -128,6 +128,76 @@ def test_install_refusals(tiny_kit, tmp_path, capsys):
 def test_pack_refuses_a_used_folder(tmp_path, capsys):
     (tmp_path / "x").write_text("")
     one_line_error(capsys, ["--python", PY, "--out", str(tmp_path)], "not an empty folder")
+
+
+# --------------------------------------------------------------------------- parts in several folders
+
+def spread(kit: Path, tmp_path: Path, n: int = 3) -> list[Path]:
+    """Move the kit's manifest and parts into n folders, round robin (as n transfers
+    would leave them)."""
+    folders = [tmp_path / f"t{i}" for i in range(n)]
+    for f in folders:
+        f.mkdir()
+    m = json.loads((kit / pk.MANIFEST).read_text())
+    (kit / pk.MANIFEST).rename(folders[-1] / pk.MANIFEST)
+    for i, p in enumerate(m["parts"]):
+        (kit / p["name"]).rename(folders[i % n] / p["name"])
+    return folders
+
+
+def test_install_from_several_folders(tiny_kit, tmp_path, capsys):
+    folders = spread(tiny_kit, tmp_path)
+    assert all(any(f.iterdir()) for f in folders)
+    argv = [str(f) for f in folders]
+    assert pk.main(["--verify", *argv]) == 0
+    assert "kit ok" in capsys.readouterr().out
+    target = tmp_path / "site"
+    assert pk.main(["--install", *argv, "--target", str(target)]) == 0
+    assert (target / "nvidia/fake/__init__.py").read_text() == "VALUE = 42\n"
+    # The same folder named twice, and a second identical manifest, change nothing.
+    (folders[0] / pk.MANIFEST).write_bytes((folders[-1] / pk.MANIFEST).read_bytes())
+    assert pk.main(["--verify", *argv, argv[0]]) == 0
+    # One folder alone lacks parts: every missing one is named, with where it looked.
+    err = one_line_error(capsys, ["--verify", argv[-1]], "parts missing in")
+    m = json.loads((folders[-1] / pk.MANIFEST).read_text())
+    assert m["parts"][0]["name"] in err and m["parts"][2]["name"] not in err
+
+
+def test_several_folders_refusals(tiny_kit, tmp_path, capsys):
+    folders = spread(tiny_kit, tmp_path)
+    argv = [str(f) for f in folders]
+    m = json.loads((folders[-1] / pk.MANIFEST).read_text())
+    first = m["parts"][0]["name"]
+    # A part in two folders (an old truncated copy beside a good one): both named.
+    good = folders[0] / first
+    (folders[1] / first).write_bytes(good.read_bytes()[:-5])
+    err = one_line_error(capsys, ["--verify", *argv], f"part {first} is in 2 folders")
+    assert str(folders[1].resolve()) in err and "keep one copy" in err
+    (folders[1] / first).unlink()
+    # A corrupt part in another folder than the manifest's: its path is named.
+    data = bytearray(good.read_bytes())
+    data[7] ^= 1
+    good.write_bytes(bytes(data))
+    target = tmp_path / "site"
+    err = one_line_error(capsys, ["--install", *argv, "--target", str(target)], "corrupt")
+    assert str(good.resolve()) in err
+    assert not target.exists() or not any(target.iterdir())
+    data[7] ^= 1
+    good.write_bytes(bytes(data))
+    # A part of this kit's name that its manifest does not list.
+    stray = folders[1] / (m["whole"]["name"] + ".999")
+    stray.write_bytes(b"x")
+    one_line_error(capsys, ["--verify", *argv], "is not a part of this kit's manifest")
+    stray.unlink()
+    # Two different manifests.
+    other = dict(m, made={"python": "0", "seconds": 0, "date": "x"})
+    (folders[0] / pk.MANIFEST).write_text(json.dumps(other))
+    one_line_error(capsys, ["--verify", *argv], "2 different MANIFEST.json files")
+    (folders[0] / pk.MANIFEST).unlink()
+    # No manifest anywhere; a folder that does not exist.
+    one_line_error(capsys, ["--verify", argv[0], argv[1]], "has no MANIFEST.json")
+    one_line_error(capsys, ["--verify", *argv, str(tmp_path / "nope")], "not a folder")
+    assert pk.main(["--verify", *argv]) == 0
 
 
 # --------------------------------------------------------------------------- the real DALI

@@ -11,6 +11,7 @@ Draws are seeded, so every statistical bound below is checked against one fixed 
 the bounds are 5 standard deviations wide and cannot flake.
 """
 import dataclasses
+import json
 import math
 import sys
 
@@ -557,3 +558,341 @@ def test_gpu_batches_match_cpu(name, dtype):
             else:                   # same float32 arithmetic, same rounding: bit for bit
                 assert torch.equal(x.cpu(), xr)
     assert gpu.sample(4).is_cuda
+
+
+# --------------------------------------------------------------------------- GPU rules on the CPU
+#
+# Issue 20: on an H200 `fastres loader-parity` failed its crop and pixel checks while DALI and
+# the tensor loader agreed with each other. The cause was the check's decoder, not a loader:
+# CUDA divides a float tensor by a Python scalar as a multiplication by the float32
+# reciprocal (ATen's div_true_kernel_cuda), the CPU divides exactly, and the decoder
+# truncated float quotients. `CudaDivision` applies the GPU's rule on the CPU; under it the
+# old decoder reproduced every H200 figure (e.g. speedrun dx counts [15039, 9951, 9914,
+# 4994, 10102], 15,339,520 pixels) from CPU batches, so the GPU batches were right.
+
+class CudaDivision(torch.overrides.TorchFunctionMode):
+    """Float tensor / Python number (or CPU scalar tensor) computed as a * (1/b), with the
+    reciprocal rounded to float32 first, as CUDA kernels do; `ulp` = +-1 also nudges every
+    such quotient one float32 step up or down (any device's last-bit freedom)."""
+
+    DIVS = {torch.Tensor.__truediv__, torch.Tensor.__itruediv__, torch.Tensor.div,
+            torch.Tensor.div_, torch.div, torch.true_divide, torch.Tensor.true_divide}
+
+    def __init__(self, ulp: int = 0):
+        super().__init__()
+        self.ulp = ulp
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func in self.DIVS and len(args) == 2 and not kwargs.get("rounding_mode")
+                and isinstance(args[0], torch.Tensor) and args[0].is_floating_point()
+                and (isinstance(args[1], (int, float))
+                     or isinstance(args[1], torch.Tensor) and args[1].dim() == 0)):
+            a, b = args
+            inv = torch.tensor(1.0) / torch.as_tensor(b, dtype=torch.float32)
+            out = a * inv.to(a.dtype)
+            if self.ulp:
+                out = torch.nextafter(out, torch.full_like(out, self.ulp * math.inf))
+            if func in (torch.Tensor.__itruediv__, torch.Tensor.div_):
+                return a.copy_(out)
+            return out
+        return func(*args, **kwargs)
+
+
+def test_cuda_division_rule_is_what_broke_the_float_decoder():
+    red = torch.tensor([7.0 * 22 + 3])
+    with CudaDivision():
+        col = (red - 3) / 7
+    assert col.item() != 22.0 and col.long().item() == 22          # 22.000002
+    # A flipped image's offset, W + pad - 1 - j - col with W 32, pad 2, j 8: 2.999998,
+    # truncated to 2 where the draw was 3.
+    assert (32 + 2 - 1 - 8 - col).long().item() == 2
+    assert (32 + 2 - 1 - 8 - (red - 3) / 7).long().item() == 3     # the CPU's exact division
+
+
+@pytest.mark.parametrize("ulp", [0, 1, -1])
+def test_parity_decoder_is_exact_under_gpu_division(ulp):
+    """loader-parity's read_back recovers every draw with the GPU's division rule."""
+    from fastres.pipelines.augment import pad_images
+    from fastres.tools.gpu_kit import loader_parity as lp
+
+    images, labels = lp.readable_images(600)
+    for name, settings in lp.CASES.items():
+        aug = Augment(**settings)
+        ld = build_loader("tensor", images, labels, train=True, batch_size=200,
+                          mean=lp.MEAN, std=lp.STD, augment=aug, seed=1)
+        padded = pad_images(torch.as_tensor(images), aug.pad, aug.pad_mode)
+        for epoch in (0, 1):
+            plan = ld.plan(epoch)
+            ld.set_epoch(epoch)
+            x = torch.cat([b for b, _ in ld])
+            with CudaDivision(ulp):
+                d = lp.read_back(x, aug.pad, lp.MEAN, lp.STD)
+            assert torch.equal(d["index"], plan.indices), name
+            assert torch.equal(d["dy"], plan.dy) and torch.equal(d["dx"], plan.dx), name
+            assert torch.equal(d["flip"], plan.flip), name
+            exp = lp.rebuild(padded, d["index"], d["dy"], d["dx"], d["flip"]).float()
+            assert ((exp != d["u8"]).any(-1) & ~d["cut"]).sum() == 0, name
+            # The trap is exercised: flipped images at inner offsets, the ones that moved.
+            assert ((plan.flip == 1) & (plan.dx > 0) & (plan.dx < 2 * aug.pad)).sum() > 20
+
+
+def test_parity_check_passes_under_gpu_division(monkeypatch):
+    """The whole check (crop chi-square, pixels, flips ...) under the GPU's rule, with the
+    tensor loader standing in for DALI: what the H200 run does, minus DALI."""
+    import fastres.pipelines as pipes
+    from fastres.tools.gpu_kit import loader_parity as lp
+
+    real = pipes.build_loader
+    monkeypatch.setattr(pipes, "build_loader", lambda name, *a, **kw: real("tensor", *a, **kw))
+    images, labels = lp.readable_images(1000)
+    for case in ("speedrun", "paper"):
+        with CudaDivision():
+            r = lp.run_case(case, lp.CASES[case], images, labels, device=torch.device("cpu"),
+                            dtype=torch.float32, batch=200, epochs=2, seed=0, threads=1)
+        assert r["ok"], {k: c for k, c in r["checks"].items() if not c["ok"]}
+
+
+@pytest.mark.parametrize("pad", [1, 2, 3, 4, 5, 8])
+def test_dali_crop_window_rounding(pad):
+    """DALI places a crop at round(crop_pos * (W_in - W_out)) (half away from zero): the
+    positions the DALI loader feeds give back the plan's offsets exactly, mirrored
+    (2 pad - dx) for flipped images, since DALI crops first and mirrors after."""
+    from fastres.pipelines.dali import epoch_arguments
+
+    k = 2 * pad + 1
+    dx = torch.arange(k).repeat(2)
+    flip = torch.arange(2).repeat_interleave(k)
+    plan = plan_epoch(64, Augment(pad=pad), train=True, batch_size=2 * k, rank=0,
+                      world_size=1, seed=0, epoch=0, hw=(H, W))
+    plan.indices, plan.dy, plan.dx, plan.flip = plan.indices[:2 * k], dx.flip(0), dx, flip
+    args = epoch_arguments(plan, pad=pad, cutout=0, hw=(H, W))
+    assert args["crop_x"].dtype == np.float32 and args["mirror"].dtype == np.int32
+    span = np.float32(2 * pad)
+    got_x = np.floor(args["crop_x"] * span + np.float32(0.5)).astype(int)
+    got_y = np.floor(args["crop_y"] * span + np.float32(0.5)).astype(int)
+    np.testing.assert_array_equal(got_x, np.where(flip == 1, 2 * pad - dx, dx))
+    np.testing.assert_array_equal(got_y, plan.dy.numpy())
+    assert np.abs(args["crop_x"] * span - np.rint(args["crop_x"] * span)).max() < 1e-4
+
+
+# --------------------------------------------------------------------------- pre-augmented epochs
+
+@pytest.mark.parametrize("aug", [Augment(crop="translate", pad=2, flip="alternate"),
+                                 Augment(pad=4, pad_mode="zeros", cutout=8)])
+@pytest.mark.parametrize("prenormalize", [False, True])
+def test_tensor_loader_chunks_give_the_same_batches(aug, prenormalize):
+    """Each batch augmented alone, a few batches at a time, or the whole epoch at once (the
+    GPU's default, here with the GPU's normalised store too): the same batches."""
+    from fastres.pipelines.augment import BatchAugment
+
+    ld = make("tensor", IMAGES[:700], LABELS[:700], batch_size=64, augment=aug, seed=2,
+              dtype=torch.bfloat16)
+    if prenormalize:                  # the store a GPU keeps, on the CPU
+        ld._aug = BatchAugment(torch.from_numpy(IMAGES[:700]), mean=MEAN, std=STD,
+                               dtype=torch.bfloat16, pad=aug.pad, pad_mode=aug.pad_mode,
+                               flip=True, cutout=aug.cutout, prenormalize=True)
+    runs = {}
+    for k in (1, 3, len(ld), None):
+        ld.augment_batches = k
+        ld.set_epoch(1)
+        runs[k] = [(x, y) for x, y in ld]
+        assert len(runs[k]) == len(ld) == 10
+        for x, y in runs[k]:
+            assert x.shape == (64, 3, H, W) and x.dtype == torch.bfloat16
+            assert x.is_contiguous(memory_format=torch.channels_last)
+    for k, batches in runs.items():
+        for (x, y), (x1, y1) in zip(batches, runs[1]):
+            assert torch.equal(x, x1) and torch.equal(y, y1), k
+    assert ld.chunk_images(640) == 64 * max(1, 512 // 64)      # the CPU's default chunk
+    with pytest.raises(ValueError, match="augment_batches"):
+        ld.augment_batches = 0
+        next(iter(ld))
+
+
+def test_tensor_loader_batches_stay_valid():
+    """Batches are views of a chunk that is never reused: holding one across later batches
+    and epochs keeps its values."""
+    ld = make("tensor", IMAGES[:512], LABELS[:512], batch_size=64, augment=Augment(cutout=4))
+    ld.augment_batches = None
+    ld.set_epoch(0)
+    held = [(x, x.clone()) for x, _ in ld]
+    for _ in range(2):
+        for x, _ in ld:
+            x.mul_(0)                      # a consumer that scribbles on its batch
+    assert all(torch.equal(a, b) for a, b in held)
+
+
+def test_tensor_loader_gpu_code_path_on_meta():
+    """The GPU's code path (normalised store, whole-epoch chunk, plan moved to the device)
+    runs on the meta device, which is how `fastres bench-loaders --host` times its host
+    cost: a batch is a slice, a few ops, none of them arithmetic."""
+    from fastres.tools.bench_loaders import _count_ops
+
+    ld = make("tensor", IMAGES[:640], LABELS[:640], device="meta", batch_size=64,
+              dtype=torch.bfloat16, augment=Augment(crop="translate", pad=2, flip="alternate"))
+    assert ld._aug.prenormalized and ld.chunk_images(640) == 640
+    it = iter(ld)
+    first = _count_ops(lambda: next(it))
+    later = _count_ops(lambda: next(it))
+    x, y = next(it)
+    assert x.device.type == "meta" and x.shape == (64, 3, H, W)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert later <= 2 < first                   # two slices; the epoch's work went first
+    ld.augment_batches = 1
+    it = iter(ld)
+    next(it)
+    assert _count_ops(lambda: next(it)) > later
+
+
+def test_bench_loaders_host_mode(tmp_path, capsys):
+    from fastres.tools import bench_loaders as bl
+
+    out = tmp_path / "h.json"
+    assert bl.main(["--host", "--synthetic", "256", "--batch-sizes", "64", "--repeats", "1",
+                    "--crop", "translate", "--pad", "2", "--flip", "alternate", "--device",
+                    "cpu", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "meta  per batch / pre-augmented" in text and "cpu   per batch" in text
+    res = json.loads(out.read_text())
+    meta = next(h for h in res["host"] if h["device"] == "meta")
+    assert meta["pre-augmented"]["aten_ops_per_batch"] < meta["per batch"]["aten_ops_per_batch"]
+
+
+# --------------------------------------------------------------------------- DALI, device by device
+
+class FakePipe:
+    """Records feed_input calls as DALI's Pipeline would receive them."""
+
+    def __init__(self):
+        self.fed = []
+
+    def feed_input(self, name, data, layout=None, cuda_stream=None):
+        self.fed.append((name, data, cuda_stream))
+
+
+def _feeder_setup(aug, n=40):
+    from fastres.pipelines.augment import pad_images
+    from fastres.pipelines.dali import BatchFeeder, epoch_arguments
+
+    store = pad_images(torch.from_numpy(IMAGES[:n]), aug.pad, aug.pad_mode).contiguous()
+    plan = plan_epoch(n, aug, train=True, batch_size=8, rank=0, world_size=1, seed=3,
+                      epoch=1, hw=(H, W))
+    args = epoch_arguments(plan, pad=aug.pad, cutout=aug.cutout, hw=(H, W))
+    return BatchFeeder, store, plan, args
+
+
+@pytest.mark.parametrize("gpu_like", [False, True])
+def test_dali_feeder_hands_whole_batches(gpu_like):
+    """One feed: the images source gets the batch's padded images as one array (on a GPU a
+    torch tensor on the store's device, with the consumer's stream; on the CPU a numpy
+    array), every argument source a view of the epoch's host arrays, and the feeder returns
+    what must stay alive for no_copy."""
+    aug = Augment(pad=4, flip="random", cutout=6)
+    BatchFeeder, store, plan, args = _feeder_setup(aug)
+    stream = object() if gpu_like else None
+    feeder = BatchFeeder(store, stream=stream)
+    if gpu_like:                      # the device gather path, as on a GPU (here on the CPU)
+        feeder.gather = lambda a, b: feeder.store.index_select(0, feeder.indices[a:b])
+    feeder.start(plan.indices, args)
+    pipe = FakePipe()
+    images, views = feeder.feed(pipe, 8, 16)
+    names = [f[0] for f in pipe.fed]
+    assert names == ["images", "crop_x", "crop_y", "mirror", "cut_anchor", "cut_shape"]
+    name, data, s = pipe.fed[0]
+    assert data is images and s is stream
+    assert isinstance(data, torch.Tensor) == gpu_like
+    want = store[plan.indices[8:16]]
+    if gpu_like:
+        assert torch.equal(data, want) and data.is_contiguous()
+    else:
+        assert np.array_equal(data, want.numpy()) and data.flags["C_CONTIGUOUS"]
+    for name, v, s in pipe.fed[1:]:
+        assert s is None and v is views[name]
+        assert np.shares_memory(v, args[name]) and len(v) == 8 and v.flags["C_CONTIGUOUS"]
+    with pytest.raises(ValueError, match="indices on"):
+        feeder.start(plan.indices.to("meta"), args)
+    with pytest.raises(ValueError, match="uint8"):
+        BatchFeeder(store.float())
+
+
+def test_dali_graph_for_the_gpu_is_the_cpu_graph_on_gpu_nodes():
+    """define_graph(device="gpu") (not built: there is no GPU) puts the images source and
+    every operator on the GPU, keeps the argument inputs in host memory (DALI's rule),
+    feeds whole batches without copies, and is otherwise the CPU graph the tests run."""
+    if not HAS_DALI:
+        pytest.skip("nvidia.dali is not importable")
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    from fastres.pipelines.dali import define_graph
+
+    specs = {}
+    for device in ("cpu", "gpu"):
+        pipe = Pipeline(batch_size=8, num_threads=1, device_id=0 if device == "gpu" else None)
+        with pipe:
+            out = define_graph(fn, types, device=device, hw=(H, W), pad=4, flip=True,
+                               cutout=True, mean=MEAN, std=STD, fp16=False)
+        nodes, todo = {}, [out]
+        while todo:
+            node = todo.pop()
+            op = node.source
+            nodes[op.name] = (node.device, str(op.spec))
+            todo += list(op.inputs)          # argument inputs included
+        specs[device] = nodes
+        assert out.device == device
+        ops = {n: d for n, (d, _) in nodes.items()}
+        assert ops["images"] == device
+    gpu = specs["gpu"]
+    text = "\n".join(spec for _, spec in gpu.values())
+    assert "ExternalSource" in text and "no_copy: True" in text
+    cmn = next(spec for _, spec in gpu.values() if spec.startswith("OpSpec for CropMirror"))
+    assert "images_gpu" in cmn and "crop_x_cpu" in cmn and "mirror_cpu" in cmn
+    assert any(spec.startswith("OpSpec for Erase") and "cut_anchor_cpu" in spec
+               and "device: gpu" in spec for _, spec in gpu.values())
+    assert "device: gpu" in cmn
+    assert set(specs["cpu"]) == set(gpu)
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="nvidia.dali is not importable")
+def test_dali_keeps_fed_memory_until_taken():
+    ld = make("dali", IMAGES[:256], LABELS[:256], batch_size=32, augment=Augment(cutout=4))
+    it = iter(ld)
+    next(it)
+    assert 1 <= len(ld._keep) <= 2          # queued runs only, each holding its inputs
+    for _ in it:
+        assert len(ld._keep) <= 2
+    assert not ld._keep
+    assert ld.timings["batches"] == 8 and all(ld.timings[k] > 0 for k in ("feed", "wait"))
+    assert "no_copy" in ld.feed_path and "host memory" in ld.feed_path
+    ld.reset_timings()
+    assert ld.timings["batches"] == 0
+
+
+@pytest.mark.gpu
+def test_dali_gpu_feed_is_device_resident():
+    """On a GPU the DALI loader's store lives on the device and every batch reaches DALI as
+    a CUDA tensor (a GPU external source, no host copy); arguments stay host arrays."""
+    if not HAS_DALI:
+        pytest.skip("nvidia.dali is not importable")
+    ld = make("dali", IMAGES[:512], LABELS[:512], device="cuda", batch_size=128,
+              augment=Augment(flip="alternate", cutout=8))
+    assert ld._store.is_cuda and ld.feeder.store.is_cuda
+    fed = []
+    real = ld._pipe.feed_input
+
+    def record(name, data, *a, **kw):
+        fed.append((name, type(data).__name__, getattr(data, "device", None), kw))
+        return real(name, data, *a, **kw)
+
+    ld._pipe.feed_input = record
+    ref = make("tensor", IMAGES[:512], LABELS[:512], batch_size=128,
+               augment=Augment(flip="alternate", cutout=8))
+    for (x, y), (xr, yr) in zip(ld, ref):
+        assert x.is_cuda and torch.equal(y.cpu(), yr)
+        torch.testing.assert_close(x.cpu(), xr, atol=1e-5, rtol=2 ** -8)
+    images = [f for f in fed if f[0] == "images"]
+    assert images and all(t == "Tensor" and d == ld.device and kw.get("cuda_stream")
+                          is not None for _, t, d, kw in images)
+    assert all(t == "ndarray" for n, t, _, _ in fed if n != "images")
+    assert "GPU external_source" in ld.feed_path

@@ -13,9 +13,24 @@ median of --repeats runs of --train-steps steps, timed with CUDA events on a GPU
 side by side: loader img/s / trainer img/s (how many trainers one loader could feed) and
 loader img/s / torch-DataLoader(workers=0) img/s (the torchvision-transforms path).
 
-On a GPU (or with --steal) also the time each loader adds to a training step: steps that
-pull their batch from the loader, minus steps on one fixed batch, per step. On a GPU this is
-the GPU time and host time the loader takes from training; on a CPU it is the loader's cost.
+--model takes several models (comma-separated): one "/ MODEL" column each. On a GPU the
+legend's target model, resnet18_cifar, is always among them, so the target is reported
+whatever --model says (`--model airbench94` gives "/ airbench94" and "/ resnet18_cifar").
+
+On a GPU (or with --steal) also the time each loader adds to a training step of the first
+model: steps that pull their batch from the loader, minus steps on one fixed batch, per
+step. On a GPU this is the GPU time and host time the loader takes from training; on a CPU
+it is the loader's cost. For DALI the host time per batch is split into feed (gather +
+feed_input), schedule, wait (for DALI's outputs) and copy, and the feed path is printed
+(on a GPU: the images go from device memory to a GPU external source, no host copy).
+
+`--host`: only the tensor loader's host cost per batch, each batch augmented on its own
+(augment_batches=1, the path before issue 19) against the pre-augmented epoch (the
+default), alternating in one process: on the meta device (shape-only tensors: the Python,
+dispatcher and allocation work a GPU's host does, without arithmetic or CUDA launches;
+the GPU's code path, with the store normalised up front) and on --device. Per mode: the
+epoch's host time per batch (plan and first batch included) and the median next(), both
+medians over --repeats epochs, and aten ops per batch (on a GPU, one kernel launch each).
 
 Loader timings include everything a training loop pays: epoch boundaries (the next epoch's
 plan) fall inside the timed runs whenever a repeat crosses one.
@@ -25,15 +40,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import math
 import os
 import statistics
 import sys
 import time
-from itertools import count
 
 DEFAULT_SEED = 0
+# The model of the legend's target (">= 10x ... with resnet18_cifar"): always timed on a GPU.
+TARGET_MODEL = "resnet18_cifar"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -77,8 +92,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="untimed batches/steps first (0 = auto: 1 on CPU, 5 on GPU)")
     m = p.add_argument_group("trainer")
     m.add_argument("--model", default="auto",
-                   help="model whose training step sets the consumption rate (auto: "
-                        "resnet18_cifar on GPU, resnet20 on CPU); 'none' skips it")
+                   help="comma-separated models whose training steps set the consumption "
+                        "rate (auto: resnet18_cifar on GPU, resnet20 on CPU; on a GPU "
+                        f"{TARGET_MODEL} is always added); 'none' skips them")
     m.add_argument("--train-steps", type=int, default=0,
                    help="training steps per timed run (0 = auto: 1 on CPU, 20 on GPU)")
     m.add_argument("--compile", action="store_true", help="torch.compile the model first")
@@ -88,8 +104,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0 = torch's default); the tensor loader's "
                         "CPU ops and the trainer use them")
+    p.add_argument("--host", action="store_true",
+                   help="only the tensor loader's host cost per batch: per-batch against "
+                        "pre-augmented epochs, on the meta device and on --device")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="data and shuffle seed")
     p.add_argument("--json", default="", metavar="OUT", help="also write the results as JSON")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--json FILE exists: move it to NAME.old-<time>.json first (nothing is "
+                        "deleted); without it an existing file is refused")
     return p
 
 
@@ -113,15 +135,10 @@ def _sync(device) -> None:
     sync(device)
 
 
-def endless(loader):
-    """Batches forever, epoch after epoch (set_epoch on each, as the trainer does)."""
-    for epoch in count():
-        loader.set_epoch(epoch)
-        yield from loader
-
-
 def time_loader(loader, *, batches: int, repeats: int, warmup: int, device) -> list[float]:
     """Images/s of `repeats` runs of `batches` batches each, after `warmup` batches."""
+    from fastres.pipelines import endless
+
     it = endless(loader)
     for _ in range(warmup):
         next(it)
@@ -138,24 +155,107 @@ def time_loader(loader, *, batches: int, repeats: int, warmup: int, device) -> l
     return rates
 
 
+def _count_ops(fn) -> int:
+    """aten ops dispatched while fn() runs (on a GPU each one is a kernel launch, or a
+    view that launches nothing: an upper bound on launches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def host_cost(loader, *, repeats: int) -> dict:
+    """Host time per batch of a TensorLoader, each batch augmented on its own
+    (augment_batches=1) against its default chunks, alternating mode by mode over
+    `repeats` epochs (one more, untimed, first). No device sync: on a GPU this is the
+    host's time, which is what a launch-bound step waits for."""
+    modes = {"per batch": 1, "pre-augmented": None}
+    epoch_s = {m: [] for m in modes}
+    nexts = {m: [] for m in modes}
+    saved = loader.augment_batches
+    try:
+        for r in range(repeats + 1):
+            for mode, k in modes.items():
+                loader.augment_batches = k
+                loader.set_epoch(r)
+                each = []
+                t0 = time.perf_counter()
+                it = iter(loader)
+                while True:
+                    t = time.perf_counter()
+                    try:
+                        next(it)
+                    except StopIteration:
+                        break
+                    each.append(time.perf_counter() - t)
+                total = time.perf_counter() - t0
+                if r:
+                    epoch_s[mode].append(total / len(loader))
+                    nexts[mode].extend(each)
+        ops = {}
+        for mode, k in modes.items():
+            loader.augment_batches = k
+            loader.set_epoch(0)
+            ops[mode] = _count_ops(lambda: [None for _ in loader]) / len(loader)
+    finally:
+        loader.augment_batches = saved
+    out = {m: {"epoch_us_per_batch": 1e6 * statistics.median(epoch_s[m]),
+               "epoch_us_per_batch_min": 1e6 * min(epoch_s[m]),
+               "median_next_us": 1e6 * statistics.median(nexts[m]),
+               "aten_ops_per_batch": ops[m],
+               "epoch_us_per_batch_runs": [1e6 * v for v in epoch_s[m]]} for m in modes}
+    a, b = out["per batch"], out["pre-augmented"]
+    out["ratio_epoch"] = a["epoch_us_per_batch"] / b["epoch_us_per_batch"]
+    out["ratio_next"] = a["median_next_us"] / b["median_next_us"]
+    return out
+
+
+def _print_host(label: str, h: dict) -> None:
+    for mode in ("per batch", "pre-augmented"):
+        m = h[mode]
+        print(f"  {label:<5} {mode:<14} {m['epoch_us_per_batch']:>9.1f} us/batch over the "
+              f"epoch (min {m['epoch_us_per_batch_min']:.1f}), median next() "
+              f"{m['median_next_us']:>8.1f} us, {m['aten_ops_per_batch']:>5.2f} aten ops/batch")
+    print(f"  {label:<5} per batch / pre-augmented: {h['ratio_epoch']:.1f}x over the epoch, "
+          f"{h['ratio_next']:.1f}x the median next()")
+
+
 class Trainer:
-    """The trainer's own step (`fastres.engine.TrainStep`, the resnet-paper recipe: SGD with
-    momentum, cross-entropy) on `name`, in `dtype`, channels-last, timed on given batches."""
+    """The trainer's own step on `name` (a `fastres.engine.Session` of the resnet-paper
+    recipe: SGD with momentum, cross-entropy; the model's data-dependent init done), in
+    `dtype`, channels-last, timed on given batches."""
 
     def __init__(self, name: str, device, dtype, compile_model: bool):
-        import torch
+        import numpy as np
 
         from fastres import config as C
-        from fastres.engine import TrainStep, build_model
+        from fastres.engine import Session, build_model
+        from fastres.engine.amp import precision_name
+        from fastres.engine.build import loader_options
+        from fastres.pipelines import build_loader
 
-        precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        precision = precision_name(dtype)
         cfg = C.replace(C.preset("resnet-paper"), model={"name": name},
                         run={"device": str(device), "precision": precision,
                              "compile": "on" if compile_model else "off", "progress": "none"})
         cfg = C.resolve(cfg, str(device))
+        # The Session's own loader only sets the epoch length and feeds the model's
+        # data-dependent init; the timed batches are handed to `time_steps`.
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, size=(1024, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=1024, dtype=np.int64)
+        loader = build_loader("tensor", images, labels, loader_options(cfg))
         self.device = device
-        self.model = build_model(cfg, 10).to(device=device, memory_format=torch.channels_last)
-        self.step = TrainStep(cfg, self.model, steps_per_epoch=cfg.schedule.steps)
+        self.session = Session(cfg, build_model(cfg, 10), loader)
+        self.model, self.step = self.session.model, self.session.step
 
     def time_steps(self, batches, steps: int) -> float:
         """Seconds per step over `steps` steps, batches from the callable `batches`."""
@@ -179,23 +279,27 @@ def _fmt_ratio(v: float | None) -> str:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.json:  # checked (and claimed) before any work: the output contract
+        from fastres.tools._common import claim_output_file
+
+        args.json = str(claim_output_file(args.json, overwrite=args.overwrite))
 
     import numpy as np
     import torch
 
     from fastres.errors import ConfigError, unknown_choice
-    from fastres.pipelines import LOADERS, Augment, LoaderOptions, build_loader
+    from fastres.pipelines import LOADERS, Augment, LoaderOptions, build_loader, endless
     from fastres.pipelines.base import check_augment
     from fastres.pipelines.dali import dali_available
     from fastres.bench import environment
+    from fastres.engine.amp import precision_dtype
     from fastres.tools._common import device_arg
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_arg(args.device)
     gpu = device.type == "cuda"
-    dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "fp32": torch.float32,
-             "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = precision_dtype(args.dtype, device)
     batch_sizes = _csv_ints(args.batch_sizes, "batch-sizes")
     if 0 in batch_sizes:
         raise ConfigError("--batch-sizes: batch sizes must be positive")
@@ -209,7 +313,15 @@ def main(argv=None) -> int:
     warmup = args.warmup or (5 if gpu else 1)
     train_steps = args.train_steps or (20 if gpu else 1)
     steal = gpu if args.steal is None else args.steal
-    model_name = args.model if args.model != "auto" else ("resnet18_cifar" if gpu else "resnet20")
+    if args.model == "none":
+        models = []
+    else:
+        models = ([m.strip() for m in args.model.split(",") if m.strip()]
+                  if args.model != "auto" else [TARGET_MODEL if gpu else "resnet20"])
+        if not models:
+            raise ConfigError("--model: name at least one model, or none")
+        if gpu and TARGET_MODEL not in models:
+            models.append(TARGET_MODEL)            # the legend's target, always reported
     dali_threads = args.dali_threads or min(8, os.cpu_count() or 1)
 
     # ---- data
@@ -235,6 +347,9 @@ def main(argv=None) -> int:
           f"numpy {env['numpy']}, Python {env['python']}; {env['cpu_count']} CPUs, "
           f"{env['torch_threads']} torch threads")
     print(f"data: {source}; dtype {str(dtype).replace('torch.', '')}; augment: {augment}")
+    if args.host:
+        return _main_host(args, images, labels, augment, device, dtype, batch_sizes,
+                          repeats, env, source)
     print(f"timing: median of {repeats} runs after {warmup} warm-up batches")
 
     # ---- which loaders
@@ -285,18 +400,28 @@ def main(argv=None) -> int:
             print(f"  {label:<10} batch {batch:>5}: {_fmt_rate(med):>8} img/s  "
                   f"(runs {_fmt_rate(min(rates))}-{_fmt_rate(max(rates))}, setup {setup:.2f} s)",
                   flush=True)
+            if name == "dali":
+                t = dict(loader.timings)
+                nbat = max(1, t.pop("batches"))
+                split = {k: 1e6 * v / nbat for k, v in t.items()}
+                results["loaders"][-1].update(feed_path=loader.feed_path,
+                                              host_us_per_batch=split)
+                print(f"    {loader.feed_path}")
+                print("    host per batch: " + ", ".join(f"{k} {v:,.0f} us"
+                                                        for k, v in split.items()))
             del loader
             gc.collect()          # a dropped loader's workers and memory go now, not mid-run
 
-    # ---- the trainer
-    trainer = None
-    trainer_rates = {}
-    if model_name != "none":
+    # ---- the trainers: one consumption rate per model and batch size
+    trainers = {}
+    trainer_rates = {}                     # (model, batch) -> img/s
+    for model_name in models:
         try:
-            trainer = Trainer(model_name, device, dtype, args.compile)
+            trainers[model_name] = Trainer(model_name, device, dtype, args.compile)
         except ImportError as e:
             print(f"trainer rate skipped: fastres.models is not importable yet ({e})")
-    if trainer is not None:
+            break
+    for model_name, trainer in trainers.items():
         for batch in batch_sizes:
             x = torch.randn(batch, 3, 32, 32, device=device).to(
                 dtype=dtype, memory_format=torch.channels_last)
@@ -305,14 +430,15 @@ def main(argv=None) -> int:
                 trainer.step(x, y)
             times = [trainer.time_steps(lambda: (x, y), train_steps) for _ in range(repeats)]
             rate = batch / statistics.median(times)
-            trainer_rates[batch] = rate
+            trainer_rates[(model_name, batch)] = rate
             results["trainer"].append({"model": model_name, "batch_size": batch, "img_s": rate,
                                        "step_s_runs": times, "steps_per_run": train_steps,
                                        "compiled": args.compile})
             print(f"  trainer {model_name} batch {batch:>5}: {_fmt_rate(rate):>8} img/s "
                   f"({statistics.median(times) * 1e3:.1f} ms/step)", flush=True)
 
-    # ---- time each loader adds to a training step
+    # ---- time each loader adds to a training step (of the first model)
+    trainer = next(iter(trainers.values()), None)
     if trainer is not None and steal:
         for batch in batch_sizes:
             for label, name, workers in runs:
@@ -328,40 +454,84 @@ def main(argv=None) -> int:
                 added = statistics.median(with_loader) - statistics.median(without)
                 step = statistics.median(without)
                 results["steal"].append({"loader": label, "batch_size": batch,
+                                         "model": models[0],
                                          "step_s": step, "added_s_per_step": added,
                                          "step_s_runs": without,
                                          "step_with_loader_s_runs": with_loader})
                 print(f"  {label:<10} batch {batch:>5}: adds {added * 1e3:+.2f} ms to a "
-                      f"{step * 1e3:.1f} ms step ({added / step:+.1%})", flush=True)
+                      f"{step * 1e3:.1f} ms {models[0]} step ({added / step:+.1%})", flush=True)
                 del loader, it
                 gc.collect()
 
     # ---- the table
+    timed = list(trainers)
     print()
-    head = f"{'loader':<10} {'batch':>6} {'img/s':>9} {'/ trainer':>10} {'/ torch w0':>11}"
+    head = (f"{'loader':<10} {'batch':>6} {'img/s':>9}"
+            + "".join(f" {'/ ' + m:>{max(10, len(m) + 3)}}" for m in timed)
+            + f" {'/ torch w0':>11}")
     print(head)
     print("-" * len(head))
     for r in results["loaders"]:
         b = r["batch_size"]
-        tr = trainer_rates.get(b)
         base = loader_rates.get(("torch w0", b))
-        r["ratio_vs_trainer"] = r["img_s"] / tr if tr else None
+        ratios = {m: (r["img_s"] / trainer_rates[(m, b)] if (m, b) in trainer_rates else None)
+                  for m in timed}
+        r["ratio_vs_trainers"] = ratios
+        r["ratio_vs_trainer"] = ratios[timed[0]] if timed else None
         r["ratio_vs_torch_w0"] = r["img_s"] / base if base else None
-        print(f"{r['loader']:<10} {b:>6} {_fmt_rate(r['img_s']):>9} "
-              f"{_fmt_ratio(r['ratio_vs_trainer']):>10} {_fmt_ratio(r['ratio_vs_torch_w0']):>11}")
-    for b, rate in trainer_rates.items():
-        print(f"{'trainer':<10} {b:>6} {_fmt_rate(rate):>9}   ({model_name}, TrainStep, "
+        print(f"{r['loader']:<10} {b:>6} {_fmt_rate(r['img_s']):>9}"
+              + "".join(f" {_fmt_ratio(ratios[m]):>{max(10, len(m) + 3)}}" for m in timed)
+              + f" {_fmt_ratio(r['ratio_vs_torch_w0']):>11}")
+    for (m, b), rate in trainer_rates.items():
+        print(f"{'trainer':<10} {b:>6} {_fmt_rate(rate):>9}   ({m}, TrainStep, "
               f"{str(dtype).replace('torch.', '')})")
     if trainer_rates:
-        print("/ trainer: how many training processes like this one the loader could feed "
-              "(target on a GPU: >= 10x for tensor and dali with resnet18_cifar)")
+        print("/ MODEL: how many training processes of MODEL the loader could feed (target on "
+              f"a GPU: >= 10x for tensor and dali with {TARGET_MODEL})")
     if any(("torch w0", b) in loader_rates for b in batch_sizes):
         print("/ torch w0: against torchvision transforms in the training process "
               "(target on a CPU: tensor >= 20x)")
+    if any(r["name"] == "dali" for r in results["loaders"]) and not gpu:
+        print("DALI's GPU path (images fed from GPU memory, GPU operators) is not exercised "
+              "on this machine: its img/s needs a CUDA device")
 
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=str)
+        from fastres.tools._common import write_json
+
+        write_json(args.json, results)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _main_host(args, images, labels, augment, device, dtype, batch_sizes, repeats, env,
+               source) -> int:
+    """`--host`: the tensor loader's per-batch host cost, before and after pre-augmenting."""
+    from fastres.pipelines import LoaderOptions, build_loader
+
+    devices = ["meta"] + ([str(device)] if device.type != "meta" else [])
+    print(f"timing: host clock, no device sync; median of {repeats} epochs per mode, the "
+          f"two modes alternating")
+    print("meta: the GPU code path (store normalised up front) with shape-only tensors: the "
+          "Python, dispatcher and allocation work of the host, no arithmetic, no launches")
+    results = {"environment": env, "device": str(device), "dtype": str(dtype), "data": source,
+               "augment": dataclasses.asdict(augment), "repeats": repeats, "host": []}
+    options = LoaderOptions.for_dataset(args.dataset if args.data_dir else "cifar10",
+                                        batch_size=batch_sizes[0], train=True, device=device,
+                                        dtype=dtype, augment=augment, seed=args.seed)
+    for batch in batch_sizes:
+        print(f"batch {batch} ({len(labels) // batch} batches an epoch):")
+        for dev in devices:
+            loader = build_loader("tensor", images, labels, options, batch_size=batch,
+                                  device=dev)
+            h = host_cost(loader, repeats=repeats)
+            _print_host(dev, h)
+            results["host"].append({"device": dev, "batch_size": batch, **h})
+            del loader
+            gc.collect()
+    if args.json:
+        from fastres.tools._common import write_json
+
+        write_json(args.json, results)
         print(f"wrote {args.json}")
     return 0
 
