@@ -108,7 +108,8 @@ def test_gpu_plan_has_the_exact_commands():
     assert "speedrun --preset speedrun --runs 3 --set run.compile=step --data-dir /d" \
         in cmd["speedrun_step_graph"]
     assert "table --train --models resnet20,resnet32,resnet44,resnet56 --recipes " \
-           "seed,fast --scale full --budget-min 0.75 --data-dir /d --out /o/table" \
+           "seed,fast --scale full --compile step --parallel 4 --budget-min 0.75 " \
+           "--data-dir /d --out /o/table" \
            in cmd["table"]
     assert "--device" not in " ".join(cmd.values())     # the GPU run uses each tool's auto
 

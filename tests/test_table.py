@@ -9,6 +9,8 @@ the `fast` presets cover the article's model families and phase 2 scales with th
 Timings are never asserted.
 """
 import csv
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -101,7 +103,6 @@ def test_smoke_table_trains_every_row_then_nothing(smoke_table, data_dir, monkey
     assert fast["tta"] == "flip" and fast["tta_top1"] != "" and seed["tta_top1"] == ""
 
     # Phase 2 scaled with the run: seed's last 1/6 of 2 epochs.
-    import json
     cfg = json.loads((out / "resnet20" / "seed" / "config.json").read_text())
     assert cfg["schedule"]["two_phase_epochs"] == pytest.approx(2 / 6)
 
@@ -154,6 +155,117 @@ def test_budget_spent_trains_nothing(data_dir, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "t" / "table.png").exists()   # nothing to plot
 
 
+def fake_nvidia_smi(tmp_path, monkeypatch, busy: int) -> None:
+    """An `nvidia-smi` on PATH that answers `busy` % every 50 ms, as the real one streams
+    `--query-gpu=utilization.gpu -lms N`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "nvidia-smi"
+    tool.write_text(f"#!/bin/sh\nwhile true; do echo {busy}; sleep 0.05; done\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_parallel_rows_share_the_device_and_record_gpu_busy(data_dir, tmp_path, monkeypatch,
+                                                            capsys):
+    """--parallel 2: both rows train at once (each line tagged with its row), each row's
+    record holds its wall clock and the device's busy share while it ran, and the table
+    shows that share. The rows run on the CPU; the GPU they would share is stood in for by
+    an nvidia-smi that answers 40%."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    fake_nvidia_smi(tmp_path, monkeypatch, 40)
+    monkeypatch.setattr(T, "rows_gpu", lambda plan: "0")
+    out = tmp_path / "t"
+    assert T.main(smoke_argv(data_dir, out, "--parallel", "2")) == 0
+    printed = capsys.readouterr().out
+    assert "[resnet20/seed] " in printed and "[resnet20/fast] " in printed
+    assert "up to 2 rows at a time" in printed
+    rows = read_csv(out / "table.csv")
+    for recipe in ("seed", "fast"):
+        rec = json.loads((out / "logs" / f"resnet20-{recipe}.json").read_text())
+        assert rec["parallel"] == 2 and rec["processes"] == 1 and rec["wall_s"] > 0
+        assert rec["gpu_busy"] == pytest.approx(0.40) and rec["busy_samples"] > 0
+        row = rows[("resnet20", recipe)]
+        assert row["status"] == "1 run" and float(row["gpu_busy"]) == pytest.approx(40)
+        assert row["parallel"] == "2" and float(row["wall_min"]) > 0
+    head = " ".join((out / "table.md").read_text().split("| Model")[0].split())
+    assert "up to 2 at a time on one device" in head and "GPU busy %: the device's" in head
+
+
+@pytest.mark.slow
+def test_sigterm_stops_parallel_rows_resumably(data_dir, tmp_path):
+    """SIGTERM to a table training 2 rows side by side reaches both trainers: each writes
+    its checkpoint and stops, the table exits 130 with neither row finished, and the same
+    command resumes both to the end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "t"
+    argv = [sys.executable, "-m", "fastres", "table", *smoke_argv(data_dir, out, "--epochs",
+                                                                   "100", "--parallel", "2")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    ckpts = [out / "resnet20" / r / "checkpoints" / "last.pt" for r in ("seed", "fast")]
+    deadline = time.monotonic() + 240
+    while not all(c.is_file() for c in ckpts):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    printed = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 130, printed[-3000:]
+    for recipe in ("seed", "fast"):
+        assert f"resnet20 / {recipe}: partial: stopped after" in printed
+        assert not (out / "resnet20" / recipe / "result.json").exists()
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "resuming resnet20 / seed" in done.stdout and "resuming resnet20 / fast" in done.stdout
+    rows = read_csv(out / "table.csv")
+    assert {r["status"] for r in rows.values()} == {"1 run"}
+    for recipe in ("seed", "fast"):
+        rec = json.loads((out / "logs" / f"resnet20-{recipe}.json").read_text())
+        assert rec["processes"] == 2 and rec["parallel"] == 2
+
+
+def test_row_env_splits_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert "OMP_NUM_THREADS" not in T._row_env(1)
+    assert T._row_env(2)["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    assert T._row_env(10 * cores)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")     # the caller's choice stands
+    assert T._row_env(2)["OMP_NUM_THREADS"] == "3"
+
+
+def test_busy_sampler_averages_its_window(tmp_path, monkeypatch):
+    import time
+
+    fake_nvidia_smi(tmp_path, monkeypatch, 75)
+    sampler = T.GpuBusySampler("0", period_ms=50)
+    t0 = time.monotonic()
+    time.sleep(0.5)
+    sampler.stop()
+    busy, n = sampler.mean(t0, time.monotonic())
+    assert n > 0 and busy == pytest.approx(0.75)
+    assert sampler.mean(0.0, t0 - 10) == (None, 0)
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    missing = T.GpuBusySampler("0")
+    assert missing.error and missing.mean(0.0, time.monotonic()) == (None, 0)
+    missing.stop()
+
+
+def test_rows_gpu_maps_visible_devices(monkeypatch):
+    def plan(device):
+        return [{"cfg": C.replace(C.preset("smoke"), run={"device": device})}]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert T.rows_gpu(plan("cpu")) is None
+    assert T.rows_gpu(plan("cuda")) == "0" and T.rows_gpu(plan("cuda:1")) == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,GPU-abc")
+    assert T.rows_gpu(plan("cuda:0")) == "3" and T.rows_gpu(plan("cuda:1")) == "GPU-abc"
+
+
 # --------------------------------------------------------------------------- reading
 
 def test_read_runs_beside_untrained_models(smoke_table, tmp_path, capsys, monkeypatch):
@@ -188,6 +300,7 @@ def test_arguments(tmp_path, capsys, data_dir):
     one_line_error(capsys, ["--runs", str(tmp_path / "empty"), "--out", out],
                    "no finished run")
     one_line_error(capsys, ["--budget-min", "-1", "--out", out], "--budget-min")
+    one_line_error(capsys, ["--parallel", "0", "--out", out], "--parallel must be >= 1")
 
 
 def test_help_through_the_cli(capsys):

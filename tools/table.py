@@ -77,11 +77,12 @@ TABLE_FILES = ("table.md", "table.csv", "table.png", "logs")
 JPEG_NOTE = ("a JPEG-75 copy of CIFAR-10 scores ~3 points below the official files")
 CSV_FIELDS = ("model", "recipe", "preset", "status", "runs", "top1", "top1_std", "top5",
               "top5_std", "tta", "tta_top1", "article_top1", "article_top5", "delta_top1",
-              "train_min", "train_min_std", "img_per_s", "epochs", "params", "params_m",
+              "train_min", "train_min_std", "img_per_s", "gpu_busy", "wall_min", "parallel",
+              "epochs", "params", "params_m",
               "article_params_m", "flops", "gflops", "gmacs", "article_gflops", "device",
               "data_official", "test_images", "run_dirs", "notes")
 HEADERS = ("Model", "Recipe", "Top-1 %", "Top-5 %", "TTA Top-1 %", "Article Top-1/5",
-           "Δ Top-1", "Time (min)", "img/s", "Epochs", "Params (M)", "Article params (M)",
+           "Δ Top-1", "Time (min)", "img/s", "GPU busy %", "Epochs", "Params (M)", "Article params (M)",
            "GFLOPs", "Article GFLOPs", "Device", "Data", "Status")
 
 
@@ -117,6 +118,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     tg.add_argument("--budget-min", type=float, metavar="M",
                     help="wall-clock minutes for training: no row starts after them, and a "
                          "row running past them is stopped with a checkpoint (resumable)")
+    tg.add_argument("--parallel", type=int, default=1, metavar="N",
+                    help="train up to N rows at once, each its own process on the same "
+                         "device (small nets leave a large GPU idle; on a CPU the rows split "
+                         "the cores); default 1")
     tg.add_argument("--data-dir", help="folder with cifar-10-batches-py/ or the .tar.gz")
     tg.add_argument("--download", action="store_true",
                     help="download the official archive into --data-dir if missing")
@@ -358,96 +363,264 @@ def _tee(stream, log, prefix: str) -> None:
         print(prefix + line, end="", flush=True)
 
 
-def run_row(cmd: list[str], log_path: Path, deadline: float | None) -> tuple[int, bool]:
-    """Run one row's training process, its output to the terminal and to `log_path`.
-    Returns (exit status, stopped for the budget). Past `deadline` (time.monotonic()) the
-    process gets SIGTERM: the trainer writes a checkpoint and exits."""
-    import time
+class GpuBusySampler:
+    """The device's busy share while rows train: `nvidia-smi` streams the GPU's utilisation
+    (the share of the last sample period in which any kernel ran, the driver's figure)
+    every `period_ms`; `mean(t0, t1)` averages the samples taken between two
+    time.monotonic() readings. With rows trained side by side it is the whole device's
+    share, which is the point: it says whether the GPU is saturated. None where nvidia-smi
+    is missing or answers nothing."""
 
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as log:
-        log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        reader = threading.Thread(target=_tee, args=(proc.stdout, log, "    "), daemon=True)
-        reader.start()
-        stopped, terminated = False, []
-        old = None
-        if threading.current_thread() is threading.main_thread():
-            # A SIGTERM to the table goes on to the row's trainer, which checkpoints.
-            old = signal.signal(signal.SIGTERM, lambda signum, frame: (
-                terminated.append(signum), proc.send_signal(signum)))
+    def __init__(self, gpu: str, period_ms: int = 500):
+        self.samples: list[tuple[float, float]] = []
+        self.error: str | None = None
+        self._proc = None
+        cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+               "-i", gpu, "-lms", str(period_ms)]
         try:
-            proc.wait(timeout=None if deadline is None else max(0.0, deadline -
-                                                                 time.monotonic()))
-        except subprocess.TimeoutExpired:
-            stopped = True
-            proc.send_signal(signal.SIGTERM)
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        except OSError as e:
+            self.error = f"nvidia-smi: {e.strerror or e}"
+            return
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        import time
+
+        for line in self._proc.stdout:
+            with contextlib.suppress(ValueError):
+                self.samples.append((time.monotonic(), float(line.strip()) / 100.0))
+
+    def mean(self, t0: float, t1: float) -> tuple[float | None, int]:
+        """(mean busy fraction, samples) over [t0, t1]."""
+        got = [v for t, v in list(self.samples) if t0 <= t <= t1]
+        return (sum(got) / len(got) if got else None), len(got)
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
             try:
-                proc.wait(timeout=300)
+                self._proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        except KeyboardInterrupt:
-            # Ctrl-C reached the trainer too (same process group): let it checkpoint.
-            proc.wait()
-            raise
-        finally:
-            if old is not None:
-                signal.signal(signal.SIGTERM, old)
-        reader.join(timeout=10)
-    if terminated:
-        raise KeyboardInterrupt  # stop the table too; the next call resumes the row
-    return proc.returncode, stopped
+                self._proc.kill()
+                self._proc.wait()
 
 
-def train_rows(plan: list[dict], out: Path, budget_min: float | None) -> None:
-    """Train each planned row that is not finished, one process after another; record
-    each row's outcome in its plan entry ("status", "log")."""
+def rows_gpu(plan: list[dict]) -> str | None:
+    """The nvidia-smi id (index or UUID) of the GPU the rows train on, None on a CPU. The
+    rows share one device (their config says which); CUDA_VISIBLE_DEVICES maps torch's
+    index to the driver's."""
+    devices = {r["cfg"].run.device for r in plan if r.get("cfg") is not None}
+    if not devices:
+        return None
+    device = sorted(devices)[0]
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not device.startswith("cuda"):
+        return None
+    index = int(device.partition(":")[2] or 0)
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+               if v.strip()]
+    return visible[index] if index < len(visible) else str(index)
+
+
+def row_record_path(out: Path, model: str, recipe: str) -> Path:
+    """The table's own record of training one row (wall clock, rows beside it, GPU busy):
+    in OUT/logs, not in the row's run directory, which is the trainer's."""
+    return out / "logs" / f"{model}-{recipe}.json"
+
+
+def read_row_record(out: Path, model: str, recipe: str) -> dict:
+    path = row_record_path(out, model, recipe)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _record_row(out: Path, row: dict, wall_s: float, parallel: int,
+                busy: tuple[float | None, int]) -> None:
+    """Add one training process's wall clock and busy samples to the row's record (a
+    resumed row sums its processes; busy is averaged over all their samples)."""
+    rec = read_row_record(out, row["model"], row["recipe"])
+    n_old, n_new = rec.get("busy_samples", 0), busy[1]
+    mean_old, mean_new = rec.get("gpu_busy"), busy[0]
+    if n_old + n_new and (mean_old is not None or mean_new is not None):
+        gpu_busy = ((mean_old or 0.0) * n_old + (mean_new or 0.0) * n_new) / (n_old + n_new)
+    else:
+        gpu_busy = None
+    rec.update(wall_s=rec.get("wall_s", 0.0) + wall_s, processes=rec.get("processes", 0) + 1,
+               parallel=max(rec.get("parallel", 1), parallel), gpu_busy=gpu_busy,
+               busy_samples=n_old + n_new)
+    write_text(row_record_path(out, row["model"], row["recipe"]),
+               json.dumps(rec, indent=1) + "\n")
+
+
+class _RowProcess:
+    """One row's training process: its output goes to its log and, prefixed, to the
+    terminal."""
+
+    def __init__(self, row: dict, cmd: list[str], log_path: Path, prefix: str, env: dict):
+        import time
+
+        self.row, self.log_path = row, log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(log_path, "a")
+        self.log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
+        self.log.flush()
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, bufsize=1, env=env)
+        self.reader = threading.Thread(target=_tee, args=(self.proc.stdout, self.log, prefix),
+                                       daemon=True)
+        self.reader.start()
+        self.stopped = False   # sent SIGTERM at the budget
+        self.stop_at = None    # when to kill it if SIGTERM was not enough
+
+    def stop(self) -> None:
+        import time
+
+        if not self.stopped and self.proc.poll() is None:
+            self.stopped = True
+            self.stop_at = time.monotonic() + 300
+            self.proc.send_signal(signal.SIGTERM)
+
+    def close(self) -> float:
+        import time
+
+        wall = time.monotonic() - self.t0
+        self.reader.join(timeout=10)
+        self.log.close()
+        return wall
+
+
+def _row_env(parallel: int) -> dict:
+    """Each row process's environment. Side by side, the rows split the host's cores
+    (OMP_NUM_THREADS, unless the caller set it): N processes each running one OpenMP team
+    per core spin against each other."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if parallel > 1 and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // parallel))
+    return env
+
+
+def train_rows(plan: list[dict], out: Path, budget_min: float | None,
+               parallel: int = 1) -> float:
+    """Train each planned row that is not finished, each in its own process, up to
+    `parallel` at a time on the same device; record each row's outcome in its plan entry
+    ("status", "log") and its wall clock and GPU-busy share in OUT/logs/MODEL-RECIPE.json.
+    Returns the wall-clock seconds spent. Past the budget no row starts and running rows
+    get SIGTERM (the trainer checkpoints; the next call resumes them); a SIGTERM or Ctrl-C
+    to the table reaches every row the same way, then stops the table."""
+    import collections
     import time
-
-    from fastres.bench import Timer
 
     todo = [r for r in plan if r["state"] != "finished"]
     if not todo:
         print("every row is finished: nothing to train", flush=True)
-        return
+        return 0.0
     overwrite = _train_supports_overwrite()
-    deadline = None if budget_min is None else time.monotonic() + 60 * budget_min
-    for i, row in enumerate(todo):
+    t_start = time.monotonic()
+    deadline = None if budget_min is None else t_start + 60 * budget_min
+    gpu = rows_gpu(todo)
+    sampler = GpuBusySampler(gpu) if gpu is not None else None
+    env = _row_env(parallel)
+    pending = collections.deque(enumerate(todo))
+    running: list[_RowProcess] = []
+    terminated: list[int] = []
+
+    def forward(signum, frame):
+        terminated.append(signum)
+        for rp in running:
+            if rp.proc.poll() is None:
+                rp.proc.send_signal(signum)
+
+    def launch(i: int, row: dict) -> None:
         name = f"{row['model']} / {row['recipe']}"
-        if deadline is not None and time.monotonic() >= deadline:
-            row["status"] = "not trained (budget spent)"
-            print(f"[{i + 1}/{len(todo)}] {name}: not started, the budget is spent",
-                  flush=True)
-            continue
         resume = row["state"] == "partial"
         cmd = train_command(row["preset"], row["cfg"], row["dir"], resume,
                             overwrite and row["state"] == "stale")
         log = out / "logs" / f"{row['model']}-{row['recipe']}.log"
-        what = "resuming" if resume else "training"
-        print(f"[{i + 1}/{len(todo)}] {what} {name} (preset {row['preset']}) -> "
-              f"{row['dir']}\n    $ {shlex.join(cmd[1:])}", flush=True)
-        timer = Timer("cpu")  # wall clock of the whole process, start-up included
-        timer.start()
-        code, stopped = run_row(cmd, log, deadline)
-        wall = timer.stop()
         row["log"] = str(log)
+        print(f"[{i + 1}/{len(todo)}] {'resuming' if resume else 'training'} {name} "
+              f"(preset {row['preset']}) -> {row['dir']}\n    $ {shlex.join(cmd[1:])}",
+              flush=True)
+        prefix = "    " if parallel == 1 else f"    [{row['model']}/{row['recipe']}] "
+        running.append(_RowProcess(row, cmd, log, prefix, env))
+
+    def finish(rp: _RowProcess) -> None:
+        wall = rp.close()
+        row, name = rp.row, f"{rp.row['model']} / {rp.row['recipe']}"
+        busy = sampler.mean(rp.t0, rp.t0 + wall) if sampler else (None, 0)
+        _record_row(out, row, wall, parallel, busy)
         if (row["dir"] / "result.json").is_file():
             # result.json exists only for a finished run, whatever the exit status (a stop
             # at the budget can land after the run has written it).
             row["state"] = "finished"
-            print(f"    finished in {wall / 60:.1f} min wall clock", flush=True)
-        elif stopped:
-            row["status"] = (f"partial: stopped at the budget after "
-                             f"{epochs_done(row['dir'])} epochs; the same command resumes it")
-            print(f"    {row['status']}", flush=True)
-        else:
-            row["status"] = f"failed (exit {code}; log {log})"
-            print(f"    FAILED with exit status {code}; the other rows go on; log: {log}",
+            print(f"    {name}: finished in {wall / 60:.1f} min wall clock" +
+                  (f", GPU busy {100 * busy[0]:.0f}%" if busy[0] is not None else ""),
                   flush=True)
+        elif rp.stopped or terminated:
+            row["status"] = (f"partial: stopped {'at the budget ' if rp.stopped else ''}"
+                             f"after {epochs_done(row['dir'])} epochs; the same command "
+                             "resumes it")
+            print(f"    {name}: {row['status']}", flush=True)
+        else:
+            row["status"] = f"failed (exit {rp.proc.returncode}; log {rp.log_path})"
+            print(f"    {name}: FAILED with exit status {rp.proc.returncode}; the other "
+                  f"rows go on; log: {rp.log_path}", flush=True)
+
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, forward)
+    try:
+        while pending or running:
+            now = time.monotonic()
+            over = deadline is not None and now >= deadline
+            while pending and len(running) < parallel and not over and not terminated:
+                launch(*pending.popleft())
+            if over or terminated:
+                why = "the budget is spent" if over else "the table was stopped"
+                for i, row in pending:
+                    row["status"] = "not trained (budget spent)" if over else \
+                        "not trained (stopped)"
+                    print(f"[{i + 1}/{len(todo)}] {row['model']} / {row['recipe']}: not "
+                          f"started, {why}", flush=True)
+                pending.clear()
+            if over:
+                for rp in running:
+                    rp.stop()
+            for rp in list(running):
+                if rp.proc.poll() is not None:
+                    running.remove(rp)
+                    finish(rp)
+                elif rp.stop_at is not None and time.monotonic() >= rp.stop_at:
+                    rp.proc.kill()
+            if running:
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        # Ctrl-C reached every trainer too (same process group): let them checkpoint.
+        for rp in running:
+            rp.proc.wait()
+            finish(rp)
+        raise
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+        if sampler is not None:
+            sampler.stop()
+    wall = time.monotonic() - t_start
+    print(f"training: {wall / 60:.1f} min wall clock, up to {parallel} row"
+          f"{'s' if parallel != 1 else ''} at a time", flush=True)
+    if terminated:
+        raise KeyboardInterrupt  # stop the table too; the next call resumes the rows
+    return wall
 
 
 # --------------------------------------------------------------------------- rows
@@ -471,7 +644,11 @@ def model_counts(name: str, num_classes: int, kwargs: dict) -> dict:
 
 
 def table_row(name: str, recipe: str, runs: list[dict], status: str | None = None,
-              preset_name: str | None = None, counts: dict | None = None) -> dict:
+              preset_name: str | None = None, counts: dict | None = None,
+              record: dict | None = None) -> dict:
+    """One row of the table from its runs; `record` is the table's own record of training
+    it (read_row_record: wall clock, rows beside it, GPU busy), empty for runs trained
+    elsewhere."""
     from fastres.models import model_info
     from fastres.tools.models import reference_notes
 
@@ -517,6 +694,9 @@ def table_row(name: str, recipe: str, runs: list[dict], status: str | None = Non
         if top1["n"] and article.get("top1") else None,
         "train_min": minutes["mean"], "train_min_std": minutes["std"],
         "img_per_s": summarize(r["img_per_s"] for r in runs)["mean"],
+        "gpu_busy": pct(record.get("gpu_busy")) if record else None,
+        "wall_min": record["wall_s"] / 60 if record and "wall_s" in record else None,
+        "parallel": record.get("parallel") if record else None,
         "epochs": summarize(r["epochs"] for r in runs)["mean"],
         "params": counts["params"], "params_m": counts["params"] / 1e6,
         "article_params_m": article.get("params_m"), "flops": counts["flops"],
@@ -543,11 +723,12 @@ def markdown(rows: list[dict]) -> str:
               f"{r['article_top1'] or '—'} / {r['article_top5'] or '—'}",
               fmt(r["delta_top1"], "+.2f", "—"),
               _pm(r["train_min"], r["train_min_std"], r["runs"], ".2f"),
-              fmt(r["img_per_s"], ",.0f", "—"), fmt(r["epochs"], "g", "—"),
+              fmt(r["img_per_s"], ",.0f", "—"), fmt(r["gpu_busy"], ".0f", "—"),
+              fmt(r["epochs"], "g", "—"),
               f"{r['params_m']:.2f}", r["article_params_m"] or "—", f"{r['gflops']:.3f}",
               r["article_gflops"] or "—", r["device"] or "—", data[r["data_official"]],
               r["status"]] for r in rows]
-    return markdown_table(HEADERS, cells, align="llrrrrrrrrrrrrlll")
+    return markdown_table(HEADERS, cells, align="llrrrrrrrrrrrrrlll")
 
 
 def conventions(rows: list[dict], runs: list[dict], scale: str) -> str:
@@ -581,6 +762,16 @@ def conventions(rows: list[dict], runs: list[dict], scale: str) -> str:
         "torch.utils.flop_counter; MACs = FLOPs / 2 in the CSV). Article columns: as printed "
         "(its FLOPs are neither forward FLOPs nor MACs at 32x32); Δ Top-1 = ours − article.",
     ]
+    side = max((r["parallel"] or 1 for r in rows), default=1)
+    if side > 1:
+        items.insert(3, f"Rows trained up to {side} at a time on one device (--parallel): "
+                        "each row's time and img/s are its own while sharing it; the "
+                        "table's wall clock is printed when it trains.")
+    if any(r["gpu_busy"] is not None for r in rows):
+        items.insert(3, "GPU busy %: the device's utilisation (nvidia-smi: the share of "
+                        "time any kernel ran) while the row trained, start-up and "
+                        "evaluations included; with rows side by side it is the whole "
+                        "device's, shared.")
     if scale == "smoke":
         items.insert(0, "SMOKE SCALE: every row trained for seconds on a tiny subset; the "
                         "accuracy and times are meaningless.")
@@ -662,6 +853,8 @@ def main(argv=None) -> int:
 
     if args.budget_min is not None and args.budget_min < 0:
         raise ConfigError(f"--budget-min must be >= 0, got {args.budget_min}")
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
     if args.epochs is not None and not args.epochs > 0:
         raise ConfigError(f"--epochs must be > 0, got {args.epochs}")
     for m in csv_list(args.models, "--models") if args.models else []:
@@ -712,7 +905,7 @@ def _table(args, argv: list[str], out: Path) -> int:
                                          for o in args.overrides):
             print("note: no --data-dir given; the rows read the default 'data'",
                   file=sys.stderr)
-        train_rows(plan, out, args.budget_min)
+        train_rows(plan, out, args.budget_min, args.parallel)
         for p in plan:
             if p["state"] == "finished" and (p["model"], p["recipe"]) not in own:
                 own[(p["model"], p["recipe"])] = read_run(p["dir"], recipe=p["recipe"])
@@ -734,8 +927,9 @@ def _table(args, argv: list[str], out: Path) -> int:
         ckey = (p["model"], classes, json.dumps(kwargs, sort_keys=True))
         if ckey not in counts:  # counting builds the model: once per model
             counts[ckey] = model_counts(p["model"], classes, kwargs)
+        record = read_row_record(out, *key) if key in own else {}
         rows.append(table_row(p["model"], p["recipe"], runs, status, p["preset"],
-                              counts[ckey]))
+                              counts[ckey], record))
     skipped = sorted({(r["model"], r["recipe"]) for r in found} -
                      {(p["model"], p["recipe"]) for p in plan})
     if skipped:

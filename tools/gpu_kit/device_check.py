@@ -26,8 +26,9 @@ by --total, 540, with 30 s of it for decoding the JPEG pack):
   loaders   DALI (needs `import nvidia.dali`; see `fastres pack-dali`): parity with the
             tensor loader, bench-loaders img/s, 2 speed-runs through DALI (against the
             speedrun stage's tensor-loader runs)      (90; took 13, 20, and 18 for 2 epochs)
-  table     `table --train` on ResNet-20/32/44/56 x the seed and fast recipes: a run of
-            its own (`--stages table`), not in the default stages              (500)
+  table     `table --train --compile step --parallel 4` on ResNet-20/32/44/56 x the seed
+            and fast recipes: a run of its own (`--stages table`), not in the default
+            stages                                                             (500)
 
 --dry-run runs every command on the CPU with tiny scales (one profile step at batch 8, one
 speed-run of one epoch on 64 images, --scale smoke, bench-kernels --quick, ...), with
@@ -63,6 +64,9 @@ SANITIZER_S = 40
 MIN_START_S = 10            # a step with less time than this left is skipped, not started
 BUNDLE_MAX_FILES = 8
 TABLE_MODELS = "resnet20,resnet32,resnet44,resnet56"
+# Rows side by side on the GPU: one ResNet-20 step at batch 128-256 leaves most of an H200
+# idle; 4 keeps each of the 16 host cores' share at 4 threads. Unmeasured on a GPU so far.
+TABLE_PARALLEL = 4
 # The dry run's data limits: enough for a few steps of every training command.
 DRY_TRAIN, DRY_TEST, DRY_BATCH = 64, 64, 32
 # The rehearsal runs the GPU budgets' commands on a CPU, where one step of the speed-run net
@@ -270,7 +274,8 @@ def plan(stage: str, *, out: Path, py: str, repo: Path, data_dir: str | None, ru
         # and writing the table.
         minutes = max(0.1, (limit - 15) / 60)
         steps = [Step("table", fr + ["table", "--train", "--models", TABLE_MODELS, "--recipes",
-                                     "seed,fast", "--scale", "full", "--budget-min",
+                                     "seed,fast", "--scale", "full", "--compile", "step",
+                                     "--parallel", str(TABLE_PARALLEL), "--budget-min",
                                      f"{minutes:.2f}", "--data-dir", str(data_dir), "--out",
                                      str(out / "table")], 1.0,
                       dry=["--scale", "smoke", "--budget-min", "0.2"],
