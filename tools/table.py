@@ -82,8 +82,8 @@ CSV_FIELDS = ("model", "recipe", "preset", "status", "runs", "top1", "top1_std",
               "article_params_m", "flops", "gflops", "gmacs", "article_gflops", "device",
               "data_official", "test_images", "run_dirs", "notes")
 HEADERS = ("Model", "Recipe", "Top-1 %", "Top-5 %", "TTA Top-1 %", "Article Top-1/5",
-           "Δ Top-1", "Time (min)", "img/s", "GPU busy %", "Epochs", "Params (M)", "Article params (M)",
-           "GFLOPs", "Article GFLOPs", "Device", "Data", "Status")
+           "Δ Top-1", "Time (min)", "img/s", "GPU busy %", "Epochs", "Params (M)",
+           "Article params (M)", "GFLOPs", "Article GFLOPs", "Device", "Data", "Status")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -447,15 +447,12 @@ def _record_row(out: Path, row: dict, wall_s: float, parallel: int,
     """Add one training process's wall clock and busy samples to the row's record (a
     resumed row sums its processes; busy is averaged over all their samples)."""
     rec = read_row_record(out, row["model"], row["recipe"])
-    n_old, n_new = rec.get("busy_samples", 0), busy[1]
-    mean_old, mean_new = rec.get("gpu_busy"), busy[0]
-    if n_old + n_new and (mean_old is not None or mean_new is not None):
-        gpu_busy = ((mean_old or 0.0) * n_old + (mean_new or 0.0) * n_new) / (n_old + n_new)
-    else:
-        gpu_busy = None
+    # A mean is None exactly when it has no samples, so sums weight by sample count.
+    total = (rec.get("gpu_busy") or 0.0) * rec.get("busy_samples", 0) + (busy[0] or 0.0) * busy[1]
+    n = rec.get("busy_samples", 0) + busy[1]
     rec.update(wall_s=rec.get("wall_s", 0.0) + wall_s, processes=rec.get("processes", 0) + 1,
-               parallel=max(rec.get("parallel", 1), parallel), gpu_busy=gpu_busy,
-               busy_samples=n_old + n_new)
+               parallel=max(rec.get("parallel", 1), parallel),
+               gpu_busy=total / n if n else None, busy_samples=n)
     write_text(row_record_path(out, row["model"], row["recipe"]),
                json.dumps(rec, indent=1) + "\n")
 
