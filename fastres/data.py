@@ -173,6 +173,16 @@ class CifarData:
         }
 
 
+def describe(info: dict, train_limit: int | None = None, test_limit: int | None = None) -> str:
+    """One line naming the data a run reads: `info` is `CifarData.info()` (or a run
+    record's copy); the limits are the config's `data.train_limit` / `data.test_limit`."""
+    return (f"data {info.get('name', '?')} "
+            f"({'official' if info.get('official') else 'NOT official'}, fingerprint "
+            f"{info.get('fingerprint')}), {info.get('train_size')} train / "
+            f"{info.get('test_size')} test; limits train {train_limit or 'all'}, test "
+            f"{test_limit or 'all'}")
+
+
 def _stderr_line(message: str) -> None:
     print(f"fastres: warning: {message}", file=sys.stderr)
 

@@ -113,6 +113,14 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
+def test_a_run_names_its_data_and_the_limits_it_trains_on(finished):
+    """The data line says what was read and what the run used of it (a 128-image run on a
+    256-image set must not read as a run on all of it)."""
+    _, printed = finished
+    line = next(x for x in printed.splitlines() if x.startswith("data cifar10 "))
+    assert "NOT official" in line and line.endswith("limits train 128, test 64"), line
+
+
 def wait_for(predicate, proc, timeout: float = 240.0) -> bool:
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:

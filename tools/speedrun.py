@@ -228,6 +228,7 @@ def _speedrun(args, argv, cfg, claimed) -> int:
 
     from fastres import config as C
     from fastres.bench import environment
+    from fastres.data import describe
     from fastres.engine import build, load_data, resolve_for, rundir, train
     from fastres.engine.records import RunRecorder
 
@@ -246,10 +247,7 @@ def _speedrun(args, argv, cfg, claimed) -> int:
           f"{'s' if args.runs > 1 else ''} (seeds {seed0}..{seed0 + args.runs - 1}), target "
           f"{100 * r.target_acc:.2f}%")
     print(f"  {env_line(env)}")
-    print(f"  data {info['name']} ({'official' if info['official'] else 'NOT official'}, "
-          f"fingerprint {info['fingerprint']}), {info['train_size']} train / "
-          f"{info['test_size']} test; limits train {cfg.data.train_limit or 'all'}, test "
-          f"{cfg.data.test_limit or 'all'}")
+    print(f"  {describe(info, cfg.data.train_limit, cfg.data.test_limit)}")
     print(f"  {r.precision}, compile {r.compile}, loader {cfg.data.loader}, batch "
           f"{cfg.data.batch_size}, {cfg.schedule.steps or cfg.schedule.epochs} "
           f"{'steps' if cfg.schedule.steps else 'epochs'}, TTA {r.tta}, eval every "

@@ -121,10 +121,9 @@ class PreparedRun:
             info = built.data_info
             rundir.check_data_fits(cfg, dist.world_size, n_train=info.get("train_size"))
             if info:
-                tell(f"data {info.get('name', '?')} ("
-                     f"{'official' if info.get('official') else 'NOT official'}, fingerprint "
-                     f"{info.get('fingerprint')}), {info.get('train_size')} train / "
-                     f"{info.get('test_size')} test")
+                from fastres.data import describe
+
+                tell(describe(info, cfg.data.train_limit, cfg.data.test_limit))
             if claimed is not None:
                 recorder = RunRecorder(claimed, say=tell)
             else:  # other ranks: no writes, but the same finiteness checks
