@@ -46,6 +46,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from fastres.errors import DataError, unknown_choice
+from fastres.errors import warn as warn_line
 
 __all__ = [
     "Split", "CifarData", "load_cifar", "download_cifar", "channel_mean_std", "DATASETS", "CIFAR10_CLASSES", "CIFAR100_CLASSES",
@@ -181,10 +182,6 @@ def describe(info: dict, train_limit: int | None = None, test_limit: int | None 
             f"{info.get('fingerprint')}), {info.get('train_size')} train / "
             f"{info.get('test_size')} test; limits train {train_limit or 'all'}, test "
             f"{test_limit or 'all'}")
-
-
-def _stderr_line(message: str) -> None:
-    print(f"fastres: warning: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +412,7 @@ def _hashes(blob: bytes) -> tuple[str, str]:
 
 
 def load_cifar(data_dir, dataset: str = "cifar10", download: bool = False, *,
-               warn: Callable[[str], None] = _stderr_line) -> CifarData:
+               warn: Callable[[str], None] = warn_line) -> CifarData:
     """Load CIFAR-10 or CIFAR-100 from `data_dir`, downloading the official archive first when
     it is absent and `download` is true.
 

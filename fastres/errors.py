@@ -48,6 +48,14 @@ class PeerLost(FastresError):
     exit_code = 1
 
 
+def warn(message: str) -> None:
+    """One 'fastres: warning: ...' line on stderr: something the user should know that does
+    not stop the run."""
+    import sys
+
+    print(f"fastres: warning: {message}", file=sys.stderr, flush=True)
+
+
 def did_you_mean(name: str, choices) -> str:
     """' (did you mean X?)' when a close match exists, else ''."""
     import difflib

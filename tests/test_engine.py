@@ -338,3 +338,42 @@ def test_triton_sgd_with_ema_matches_torch_sgd_with_ema():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for a, b in zip(ref.ema.shadow, tri.ema.shadow):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# A child process: the flags are process-wide, and the thread pool must exist before the call.
+_FLUSH_CHILD = r"""
+import torch
+from fastres import config as C
+from fastres.engine import Session, build_loaders, build_model, denormals_flushed, flush_denormals
+from fastres.testing import synthetic
+
+if not torch.set_flush_denormal(False):
+    raise SystemExit("no flush-to-zero mode")
+torch.set_num_threads(2)
+(torch.randn(256, 256) @ torch.randn(256, 256)).sum()   # the pool's threads exist already
+assert not denormals_flushed()
+torch.set_flush_denormal(True)   # torch's own call reaches the calling thread only
+main_only = denormals_flushed()
+assert flush_denormals(True) and denormals_flushed()
+assert flush_denormals(False) and not denormals_flushed()
+for flush in (True, False):
+    cfg = C.resolve(C.replace(C.preset("smoke"), run={"flush_denormal": flush}), "cpu")
+    train_loader, _ = build_loaders(cfg, synthetic(256, 64))
+    Session(cfg, build_model(cfg, num_classes=10), train_loader)
+    assert denormals_flushed() == flush, flush
+print("main thread only:", main_only)
+"""
+
+
+def test_a_cpu_session_flushes_subnormals_in_every_thread():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", _FLUSH_CHILD], capture_output=True, text=True,
+                          env=env, timeout=300)
+    if "no flush-to-zero mode" in done.stderr:
+        pytest.skip("this CPU has no flush-to-zero mode")
+    assert done.returncode == 0, done.stderr[-3000:]
+    # torch.set_flush_denormal alone leaves the pool's other thread computing subnormals
+    assert "main thread only: False" in done.stdout

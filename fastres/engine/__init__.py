@@ -5,11 +5,14 @@
 - `TrainStep`: the one training step; `check_graph` proves it compiles whole.
 - `train(cfg, model, loaders) -> RunResult`: a Session plus the epoch loop.
 - `run_training(cfg, out)`: train() plus the run directory; `inspect(out)`: what one holds.
+- `flush_denormals()`: subnormal floats flushed to zero in every CPU thread (Sessions on a
+  CPU do it).
 - `evaluate(...)`, and what these are built from.
 """
 from .amp import LossScaler, autocast_for
 from .build import Built, build, build_loaders, build_model, load_data, resolve_for
 from .compile import GraphReport, check_graph
+from .cpu import denormals_flushed, flush_denormals
 from .ema import EMA
 from .evaluate import evaluate, tta_logits
 from .optim import Muon, Optimizers, build_optimizers, param_groups, param_roles
@@ -28,5 +31,6 @@ __all__ = [
     "load_data", "resolve_for", "EMA", "evaluate", "tta_logits", "Muon", "Optimizers",
     "build_optimizers", "param_groups", "param_roles", "load_checkpoint", "read_metrics",
     "save_checkpoint", "lr_factor", "momentum_at", "phase2_start", "total_steps",
-    "LossScaler", "autocast_for", "set_bn_frozen", "unwrap",
+    "LossScaler", "autocast_for", "set_bn_frozen", "unwrap", "flush_denormals",
+    "denormals_flushed",
 ]

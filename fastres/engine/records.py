@@ -47,7 +47,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 import torch.nn as nn
 
-from fastres.errors import CheckpointError, RunDirError, TrainingDiverged
+from fastres.errors import CheckpointError, RunDirError, TrainingDiverged, warn
 
 CHECKPOINT_FORMAT = "fastres-checkpoint-v1"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -472,12 +472,6 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _warn(message: str) -> None:
-    import sys
-
-    print(f"fastres: warning: {message}", file=sys.stderr, flush=True)
-
-
 class RunRecorder:
     """Writes a run directory. Only the main process (rank 0) writes; on other ranks the
     writing methods are no-ops, so callers need no `if rank == 0`. `checkpoint` checks the
@@ -504,7 +498,7 @@ class RunRecorder:
         self.enabled = enabled and self.dir is not None
         self.kept_step: int | None = None
         self.notes: list[str] = []
-        self._say = say or _warn
+        self._say = say or warn
 
     @property
     def checkpoint_path(self) -> Path | None:

@@ -9,13 +9,14 @@
     print(session.evaluate(test_loader, tta=cfg.run.tta))   # the recipe's weights (EMA)
 
 A Session owns what every user of the step would otherwise rebuild by hand, and get
-subtly wrong: the device and memory format; the model's data-dependent init (the speed-run
-net's whitening filters, from `INIT_IMAGES` training images); SyncBatchNorm and the DDP
-wrapper; the `TrainStep`; the evaluation network (compiled with the step's compile setting)
-and the weights a recipe evaluates (the EMA when it keeps one); warm-up; and the one
-checkpoint schema (`state_dict` / `load_state_dict`). `fastres.engine.train` is a Session
-plus the epoch loop and the run directory; the profiler, the loader benchmark, `fastres eval`
-and the README's examples build Sessions too.
+subtly wrong: the device and memory format; on a CPU, subnormal floats flushed to zero in
+every thread (`run.flush_denormal`; process-wide, see `fastres.engine.cpu`); the model's
+data-dependent init (the speed-run net's whitening filters, from `INIT_IMAGES` training
+images); SyncBatchNorm and the DDP wrapper; the `TrainStep`; the evaluation network
+(compiled with the step's compile setting) and the weights a recipe evaluates (the EMA when
+it keeps one); warm-up; and the one checkpoint schema (`state_dict` / `load_state_dict`).
+`fastres.engine.train` is a Session plus the epoch loop and the run directory; the profiler,
+the loader benchmark, `fastres eval` and the README's examples build Sessions too.
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ import torch.nn as nn
 from fastres.bench import Timer
 from fastres.config import Config, to_dict
 from fastres.distributed import Dist, convert_sync_batchnorm
-from fastres.errors import CheckpointError, ConfigError
+from fastres.errors import CheckpointError, ConfigError, warn
 
 from .amp import autocast_for
+from .cpu import flush_denormals
 from .evaluate import evaluate, tta_logits
 from .modes import rng_state, set_rng_state, unwrap
 from .records import load_state_dict_checked
@@ -69,6 +71,11 @@ class Session:
                 "data.batch_size or use more data")
         self.cfg, self.dist, self.train_loader = cfg, dist, train_loader
         self.device = torch.device(r.device)
+        if self.device.type == "cpu" and not flush_denormals(r.flush_denormal) \
+                and r.flush_denormal:
+            warn("this CPU or its thread pool cannot flush subnormal floats to zero in every "
+                 "thread (run.flush_denormal): a run whose values drift below 1.2e-38 may "
+                 "slow down many times over")
         memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
         self.model = model.to(device=self.device, memory_format=memory_format)
         self.init_s = 0.0
