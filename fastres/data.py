@@ -497,14 +497,17 @@ def _md5_file(path: Path) -> str:
 
 
 def download_cifar(data_dir, dataset: str = "cifar10", *, url: str | None = None,
-                   timeout: float = 60.0, log: Callable[[str], None] | None = None) -> Path:
+                   timeout: float = 60.0, log: Callable[[str], None] | None = None,
+                   overwrite: bool = False) -> Path:
     """Download the official archive into `data_dir` and verify its MD5; return its path.
 
     The archive is used as it is (`load_cifar` reads it without extracting). It is written to
     a temporary file in `data_dir` and renamed into place only after the MD5 matches, so an
     interrupted or corrupt download never leaves a file that looks complete. An archive
-    already there with the right MD5 is kept. `url` overrides the official address (a mirror);
-    the MD5 checked is the official one either way.
+    already there with the right MD5 is kept; a file of that name with another MD5 (a
+    re-encoded copy, a partial download made by hand) is the user's and is refused with a
+    `DataError`, unless `overwrite=True` lets the verified download replace it. `url`
+    overrides the official address (a mirror); the MD5 checked is the official one either way.
     """
     lay = _layout(dataset)
     data_dir = Path(data_dir).expanduser()
@@ -515,7 +518,12 @@ def download_cifar(data_dir, dataset: str = "cifar10", *, url: str | None = None
     if dest.is_file():
         if _md5_file(dest) == want:
             return dest
-        log(f"{dest} exists but its MD5 is not the official one; downloading it again")
+        if not overwrite:
+            raise DataError(f"{dest} exists and is not the official {lay.archive} (its MD5 "
+                            f"differs); move it away, or pass overwrite=True to replace it with "
+                            f"the download")
+        log(f"{dest} exists but its MD5 is not the official one; replacing it (overwrite=True) "
+            f"once the download is verified")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

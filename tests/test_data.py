@@ -390,6 +390,19 @@ def test_download_verifies_md5_and_renames_atomically(tmp_path, c10, monkeypatch
     _assert_split(d.train, *c10[0])
 
 
+def test_download_never_replaces_a_file_it_did_not_make(tmp_path, monkeypatch):
+    payload = b"the official archive"
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(payload))
+    monkeypatch.setitem(D.ARCHIVE_MD5, "cifar10", hashlib.md5(payload).hexdigest())
+    mine = tmp_path / "cifar-10-python.tar.gz"
+    mine.write_bytes(b"a copy of my own")
+    with pytest.raises(DataError, match="exists and is not the official .*overwrite=True"):
+        D.download_cifar(tmp_path, log=lambda m: None)
+    assert mine.read_bytes() == b"a copy of my own" and _no_leftovers(tmp_path)
+    assert D.download_cifar(tmp_path, log=lambda m: None, overwrite=True) == mine
+    assert mine.read_bytes() == payload and _no_leftovers(tmp_path)
+
+
 def test_load_with_download(tmp_path, c100, monkeypatch, capsys):
     payload = T.write_cifar(tmp_path / "server", "cifar100", train=c100[0], test=c100[1],
                             archive=True).read_bytes()
