@@ -40,7 +40,7 @@ def denormals_flushed() -> bool:
 
 
 def flush_denormals(on: bool = True) -> bool:
-    """Flush subnormal floats to zero (`on`) or compute them (`off`) in every CPU thread.
+    """Flush subnormal floats to zero (`on=True`) or compute them (`on=False`) in every CPU thread.
 
     Returns True when every thread of torch's pool now does what was asked (checked on a
     parallel op); False where the CPU has no such mode or the pool's threads could not be
