@@ -7,8 +7,9 @@
 - `FusedSGD`: a multi-tensor SGD step (momentum, Nesterov, L2 weight decay, per-group lr,
   lr/momentum as floats or device scalars) with the weight EMA and the AMP grad unscale /
   inf skip in the same pass (kernels/sgd.py).
-- `bn_act_reference`, `sgd_ema_reference_step`, `BatchNormAct2d`: the references
-  (kernels/reference.py), used by the tests, the benchmark and the fallbacks.
+- `bn_act_reference`, `sgd_ema_reference_step`: the references (kernels/reference.py),
+  used by the tests, the benchmark and the fallbacks; the unfused module is
+  `fastres.norm_act.BatchNormAct2d`.
 - `fastres.kernels.testing`: fp64 truths, ulp-based comparisons with a ReLU tie band, the
   GPU-configuration and interpreter-harness switches, the decisive GPU experiment.
 
@@ -23,11 +24,11 @@ orders, the race check) only when a test or a user calls it.
 from fastres.kernels._env import (HAS_TRITON, KILL_SWITCH, install_harness, interpreting,
                                   kernels_enabled, use_triton)
 from fastres.kernels.bn_act import FusedBatchNormAct2d, fused_bn_act
-from fastres.kernels.reference import BatchNormAct2d, bn_act_reference, sgd_ema_reference_step
+from fastres.kernels.reference import bn_act_reference, sgd_ema_reference_step
 from fastres.kernels.sgd import FusedSGD
 
 __all__ = [
     "FusedBatchNormAct2d", "fused_bn_act", "FusedSGD", "kernels_enabled", "use_triton",
-    "interpreting", "KILL_SWITCH", "HAS_TRITON", "BatchNormAct2d", "bn_act_reference",
+    "interpreting", "KILL_SWITCH", "HAS_TRITON", "bn_act_reference",
     "sgd_ema_reference_step", "install_harness",
 ]

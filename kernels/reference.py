@@ -4,7 +4,7 @@ eager and `torch.compile` baselines, and the modules fall back to them where the
 do not run (CPU without Triton's interpreter, or the ``FASTRES_KERNELS=0`` kill switch).
 
 - `bn_act_reference`: ``act(batch_norm(x) + residual)``, built from `F.batch_norm`; the
-  module form is `fastres.norm_act.BatchNormAct2d` (re-exported here).
+  module form is `fastres.norm_act.BatchNormAct2d`.
 - `sgd_ema_reference_step`: one multi-tensor SGD step (L2 weight decay, momentum, Nesterov,
   optional grad unscale and inf skip) followed by the EMA update, in `torch._foreach_*` ops (through `fastres._compat.foreach`),
   with the same arithmetic order as the Triton kernel in `fastres.kernels.sgd`.
@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastres._compat import foreach
-from fastres.norm_act import ACTIVATIONS, BatchNormAct2d, apply_act
+from fastres.norm_act import ACTIVATIONS, apply_act
 
-__all__ = ["ACTIVATIONS", "BatchNormAct2d", "bn_act_reference", "sgd_ema_reference_step"]
+__all__ = ["bn_act_reference", "sgd_ema_reference_step"]
 
 
 def bn_act_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

@@ -13,7 +13,7 @@ from fastres.engine.optim import zeropower_newton_schulz
 from fastres.engine.records import load_checkpoint, read_metrics, save_checkpoint
 from fastres.engine.trainer import Interrupted
 from fastres.errors import CheckpointError, ConfigError, TrainingDiverged
-from fastres.models.layers import BatchNormAct2d
+from fastres.norm_act import BatchNormAct2d
 
 
 class ToyLoader:

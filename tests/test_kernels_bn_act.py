@@ -22,11 +22,11 @@ import pytest
 import torch
 
 from fastres.errors import ConfigError
-from fastres.kernels import (BatchNormAct2d, FusedBatchNormAct2d, bn_act_reference,
-                             fused_bn_act, kernels_enabled)
+from fastres.kernels import FusedBatchNormAct2d, bn_act_reference, fused_bn_act, kernels_enabled
 from fastres.kernels import _env
 from fastres.kernels import bn_act as K
 from fastres.kernels import testing as T
+from fastres.norm_act import BatchNormAct2d
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNELS_RUN = _env.HAS_TRITON and (DEVICE.type == "cuda" or _env.INTERPRET_AT_IMPORT)

@@ -357,8 +357,8 @@ import sys
 # (a None entry in sys.modules is the import system's own blocker).
 sys.modules["triton"] = None
 import torch
-from fastres.kernels import (FusedBatchNormAct2d, FusedSGD, BatchNormAct2d, HAS_TRITON,
-                             fused_bn_act, use_triton)
+from fastres.kernels import FusedBatchNormAct2d, FusedSGD, HAS_TRITON, fused_bn_act, use_triton
+from fastres.norm_act import BatchNormAct2d
 import fastres.kernels._env as E
 assert not HAS_TRITON and not E.INTERPRET_AT_IMPORT and not use_triton(torch.device("cpu"))
 assert sys.modules["triton"] is None and not any(m.startswith("triton.") for m in sys.modules)
@@ -426,7 +426,8 @@ def test_triton_interpret_changed_after_import_raises():
 
 CPU_WITHOUT_INTERPRETER = r"""
 import torch
-from fastres.kernels import BatchNormAct2d, FusedBatchNormAct2d, FusedSGD, use_triton
+from fastres.kernels import FusedBatchNormAct2d, FusedSGD, use_triton
+from fastres.norm_act import BatchNormAct2d
 from fastres.kernels import bn_act as K, sgd as S
 assert not use_triton(torch.device("cpu"))
 def boom(*a, **k):

@@ -15,13 +15,14 @@ import torch.nn.functional as F
 import torchvision
 
 from fastres.errors import ConfigError
-from fastres.models import (BatchNormAct2d, count_flops, count_params, create_model,
-                            list_models, model_info, register_model)
+from fastres.models import (count_flops, count_params, create_model, list_models, model_info,
+                            register_model)
 from fastres.models import registry
 from fastres.models.airbench import AirbenchNet
 from fastres.models.cifar_resnet import ShortcutA
 from fastres.models.preact_resnet import PreActBlock
 from fastres.models.resnet import BasicBlock, Bottleneck
+from fastres.norm_act import BatchNormAct2d
 
 CIFAR_RESNETS = ["resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
                  "resnet1202"]

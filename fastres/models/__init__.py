@@ -6,12 +6,11 @@
     model = create_model("airbench94", fused_kernels=True)
 
 Blocks build each BatchNorm(+residual add)+activation as one `norm_act_layer` module
-(`layers.BatchNormAct2d`, or `fastres.kernels.FusedBatchNormAct2d` with fused_kernels=True),
+(`fastres.norm_act.BatchNormAct2d`, or `fastres.kernels.FusedBatchNormAct2d` with fused_kernels=True),
 so the fused Triton kernels change no model code and no state dict. The model classes are
 exported for subclassing and isinstance checks; build models through `create_model`, which
 also applies the registered defaults (initialisation, zero_init_residual, BN momentum).
 """
-from .layers import BatchNormAct2d, norm_act_factory
 from .registry import (ModelEntry, check_model, count_params, create_model, list_models,
                        model_info, register_model)
 
@@ -27,8 +26,8 @@ from .vgg import VGG, VGGCifar  # noqa: E402
 
 __all__ = [
     "check_model",
-    "AirbenchNet", "BatchNormAct2d", "CifarResNet", "GoogLeNetCifar", "ModelEntry",
+    "AirbenchNet", "CifarResNet", "GoogLeNetCifar", "ModelEntry",
     "PreActResNet", "ResNet", "VGG", "VGGCifar", "count_flops", "count_params",
-    "create_model", "flops_row", "list_models", "model_info", "norm_act_factory",
+    "create_model", "flops_row", "list_models", "model_info",
     "register_model",
 ]

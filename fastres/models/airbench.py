@@ -44,7 +44,7 @@ from torch import Tensor
 
 from fastres.errors import ConfigError
 
-from .layers import BatchNormAct2d, NormActLayer
+from fastres.norm_act import BatchNormAct2d, NormActLayer
 from .registry import register_model
 
 WHITEN_KERNEL = 2

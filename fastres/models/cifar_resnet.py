@@ -31,7 +31,9 @@ from torch import Tensor
 
 from fastres.errors import ConfigError
 
-from .layers import BatchNormAct2d, NormActLayer, init_conv_bn_
+from fastres.norm_act import BatchNormAct2d, NormActLayer
+
+from .layers import init_conv_bn_
 from .registry import register_model
 from .resnet import BasicBlock, conv1x1, conv3x3
 

@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .layers import BatchNormAct2d, NormActLayer, init_conv_bn_
+from fastres.norm_act import BatchNormAct2d, NormActLayer
+
+from .layers import init_conv_bn_
 from .registry import register_model
 
 

@@ -1,19 +1,13 @@
-"""Building blocks shared by the model zoo.
-
-The norm-act layer (`BatchNormAct2d`, `ACTIVATIONS`, `apply_act`, `NormActLayer`,
-`norm_act_factory`) lives in the leaf module `fastres.norm_act`, which the kernels and the
-distributed helpers import without loading the model zoo; it is re-exported here so model
-code keeps importing it from `.layers`. `init_conv_bn_` is the zoo's initialisation.
+"""The model zoo's initialisation. The norm-act layer the blocks are built from
+(`BatchNormAct2d`, `NormActLayer`, `norm_act_factory`) has one home, the leaf module
+`fastres.norm_act`, which the kernels and the distributed helpers import without loading
+the model zoo.
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
-from fastres.norm_act import (ACTIVATIONS, BatchNormAct2d, NormActLayer, apply_act,
-                              norm_act_factory)
-
-__all__ = ["ACTIVATIONS", "BatchNormAct2d", "NormActLayer", "apply_act", "init_conv_bn_",
-           "norm_act_factory"]
+__all__ = ["init_conv_bn_"]
 
 
 def init_conv_bn_(model: nn.Module) -> None:

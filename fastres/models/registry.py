@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from fastres.errors import ConfigError, unknown_choice
 
-from .layers import norm_act_factory
+from fastres.norm_act import norm_act_factory
 
 # Parameters of an entry point that create_model supplies itself.
 _MANAGED = ("num_classes", "norm_act_layer", "zero_init_residual")

@@ -17,7 +17,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .layers import BatchNormAct2d, NormActLayer, init_conv_bn_
+from fastres.norm_act import BatchNormAct2d, NormActLayer
+
+from .layers import init_conv_bn_
 from .registry import register_model
 
 # Configuration D: output channels of each 3x3 conv, "M" = 2x2/2 max-pool.
