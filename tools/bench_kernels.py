@@ -292,11 +292,23 @@ def _print_bn_table(rows, peak, copy_gbps):
 
 # --------------------------------------------------------------------------- optimizer
 
+SGD_HP = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)  # every SGD case's
+
+
 def _param_set(name: str, device: torch.device) -> list[torch.Tensor]:
     from fastres.models import create_model
 
     model = create_model(name)
     return [p.detach().to(device) for p in model.parameters()]
+
+
+def _fresh(base: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    """Trainable copies of `base`, each with a random gradient: every optimizer timed from
+    the same starting point."""
+    ps = [torch.nn.Parameter(p.clone()) for p in base]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    return ps
 
 
 def _optimizer_case(name: str, device: torch.device, timer: _Timer):
@@ -305,23 +317,16 @@ def _optimizer_case(name: str, device: torch.device, timer: _Timer):
 
     base = _param_set(name, device)
     numel = sum(p.numel() for p in base)
-    hp = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
-    def fresh():
-        ps = [torch.nn.Parameter(p.clone()) for p in base]
-        for p in ps:
-            p.grad = torch.randn_like(p)
-        return ps
 
     results = {}
-    ps = fresh()
-    opt = torch.optim.SGD(ps, fused=True, **hp)
+    ps = _fresh(base)
+    opt = torch.optim.SGD(ps, fused=True, **SGD_HP)
     results["SGD(fused=True)"] = (timer(opt.step), 20)
-    ps = fresh()
-    opt = torch.optim.SGD(ps, foreach=True, **hp)
+    ps = _fresh(base)
+    opt = torch.optim.SGD(ps, foreach=True, **SGD_HP)
     results["SGD(foreach=True)"] = (timer(opt.step), 20)
-    ps = fresh()
-    opt = torch.optim.SGD(ps, fused=True, **hp)
+    ps = _fresh(base)
+    opt = torch.optim.SGD(ps, fused=True, **SGD_HP)
     emas = [p.detach().clone() for p in ps]
     live = [p.detach() for p in ps]
 
@@ -331,20 +336,20 @@ def _optimizer_case(name: str, device: torch.device, timer: _Timer):
 
     results["SGD(fused) + foreach EMA"] = (timer(fused_then_ema), 32)
     if device.type == "cuda" and _env.use_triton(device):
-        ps = fresh()
-        opt = FusedSGD(ps, **hp)
+        ps = _fresh(base)
+        opt = FusedSGD(ps, **SGD_HP)
         results["FusedSGD"] = (timer(opt.step), 20)
-        ps = fresh()
-        opt = FusedSGD(ps, **hp, ema_decay=0.999)
+        ps = _fresh(base)
+        opt = FusedSGD(ps, **SGD_HP, ema_decay=0.999)
         results["FusedSGD + EMA (one pass)"] = (timer(opt.step), 28)
     else:
-        ps = fresh()
+        ps = _fresh(base)
         bufs = [torch.zeros_like(p) for p in ps]
         emas = [p.detach().clone() for p in ps]
         grads = [p.grad for p in ps]
         live = [p.detach() for p in ps]
         results["one-pass reference (foreach, CPU)"] = (timer(lambda: sgd_ema_reference_step(
-            live, grads, bufs, emas, ema_decay=0.999, **hp)), 28)
+            live, grads, bufs, emas, ema_decay=0.999, **SGD_HP)), 28)
     return numel, results
 
 
@@ -607,23 +612,16 @@ def _quick_sgd_case(model: str, device, timer) -> dict:
     from fastres.kernels import FusedSGD, _env
 
     base = _param_set(model, device)
-    hp = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
-    def fresh():
-        ps = [torch.nn.Parameter(p.clone()) for p in base]
-        for p in ps:
-            p.grad = torch.randn_like(p)
-        return ps
 
     row = {"case": "SGD+EMA", "params": model, "numel": sum(p.numel() for p in base),
            "tensors": len(base), "ms": {}, "first_call_s": {}}
-    ps = fresh()
+    ps = _fresh(base)
     try:
-        ref = torch.optim.SGD(ps, fused=True, **hp)
+        ref = torch.optim.SGD(ps, fused=True, **SGD_HP)
         ref.step()
         label = "SGD(fused) + foreach EMA"
     except RuntimeError:  # a device without torch's fused SGD
-        ref = torch.optim.SGD(ps, foreach=True, **hp)
+        ref = torch.optim.SGD(ps, foreach=True, **SGD_HP)
         label = "SGD(foreach) + foreach EMA"
     emas = [p.detach().clone() for p in ps]
     live = [p.detach() for p in ps]
@@ -636,7 +634,7 @@ def _quick_sgd_case(model: str, device, timer) -> dict:
     row["first_call_s"]["baseline"] = _first_call_s(baseline, device)
     row["ms"]["baseline"] = timer(baseline)
     if _env.use_triton(device):
-        opt = FusedSGD(fresh(), **hp, ema_decay=0.999)
+        opt = FusedSGD(_fresh(base), **SGD_HP, ema_decay=0.999)
         row["first_call_s"]["fused"] = _first_call_s(opt.step, device)
         row["ms"]["fused"] = timer(opt.step)
         row["speedup"] = {"baseline": row["ms"]["baseline"] / row["ms"]["fused"]}
