@@ -102,8 +102,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "a foreach EMA). On a CPU: the same at reduced sizes (--dry-run). "
                         "With --host: fewer samples")
     p.add_argument("--dry-run", action="store_true",
-                   help="--quick at reduced sizes (batch 2, <= 4x4) and one repeat, on any "
-                        "device: the code path end to end, no speed figure")
+                   help="--quick at reduced sizes (batch 2, <= 4x4; parameters cut to 4,096 "
+                        "elements each) and one repeat, on any device: the code path end to "
+                        "end, no speed figure")
     p.add_argument("--budget", type=float, default=None,
                    help=f"--quick: seconds after which no new case starts (default "
                         f"{QUICK_BUDGET_S:.0f})")
@@ -504,6 +505,17 @@ def _reduced(shape):
     return (2, c, min(h, 4), min(w, 4))
 
 
+DRY_RUN_NUMEL = 4096
+
+
+def _reduced_params(base: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The --dry-run stand-in of a parameter list: the same tensors (their count and order
+    decide the fused optimizer's plan), each cut to its first DRY_RUN_NUMEL elements --
+    ResNet-18's 11M parameters, interpreted element by element and race-checked byte by
+    byte, would take minutes and gigabytes."""
+    return [p.flatten()[:DRY_RUN_NUMEL].clone() for p in base]
+
+
 class _QuickTimer:
     """Median milliseconds of `reps` timed calls after `warmup` untimed ones. On a GPU each
     call is bracketed by CUDA events, with the L2 cache flushed (a 256 MB write) before it,
@@ -608,10 +620,12 @@ def _quick_bn_case(shape, act: str, device, timer, compile_backend: Optional[str
     return row
 
 
-def _quick_sgd_case(model: str, device, timer) -> dict:
+def _quick_sgd_case(model: str, device, timer, dry: bool) -> dict:
     from fastres.kernels import FusedSGD, _env
 
     base = _param_set(model, device)
+    if dry:
+        base = _reduced_params(base)
 
     row = {"case": "SGD+EMA", "params": model, "numel": sum(p.numel() for p in base),
            "tensors": len(base), "ms": {}, "first_call_s": {}}
@@ -670,8 +684,9 @@ def run_quick(args, device: torch.device, env: dict) -> int:
     """`--quick`: the decisive speed figures within a fixed budget. Each case is printed and
     written to --json as soon as it is measured, so a stage killed at its time limit still
     leaves what it measured; a case that would start after the budget is listed as skipped.
-    On a CPU (or with --dry-run) the same cases run at reduced sizes (batch 2, <= 4x4):
-    the code path, end to end, not a speed figure."""
+    On a CPU (or with --dry-run) the same cases run at reduced sizes (batch 2, <= 4x4;
+    parameters cut to DRY_RUN_NUMEL elements each): the code path, end to end, not a speed
+    figure."""
     import time
 
     from fastres.kernels import _env
@@ -705,7 +720,7 @@ def run_quick(args, device: torch.device, env: dict) -> int:
         if kind == "bn":
             row = _quick_bn_case(_reduced(what) if dry else what, act, device, timer, backend)
         else:
-            row = _quick_sgd_case(what, device, timer)
+            row = _quick_sgd_case(what, device, timer, dry)
         result["cases"].append(row)
         _print_quick_row(row)
         result["elapsed_s"] = time.perf_counter() - t0
