@@ -174,6 +174,10 @@ class RunConfig:
                                unit="epochs", low=0)
     tta: str = _f("none", "test-time augmentation for the final evaluation",
                   choices=("none", "flip", "flip_translate"))
+    tta_fraction: float = _f(1.0, "share of each test batch, least confident first (top "
+                             "softmax probability of the plain view), that gets the TTA "
+                             "views; the rest keep their plain prediction (1 = all)",
+                             low=0.0, high=1.0)
     target_acc: float = _f(0.94, "accuracy the run is trying to reach (reported, not enforced)",
                            low=0.0, high=1.0)
     log_every: int = _f(0, "also log train loss every N steps (0 = per epoch; each log syncs)",

@@ -277,6 +277,43 @@ def test_tta_views():
     assert ft.shape == (2, 2) and torch.allclose(ft[:, 0], ft[:, 1], atol=1e-6)
 
 
+def test_tta_fraction_gives_the_views_to_the_least_confident_only():
+    class Counting(nn.Module):  # a per-image net that counts the images it sees
+        def __init__(self):
+            super().__init__()
+            self.seen = 0
+            self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(),
+                                     nn.Linear(4 * 8 * 8, 10))
+
+        def forward(self, x):
+            self.seen += len(x)
+            return self.net(x)
+
+    torch.manual_seed(0)
+    model, x = Counting().eval(), torch.randn(20, 3, 8, 8)
+    with torch.no_grad():
+        plain = tta_logits(model, x, "none")
+        full = tta_logits(model, x, "flip_translate")
+        model.seen = 0
+        part = tta_logits(model, x, "flip_translate", fraction=0.25)
+        assert model.seen == 20 + 5 * 5  # the plain view once, 5 more views for 5 images
+        assert torch.equal(tta_logits(model, x, "flip_translate", fraction=1.0), full)
+        assert torch.equal(tta_logits(model, x, "flip", fraction=0.0), plain)
+    least = plain.softmax(1).amax(1).argsort()[:5]
+    picked = torch.zeros(20, dtype=torch.bool)
+    picked[least] = True
+    assert torch.allclose(part[picked], full[picked], atol=1e-6)
+    assert torch.equal(part[~picked], plain[~picked])
+    with pytest.raises(ValueError, match="tta fraction"):
+        tta_logits(model, x, "flip", fraction=1.5)
+    # evaluate() takes it per batch; the fraction left out means every image
+    loader = [(x[:10], torch.zeros(10, dtype=torch.long)), (x[10:], torch.ones(10, dtype=torch.long))]
+    some = evaluate(model, loader, "flip_translate", tta_fraction=0.25)
+    all_ = evaluate(model, loader, "flip_translate")
+    expect = (full.argmax(1) == torch.tensor([0] * 10 + [1] * 10)).float().mean().item()
+    assert all_["top1"] == pytest.approx(expect) and some["n"] == 20
+
+
 def test_evaluate_counts_top1_top5():
     class Fixed(nn.Module):
         def forward(self, x):

@@ -602,6 +602,19 @@ def test_15_fastres_eval_shows_progress(finished, data_dir, capsys):
     assert json.loads(printed)["n"] == 64   # progress on stderr: stdout stays JSON
 
 
+def test_15_fastres_eval_tta_fraction(finished, data_dir, capsys):
+    ckpt = str(finished[0] / "checkpoints" / "last.pt")
+    rc, printed, err = cli(capsys, ["eval", "--checkpoint", ckpt, "--data-dir", data_dir,
+                                    "--tta", "flip", "--tta-fraction", "0.25",
+                                    "--progress", "none"])
+    assert rc == 0, err[-3000:]
+    assert "tta flip on the least confident 25%" in printed and "64 images in" in printed
+    rc, _, err = cli(capsys, ["eval", "--checkpoint", ckpt, "--data-dir", MISSING_DATA,
+                              "--tta-fraction", "0"])
+    assert rc == 2
+    assert "--tta-fraction must be in (0, 1], got 0" in error_line(err, "eval")
+
+
 def test_15_evaluate_progress_needs_no_sync():
     class Loader:
         num_examples = 8

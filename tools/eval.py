@@ -25,6 +25,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=True, help="folder with the data set")
     p.add_argument("--tta", choices=("none", "flip", "flip_translate"),
                    help="test-time augmentation (default: the run's)")
+    p.add_argument("--tta-fraction", type=float, metavar="F",
+                   help="give the TTA views to the least confident share F of each test "
+                        "batch only, 0 < F <= 1 (default: the run's run.tta_fraction)")
     p.add_argument("--weights", choices=("auto", "raw", "ema"), default="auto",
                    help="which weights to evaluate (default: the run's choice)")
     p.add_argument("--device", default="auto")
@@ -37,11 +40,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from fastres.bench import Timer
     from fastres.engine import Session, build, resolve_for, rundir
+    from fastres.engine.evaluate import describe_tta
     from fastres.engine.records import strict_dumps
     from fastres.errors import CheckpointError, ConfigError
 
     args = get_args_parser().parse_args(argv)
+    if args.tta_fraction is not None and not 0.0 < args.tta_fraction <= 1.0:
+        raise ConfigError(f"--tta-fraction must be in (0, 1], got {args.tta_fraction:g}")
     path = Path(args.checkpoint)
     if path.is_dir():
         info = rundir.inspect(path)
@@ -74,16 +81,21 @@ def main(argv=None) -> int:
     session.load_state_dict(state, what=f"{path} (for model {cfg.model.name!r})",
                             weights_only=True)
     tta = args.tta or cfg.run.tta
-    res = session.evaluate(built.loaders[1], tta, progress=args.progress,
+    fraction = cfg.run.tta_fraction if args.tta_fraction is None else args.tta_fraction
+    timer = Timer(session.device)
+    timer.start()
+    res = session.evaluate(built.loaders[1], tta, tta_fraction=fraction, progress=args.progress,
                            label=f"fastres eval (tta {tta})")
+    res["seconds"] = timer.stop()  # the evaluation's one host sync happened inside
     res.update(checkpoint=str(path), weights=weights, tta=tta,
+               tta_fraction=fraction if tta != "none" else None,
                step=state.get("step"), data=built.data_info)
     if args.json:
         print(strict_dumps(res, indent=2))
     else:
         print(f"{path}: top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}  loss "
-              f"{res['loss']:.4f}  ({res['n']} images, weights {weights}, tta {tta}, step "
-              f"{state.get('step')})")
+              f"{res['loss']:.4f}  ({res['n']} images in {res['seconds']:.1f} s, weights "
+              f"{weights}, tta {describe_tta(tta, fraction)}, step {state.get('step')})")
     return 0
 
 

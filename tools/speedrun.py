@@ -84,7 +84,8 @@ def run_record(seed: int, final: dict, epochs: list[dict], wall_s: float) -> dic
         "seed": seed, "timed_s": final["timed_s"], "train_s": final["train_s"],
         "data_init_s": final["data_init_s"], "final_eval_s": final["final_eval_s"],
         "epochs": final["epochs"], "steps": final["steps"], "top1": final["top1"],
-        "top5": final["top5"], "tta": final["tta"], "tta_top1": final["tta_top1"],
+        "top5": final["top5"], "tta": final["tta"], "tta_fraction": final.get("tta_fraction"),
+        "tta_top1": final["tta_top1"],
         "tta_top5": final["tta_top5"], "accuracy": headline,
         "reached_target": bool(final["reached_target"]),
         "time_to_target_s": final["time_to_target_s"],
@@ -230,6 +231,7 @@ def _speedrun(args, argv, cfg, claimed) -> int:
     from fastres.bench import environment
     from fastres.data import describe
     from fastres.engine import build, load_data, resolve_for, rundir, train
+    from fastres.engine.evaluate import describe_tta
     from fastres.engine.records import RunRecorder
 
     if claimed.moved_to is not None:
@@ -250,7 +252,7 @@ def _speedrun(args, argv, cfg, claimed) -> int:
     print(f"  {describe(info, cfg.data.train_limit, cfg.data.test_limit)}")
     print(f"  {r.precision}, compile {r.compile}, loader {cfg.data.loader}, batch "
           f"{cfg.data.batch_size}, {cfg.schedule.steps or cfg.schedule.epochs} "
-          f"{'steps' if cfg.schedule.steps else 'epochs'}, TTA {r.tta}, eval every "
+          f"{'steps' if cfg.schedule.steps else 'epochs'}, TTA {describe_tta(r.tta, r.tta_fraction)}, eval every "
           f"{r.eval_every:g} epochs", flush=True)
 
     # The model object every run trains (see the module docstring); run i loads the initial

@@ -107,13 +107,16 @@ class Session:
         return "ema" if self.cfg.optim.eval_weights == "ema" and self.ema is not None \
             else "raw"
 
-    def evaluate(self, loader, tta: str = "none", *, progress: str | None = None,
-                 label: str = "evaluation") -> dict:
+    def evaluate(self, loader, tta: str = "none", *, tta_fraction: float | None = None,
+                 progress: str | None = None, label: str = "evaluation") -> dict:
         """Top-1, top-5, loss and count over `loader` with the recipe's weights (the EMA's,
-        swapped in and back, where it keeps one), under the run's precision; `tta` as in
+        swapped in and back, where it keeps one), under the run's precision; `tta` and
+        `tta_fraction` (default: the run's `run.tta_fraction`) as in
         `fastres.engine.tta_logits`. One host sync."""
-        kw = dict(precision=self.cfg.run.precision, dist=self.dist, device=self.device,
-                  progress=progress, label=label)
+        if tta_fraction is None:
+            tta_fraction = self.cfg.run.tta_fraction
+        kw = dict(tta_fraction=tta_fraction, precision=self.cfg.run.precision, dist=self.dist,
+                  device=self.device, progress=progress, label=label)
         if self.eval_weights == "ema":
             with self.ema.swapped(self.model):
                 out = evaluate(self.eval_net, loader, tta, **kw)
@@ -147,7 +150,7 @@ class Session:
                 for b in sorted(sizes):
                     for tta in {"none", r.tta}:
                         with autocast_for(device, r.precision):
-                            tta_logits(self.eval_net, batch(b), tta)
+                            tta_logits(self.eval_net, batch(b), tta, r.tta_fraction)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         set_rng_state(rng, device)

@@ -324,7 +324,8 @@ def _finish(run: _Run, n_epochs: int, stopper: _SignalStop) -> RunResult:
     flops = _training_flops(run, images)
     final = {
         "top1": plain["top1"], "top5": plain["top5"], "test_loss": plain["loss"],
-        "tta": r.tta, "tta_top1": final_eval["top1"] if r.tta != "none" else None,
+        "tta": r.tta, "tta_fraction": r.tta_fraction if r.tta != "none" else None,
+        "tta_top1": final_eval["top1"] if r.tta != "none" else None,
         "tta_top5": final_eval["top5"] if r.tta != "none" else None,
         "eval_weights": "ema" if (run.cfg.optim.eval_weights == "ema" and step.ema) else "raw",
         "timed_s": run.timer.total, "train_s": train_s, "data_init_s": run.session.init_s,
