@@ -1,5 +1,5 @@
 """Measurement: the one device timer, the one environment record, device peaks, copy
-bandwidth, training FLOPs and MFU.
+bandwidth, training FLOPs and MFU, and the garbage collector's pauses.
 
 Run records (`env.json`, `result.json`) and every tool's JSON use these, so a figure always
 travels with the same description of where it was measured.
@@ -12,10 +12,18 @@ travels with the same description of where it was measured.
 Timing follows airbench's habit: warm-up (compilation, autotuning) outside the timed region,
 CUDA events on a GPU (one host sync after the last repeat), a clock read after the work
 finished on a CPU; medians over repeats, because shared machines are noisy.
+
+Python's garbage collector is part of the host's time: a full collection scans every object
+the process tracks, and a process that has compiled a model holds many (on a 2-core CPU,
+0.45-0.72 M objects after `torch.compile` of the speed-run step; 0.22-0.56 s per full
+collection). One landing in the timed region of a host-bound GPU step adds to it directly,
+so every `Timer` counts the collections that ran while it was running (`Timer.gc`, a
+`GCPauses`).
 """
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import os
 import platform
@@ -30,7 +38,7 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = [
-    "Timer", "Timing", "time_fn", "sync", "environment", "git_sha", "PEAK_TFLOPS",
+    "Timer", "Timing", "time_fn", "sync", "GCPauses", "environment", "git_sha", "PEAK_TFLOPS",
     "PEAK_GBPS", "device_peak", "peak_bandwidth", "math_mode", "copy_bandwidth",
     "training_flops", "mfu",
 ]
@@ -44,20 +52,74 @@ def sync(device: torch.device | str | None) -> None:
 
 # --------------------------------------------------------------------------- timers
 
+class GCPauses:
+    """The garbage collector's pauses while running (between `start()` and `stop()`, summed
+    over every such interval): collections per generation, seconds, the longest.
+
+    Recorded through `gc.callbacks`, which the interpreter calls at each collection's start
+    and end; nothing is recorded while stopped."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]  # by generation: 0, 1, 2 (2 = a full collection)
+        self.seconds = 0.0
+        self.max_s = 0.0
+        self._t0: float | None = None
+        self._on = False
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            dt = time.perf_counter() - self._t0
+            self._t0 = None
+            self.collections[min(int(info.get("generation", 2)), 2)] += 1
+            self.seconds += dt
+            self.max_s = max(self.max_s, dt)
+
+    def start(self) -> None:
+        if not self._on:
+            gc.callbacks.append(self._callback)
+            self._on = True
+
+    def stop(self) -> None:
+        if self._on:
+            gc.callbacks.remove(self._callback)
+            self._on, self._t0 = False, None
+
+    def as_dict(self) -> dict:
+        return {"collections": sum(self.collections), "by_generation": list(self.collections),
+                "seconds": self.seconds, "max_s": self.max_s}
+
+    def load(self, d: dict | None) -> None:
+        """Continue the counts of `as_dict()`'s record (a resumed run)."""
+        if d:
+            self.collections = [int(c) for c in d.get("by_generation", [0, 0, 0])][:3]
+            self.seconds, self.max_s = float(d.get("seconds", 0.0)), float(d.get("max_s", 0.0))
+
+    def __str__(self) -> str:
+        n = sum(self.collections)
+        return "no GC pauses" if n == 0 else \
+            f"{n} GC pauses ({self.collections[2]} full), {1e3 * self.seconds:.1f} ms in all, " \
+            f"longest {1e3 * self.max_s:.1f} ms"
+
+
 class Timer:
     """Accumulates device time between `start()` and `stop()`.
 
     CUDA events on a GPU (recorded on the stream, no sync until `stop`), a clock on a CPU.
     `stop()` synchronises and returns the interval in seconds; `total` is the running sum.
     The trainer starts and stops it around each epoch, so it syncs at epoch ends only.
+    `gc` counts the garbage collector's pauses while the timer runs (`GCPauses`).
     """
 
     def __init__(self, device: torch.device | str):
         self.cuda = torch.device(device).type == "cuda"
         self.total = 0.0
         self._t0 = None
+        self.gc = GCPauses()
 
     def start(self) -> None:
+        self.gc.start()
         if self.cuda:
             self._t0 = torch.cuda.Event(enable_timing=True)
             self._t0.record()
@@ -75,6 +137,7 @@ class Timer:
         else:
             dt = time.perf_counter() - self._t0
         self._t0 = None
+        self.gc.stop()
         self.total += dt
         return dt
 

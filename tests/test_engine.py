@@ -104,6 +104,7 @@ def test_one_run_learns_and_records(tmp_path):
     assert "test_top1" in metrics[0] and metrics[-1]["img_per_s"] > 0
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["top1"] == res.final["top1"] and result["timed_s"] > 0
+    assert result["gc_pauses"]["collections"] == sum(result["gc_pauses"]["by_generation"])
     assert (tmp_path / "checkpoints" / "last.pt").exists()
 
 

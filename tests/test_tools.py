@@ -107,6 +107,37 @@ def test_unknown_device_has_no_peak():
     assert bench.device_peak("NVIDIA GeForce RTX 4090", "bf16") is None
 
 
+def test_timer_counts_the_gc_pauses_of_its_timed_intervals_only():
+    import gc
+
+    timer = bench.Timer("cpu")
+    gc.collect()                                  # stopped: not counted
+    timer.start()
+    gc.collect()                                  # a full collection
+    gc.collect(0)
+    timer.stop()
+    assert timer.gc._callback not in gc.callbacks  # nothing left behind
+    gc.collect()                                  # stopped again: not counted
+    g = timer.gc.as_dict()
+    assert g["collections"] == 2 and g["by_generation"] == [1, 0, 1]
+    assert 0 < g["max_s"] <= g["seconds"]
+    assert "2 GC pauses (1 full)" in str(timer.gc)
+    resumed = bench.GCPauses()                    # a resumed run continues the counts
+    resumed.load(g)
+    assert resumed.as_dict() == g
+    assert str(bench.GCPauses()) == "no GC pauses"
+
+
+def test_speedrun_summary_sums_the_gc_pauses():
+    runs = [{"gc_pauses": {"collections": 3, "by_generation": [2, 0, 1], "seconds": 0.25,
+                           "max_s": 0.2}},
+            {"gc_pauses": {"collections": 1, "by_generation": [1, 0, 0], "seconds": 0.001,
+                           "max_s": 0.001}},
+            {"gc_pauses": None}]                  # a record from before the count
+    assert speedrun.gc_total(r["gc_pauses"] for r in runs) == {
+        "collections": 4, "full": 1, "seconds": 0.251, "max_s": 0.2}
+
+
 # --------------------------------------------------------------------------- speedrun
 
 def test_speedrun_smoke(data_dir, tmp_path, capsys):
@@ -117,6 +148,7 @@ def test_speedrun_smoke(data_dir, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| run | seed |" in printed and "summary over 2 runs" in printed
+    assert "GC pauses" in printed and "in the timed regions" in printed
 
     result = json.loads((out / "speedrun.json").read_text())
     for key in ("schema", "device", "env", "data", "config", "seeds", "warmup", "runs",
@@ -135,6 +167,7 @@ def test_speedrun_smoke(data_dir, tmp_path, capsys):
         assert r["epochs"] == 2.0 and r["tta_top1"] is not None
         assert [c["epoch"] for c in r["curve"]] == [1, 2.0]      # epoch 1 eval + final
         assert r["reached_target"] and r["time_to_target_s"] is not None  # target 5%
+        assert set(r["gc_pauses"]) == {"collections", "by_generation", "seconds", "max_s"}
     s = result["summary"]
     for key in ("mean", "std", "min", "max"):
         assert s["timed_s"][key] is not None

@@ -238,6 +238,7 @@ def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
     import torch
 
     from fastres._compat import reset_compiler
+    from fastres.bench import GCPauses
     from fastres.pipelines import endless
 
     r = cfg.run
@@ -267,7 +268,9 @@ def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
         torch.cuda.reset_peak_memory_stats(device)
     clock = PhaseClock(device)
     marker = _Marker(clock, nvtx=nvtx and device.type == "cuda")
+    pauses = GCPauses()
     _sync(device)
+    pauses.start()
     wall0 = time.perf_counter()
     for _ in range(steps):
         one(marker)
@@ -275,6 +278,7 @@ def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
     phases, host_phases = clock.totals()
     _sync(device)
     wall_s = time.perf_counter() - wall0
+    pauses.stop()
     peak_mem, mem_kind = _peak_memory(device)
 
     busy_frac = _gpu_busy(lambda: one(no_marks), device, steps) if busy else None
@@ -323,6 +327,7 @@ def measure(cfg, images, labels, *, num_classes: int, steps: int, warmup: int,
         "peak_tflops": peak[1] if peak else None, "peak_source": peak[0] if peak else None,
         "mfu": mfu(flops["per_step"] * steps, step_s, peak[1] if peak else None),
         "gpu_busy": busy_frac,
+        "gc_pauses": pauses.as_dict(),
         "peak_memory_bytes": peak_mem, "peak_memory_kind": mem_kind, "trace": trace_path,
         "kernels": kernels,
     }
@@ -416,6 +421,10 @@ def report(m: dict, math: str) -> str:
     if m.get("gpu_busy") is not None:
         lines.append(f"gpu busy     {100 * m['gpu_busy']:.1f}% (kernel time / wall time)")
     lines.append(f"peak memory  {_gib(m['peak_memory_bytes'])} ({m['peak_memory_kind']})")
+    g = m.get("gc_pauses")
+    if g is not None:
+        lines.append(f"GC pauses    {g['collections']} in the timed steps "
+                     f"({g['by_generation'][2]} full), {1e3 * g['seconds']:.1f} ms in all")
     lines.append(f"warm-up      {m['warmup_steps']} steps, {m['warmup_s']:.1f} s wall"
                  + (" (compilation included)" if m["compile"] != "off" else ""))
     if m["trace"]:

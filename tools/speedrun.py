@@ -91,7 +91,8 @@ def run_record(seed: int, final: dict, epochs: list[dict], wall_s: float) -> dic
         "time_to_target_s": final["time_to_target_s"],
         "epoch_to_target": next((c["epoch"] for c in curve if c["test_top1"] >=
                                  final["target_acc"]), None),
-        "img_per_s": final["img_per_s"], "wall_s": wall_s, "curve": curve,
+        "img_per_s": final["img_per_s"], "wall_s": wall_s,
+        "gc_pauses": final.get("gc_pauses"), "curve": curve,
     }
 
 
@@ -109,7 +110,17 @@ def summary_of(runs: list[dict], target: float) -> dict:
         "mean_reaches_target": acc["n"] > 0 and acc["mean"] >= target,
         "time_to_target_s": summarize(r["time_to_target_s"] for r in reached),
         "img_per_s": summarize(r["img_per_s"] for r in runs),
+        "gc_pauses": gc_total(r.get("gc_pauses") for r in runs),
     }
+
+
+def gc_total(records) -> dict:
+    """The garbage collector's pauses in the timed regions of all runs, summed."""
+    records = [g for g in records if g]
+    return {"collections": sum(g["collections"] for g in records),
+            "full": sum(g["by_generation"][2] for g in records),
+            "seconds": sum(g["seconds"] for g in records),
+            "max_s": max((g["max_s"] for g in records), default=0.0)}
 
 
 # --------------------------------------------------------------------------- output
@@ -150,6 +161,9 @@ def summary_text(s: dict) -> str:
                  f"runs ({100 * s['reached_fraction']:.0f}%), mean accuracy "
                  f"{'meets' if s['mean_reaches_target'] else 'misses'} it"
                  + (f"; time to target {fmt_pm(tt, '.3f')} s" if tt["n"] else ""))
+    g = s["gc_pauses"]
+    lines.append(f"  GC pauses   {g['collections']} in the timed regions ({g['full']} full), "
+                 f"{1e3 * g['seconds']:.1f} ms in all, longest {1e3 * g['max_s']:.1f} ms")
     return "\n".join(lines)
 
 

@@ -12,6 +12,8 @@ Timing follows the speed-run convention: the timed region runs from the first tr
 (with TTA), and leaves out compilation and warm-up (on random data of the real shapes,
 after which the initial state is restored), the per-epoch evaluations, logging and
 checkpoints. On a GPU it is measured with CUDA events, on a CPU with a synchronised clock.
+The timer also counts Python's garbage collections in the timed region (the result's
+`gc_pauses`).
 """
 from __future__ import annotations
 
@@ -142,7 +144,8 @@ class _Run:
 
     def checkpoint_state(self, epoch_done: int, epoch_step: int) -> dict:
         return self.session.state_dict(epoch=epoch_done, epoch_step=epoch_step,
-                                       epochs=self.epochs_log, timed_s=self.timer.total)
+                                       epochs=self.epochs_log, timed_s=self.timer.total,
+                                       gc_pauses=self.timer.gc.as_dict())
 
     def evaluate(self, tta: str, label: str | None = None) -> dict:
         return self.session.evaluate(self.test_loader, tta,
@@ -334,6 +337,7 @@ def _finish(run: _Run, n_epochs: int, stopper: _SignalStop) -> RunResult:
         "target_acc": r.target_acc, "reached_target": final_eval["top1"] >= r.target_acc,
         "time_to_target_s": run.reached["at_s"] if run.reached["at_s"] is not None else (
             run.timer.total if final_eval["top1"] >= r.target_acc else None),
+        "gc_pauses": run.timer.gc.as_dict(),
         "world_size": run.dist.world_size, "device": run.env.get("device"),
         "precision": r.precision, "compile": r.compile, **flops,
     }
@@ -367,3 +371,4 @@ def _restore(state: dict, run: _Run) -> None:
     run.resumed_stage = state.get("stage", "train")
     run.epochs_log[:] = list(state.get("epochs", []))
     run.timer.total = float(state.get("timed_s", 0.0))
+    run.timer.gc.load(state.get("gc_pauses"))
