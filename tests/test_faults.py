@@ -609,6 +609,15 @@ def test_15_fastres_eval_tta_fraction(finished, data_dir, capsys):
                                     "--progress", "none"])
     assert rc == 0, err[-3000:]
     assert "tta flip on the least confident 25%" in printed and "64 images in" in printed
+    rc, printed, err = cli(capsys, ["eval", "--checkpoint", ckpt, "--data-dir", data_dir,
+                                    "--tta", "flip", "--repeats", "2", "--json",
+                                    "--progress", "none"])
+    assert rc == 0, err[-3000:]
+    res = json.loads(printed)
+    assert res["timing"] == "median of 2 after an untimed one" and res["seconds"] > 0
+    rc, _, err = cli(capsys, ["eval", "--checkpoint", ckpt, "--data-dir", MISSING_DATA,
+                              "--repeats", "-1"])
+    assert rc == 2 and "--repeats must be >= 0, got -1" in error_line(err, "eval")
     rc, _, err = cli(capsys, ["eval", "--checkpoint", ckpt, "--data-dir", MISSING_DATA,
                               "--tta-fraction", "0"])
     assert rc == 2

@@ -149,6 +149,7 @@ def test_speedrun_smoke(data_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| run | seed |" in printed and "summary over 2 runs" in printed
     assert "GC pauses" in printed and "in the timed regions" in printed
+    assert "of which    data-dependent init" in printed and "+ final evaluation" in printed
 
     result = json.loads((out / "speedrun.json").read_text())
     for key in ("schema", "device", "env", "data", "config", "seeds", "warmup", "runs",
@@ -171,6 +172,8 @@ def test_speedrun_smoke(data_dir, tmp_path, capsys):
     s = result["summary"]
     for key in ("mean", "std", "min", "max"):
         assert s["timed_s"][key] is not None
+    parts = sum(s[k]["mean"] for k in ("data_init_s", "train_s", "final_eval_s"))
+    assert parts == pytest.approx(s["timed_s"]["mean"], rel=1e-6)  # the timed region, split
     assert s["reached_fraction"] == 1.0 and s["runs"] == 2
     assert (out / "speedrun.png").read_bytes()[:8] == PNG_MAGIC
 

@@ -2,6 +2,8 @@
 
     fastres eval --checkpoint runs/speedrun/checkpoints/last.pt --data-dir data [--tta flip]
     fastres eval --checkpoint runs/speedrun --data-dir data        # a run directory's last.pt
+    fastres eval --checkpoint runs/sr --data-dir data --tta flip_translate --tta-fraction 0.2 \
+                 --repeats 5                          # its time: median of 5 after a warm-up
 
 Uses the config stored in the checkpoint to rebuild the model; evaluates the weights the
 run evaluated (EMA when the run kept one) unless --weights says otherwise. The checkpoint is
@@ -12,6 +14,7 @@ any data is read.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -32,6 +35,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="which weights to evaluate (default: the run's choice)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, help="evaluation batch size")
+    p.add_argument("--repeats", type=int, default=0, metavar="N",
+                   help="time N evaluations after an untimed one and report their median "
+                        "(0, the default: the one evaluation, timed with its first-call "
+                        "costs, such as cuDNN's autotuning on a GPU)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--progress", choices=("auto", "bar", "plain", "none"), default="auto",
                    help="progress on stderr: a bar on a terminal, else a line every few "
@@ -47,6 +54,8 @@ def main(argv=None) -> int:
     from fastres.errors import CheckpointError, ConfigError
 
     args = get_args_parser().parse_args(argv)
+    if args.repeats < 0:
+        raise ConfigError(f"--repeats must be >= 0, got {args.repeats}")
     if args.tta_fraction is not None and not 0.0 < args.tta_fraction <= 1.0:
         raise ConfigError(f"--tta-fraction must be in (0, 1], got {args.tta_fraction:g}")
     path = Path(args.checkpoint)
@@ -82,11 +91,18 @@ def main(argv=None) -> int:
                             weights_only=True)
     tta = args.tta or cfg.run.tta
     fraction = cfg.run.tta_fraction if args.tta_fraction is None else args.tta_fraction
-    timer = Timer(session.device)
-    timer.start()
-    res = session.evaluate(built.loaders[1], tta, tta_fraction=fraction, progress=args.progress,
-                           label=f"fastres eval (tta {tta})")
-    res["seconds"] = timer.stop()  # the evaluation's one host sync happened inside
+    times = []
+    for i in range(1 + args.repeats):  # with --repeats, the first is the untimed warm-up
+        timer = Timer(session.device)
+        timer.start()
+        res = session.evaluate(built.loaders[1], tta, tta_fraction=fraction,
+                               progress=args.progress if i == 0 else "none",
+                               label=f"fastres eval (tta {tta})")
+        times.append(timer.stop())  # the evaluation's one host sync happened inside
+    timed = times[1:] if args.repeats else times
+    res["seconds"] = statistics.median(timed)
+    res["timing"] = f"median of {args.repeats} after an untimed one" if args.repeats else \
+        "one evaluation, first-call costs included"
     res.update(checkpoint=str(path), weights=weights, tta=tta,
                tta_fraction=fraction if tta != "none" else None,
                step=state.get("step"), data=built.data_info)
@@ -94,7 +110,8 @@ def main(argv=None) -> int:
         print(strict_dumps(res, indent=2))
     else:
         print(f"{path}: top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}  loss "
-              f"{res['loss']:.4f}  ({res['n']} images in {res['seconds']:.1f} s, weights "
+              f"{res['loss']:.4f}  ({res['n']} images in {res['seconds']:.3g} s"
+              + (f" (median of {args.repeats})" if args.repeats else "") + ", weights "
               f"{weights}, tta {describe_tta(tta, fraction)}, step {state.get('step')})")
     return 0
 

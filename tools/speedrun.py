@@ -102,6 +102,9 @@ def summary_of(runs: list[dict], target: float) -> dict:
     return {
         "runs": len(runs), "target_acc": target,
         "timed_s": summarize(r["timed_s"] for r in runs),
+        "data_init_s": summarize(r["data_init_s"] for r in runs),
+        "train_s": summarize(r["train_s"] for r in runs),
+        "final_eval_s": summarize(r["final_eval_s"] for r in runs),
         "epochs": summarize(r["epochs"] for r in runs),
         "top1": summarize(r["top1"] for r in runs),
         "tta_top1": summarize(r["tta_top1"] for r in runs),
@@ -150,6 +153,9 @@ def summary_text(s: dict) -> str:
     t = s["timed_s"]
     lines = [f"summary over {s['runs']} run{'s' if s['runs'] != 1 else ''}:",
              f"  time        {fmt_pm(t, '.3f')} s   (min {t['min']:.3f}, max {t['max']:.3f})",
+             f"  of which    data-dependent init {fmt(s['data_init_s']['mean'], '.3f')} s + "
+             f"training {fmt(s['train_s']['mean'], '.3f')} s + final evaluation "
+             f"{fmt(s['final_eval_s']['mean'], '.3f')} s (means)",
              f"  epochs      {fmt_pm(s['epochs'], '.2f')}",
              f"  top-1       {fmt_pm(s['top1'], '.2f', 100)} %   (min "
              f"{100 * s['top1']['min']:.2f}, max {100 * s['top1']['max']:.2f})"]
