@@ -108,6 +108,23 @@ def test_one_run_learns_and_records(tmp_path):
     assert (tmp_path / "checkpoints" / "last.pt").exists()
 
 
+def test_an_error_inside_an_epoch_leaves_no_gc_counter_behind():
+    import gc
+
+    class Broken(ToyLoader):
+        def __iter__(self):
+            it = super().__iter__()
+            yield next(it)
+            raise RuntimeError("the loader broke")
+
+    before = list(gc.callbacks)
+    x, y = toy_data(256)
+    xt, yt = toy_data(128, seed=1)
+    with pytest.raises(RuntimeError, match="the loader broke"):
+        train(toy_cfg(), ToyNet(), (Broken(x, y, 32), ToyLoader(xt, yt, 64, train=False)))
+    assert gc.callbacks == before
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     full = run(toy_cfg(tmp_path / "full"))
     part_cfg = toy_cfg(tmp_path / "part", run={"checkpoint_every": 1})

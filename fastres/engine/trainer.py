@@ -17,6 +17,7 @@ The timer also counts Python's garbage collections in the timed region (the resu
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 from dataclasses import dataclass, field
@@ -171,7 +172,8 @@ def train(cfg: Config, model: nn.Module, loaders, *, dist: Dist = Dist(),
     progress = Progress(r.progress, total=run.step.total, initial=run.step.step,
                         enabled=dist.is_main)
     n_epochs = math.ceil(run.step.total / run.steps_per_epoch)
-    with _SignalStop(handle_signals) as stopper:
+    with _SignalStop(handle_signals) as stopper, contextlib.ExitStack() as cleanup:
+        cleanup.callback(run.timer.gc.stop)  # an error inside an epoch leaves the timer on
         for epoch in range(run.step.step // run.steps_per_epoch, n_epochs):
             if run.step.step >= run.step.total:
                 break
