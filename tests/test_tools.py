@@ -111,11 +111,15 @@ def test_timer_counts_the_gc_pauses_of_its_timed_intervals_only():
     import gc
 
     timer = bench.Timer("cpu")
-    gc.collect()                                  # stopped: not counted
-    timer.start()
-    gc.collect()                                  # a full collection
-    gc.collect(0)
-    timer.stop()
+    gc.disable()  # only the collections asked for below: none triggered by allocations
+    try:
+        gc.collect()                              # stopped: not counted
+        timer.start()
+        gc.collect()                              # a full collection
+        gc.collect(0)
+        timer.stop()
+    finally:
+        gc.enable()
     assert timer.gc._callback not in gc.callbacks  # nothing left behind
     gc.collect()                                  # stopped again: not counted
     g = timer.gc.as_dict()
