@@ -30,7 +30,7 @@ from torch import Tensor
 __all__ = ["ACTIVATIONS", "BatchNormAct2d", "NormActLayer", "apply_act", "check_act",
            "norm_act_factory"]
 
-ACTIVATIONS = ("relu", "identity", "gelu")
+ACTIVATIONS = ("relu", "identity", "gelu", "silu")
 
 
 def check_act(act: str) -> str:
@@ -41,12 +41,14 @@ def check_act(act: str) -> str:
 
 
 def apply_act(x: Tensor, act: str) -> Tensor:
-    """The activation named `act` (ReLU, GELU with the erf form as F.gelu's default, or
-    identity)."""
+    """The activation named `act` (ReLU, GELU with the erf form as F.gelu's default, SiLU
+    x sigmoid(x), or identity)."""
     if act == "relu":
         return F.relu(x)
     if act == "gelu":
         return F.gelu(x)
+    if act == "silu":
+        return F.silu(x)
     return x
 
 

@@ -2,8 +2,8 @@
 
 - `FusedBatchNormAct2d` / `fused_bn_act`: ``act(batch_norm(x) + residual)`` for
   channels-last tensors, forward and backward (kernels/bn_act.py). `FusedBatchNormAct2d(C)`
-  is a drop-in `nn.BatchNorm2d(C)` (act defaults to "identity"); act="relu"/"gelu" fuses the
-  activation, `forward(x, residual)` the residual add.
+  is a drop-in `nn.BatchNorm2d(C)` (act defaults to "identity"); act="relu"/"gelu"/"silu"
+  fuses the activation, `forward(x, residual)` the residual add.
 - `FusedSGD`: a multi-tensor SGD step (momentum, Nesterov, L2 weight decay, per-group lr,
   lr/momentum as floats or device scalars) with the weight EMA and the AMP grad unscale /
   inf skip in the same pass (kernels/sgd.py).

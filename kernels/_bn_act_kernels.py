@@ -25,8 +25,13 @@ Numerics: everything in ACC (fp32; fp64 for fp64 input); division and square roo
 IEEE-rounded `div_rn` / `sqrt_rn` where they feed the statistics (a GPU's default `/` and
 `sqrt` are approximate, the interpreter's exact: with these the two agree); outputs are
 rounded once, to the output dtype. dz is never rounded before the reductions (only the
-stored residual gradient is rounded, to its dtype). GELU uses `erf` and `exp`, which are a
-few fp32 ulps off on a GPU: far below bf16's resolution, inside the fp32 tolerances.
+stored residual gradient is rounded, to its dtype). GELU uses `erf` and `exp`, SiLU `exp`
+and a plain `/` (its sigmoid, 1 / (1 + exp(-z))), which are a few fp32 ulps off on a GPU:
+far below bf16's resolution, inside the fp32 tolerances.
+
+Activations (the ACT constexpr): 0 identity, 1 relu, 2 gelu, 3 silu. For ACT >= 2 the
+derivative depends on z itself, so the backward rebuilds z = x_hat * w + b [+ res] from the
+saved input (and the saved residual).
 """
 from __future__ import annotations
 
@@ -58,13 +63,36 @@ def _rsqrt_rn(v, ACC: tl.constexpr):
 
 
 @triton.jit
+def _sigmoid(z):
+    """1 / (1 + exp(-z)), stable at both ends: exp(-z) overflows to inf for z < -88 (fp32),
+    giving 0, and underflows to 0 for large z, giving 1; no inf / inf, no cancellation."""
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
 def _act_fwd(z, ACT: tl.constexpr):
     """act(z). ReLU as a `where`, so NaN propagates as in torch (tl.maximum would drop it)."""
     if ACT == 1:
         z = tl.where(z < 0, 0.0, z)
     elif ACT == 2:
         z = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    elif ACT == 3:
+        z = z * _sigmoid(z)
     return z
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    """act'(z) for the activations whose derivative needs z (ACT >= 2).
+    gelu: Phi(z) + z phi(z); silu: s (1 + z (1 - s)) with s = sigmoid(z)."""
+    if ACT == 2:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
+        pdf = _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+        g = cdf + z * pdf
+    else:
+        s = _sigmoid(z)
+        g = s * (1.0 + z * (1.0 - s))
+    return g
 
 
 @triton.jit
@@ -94,19 +122,18 @@ def _relu_bits(MASK, rows, pid_c, M, CB, BLOCK_M: tl.constexpr, BLOCK_C: tl.cons
 def _dz(DY, MASK, RES, rows, cols, mask, xh, w, b, M, C, CB, pid_c, HAS_RES: tl.constexpr,
         ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """dL/dz for one tile, in ACC (never rounded: it feeds the sums).
-    relu: dy where z > 0 (from the mask); identity: dy; gelu: dy * (Phi(z) + z phi(z)) with
-    z = x_hat * w + b [+ res] rebuilt from the saved input."""
+    relu: dy where z > 0 (from the mask); identity: dy; gelu: dy * (Phi(z) + z phi(z));
+    silu: dy * s (1 + z (1 - s)), s = sigmoid(z); for gelu and silu
+    z = x_hat * w + b [+ res] is rebuilt from the saved input."""
     offs = rows[:, None] * C + cols[None, :]
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
     if ACT == 1:
         dy = tl.where(_relu_bits(MASK, rows, pid_c, M, CB, BLOCK_M, BLOCK_C), dy, 0.0)
-    elif ACT == 2:
+    elif ACT >= 2:  # gelu, silu: act' needs z
         z = xh * w[None, :] + b[None, :]
         if HAS_RES:
             z += tl.load(RES + offs, mask=mask, other=0.0).to(ACC)
-        cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
-        pdf = _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
-        dy = dy * (cdf + z * pdf)
+        dy = dy * _act_grad(z, ACT)
     return dy
 
 
@@ -264,7 +291,7 @@ def bn_fwd_apply_kernel(
     STORE_STATS: tl.constexpr,  # eval with a backward to come: save mean, rstd
     STORE_MASK: tl.constexpr,   # relu with a backward to come
     INC_NBT: tl.constexpr,      # training with running stats: num_batches_tracked += 1
-    ACT: tl.constexpr,          # 0 identity, 1 relu, 2 gelu
+    ACT: tl.constexpr,          # 0 identity, 1 relu, 2 gelu, 3 silu
     ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -319,13 +346,15 @@ def bn_fwd_apply_kernel(
 #             xh_i = (x_i - mu) r    z_i = w xh_i + b + res_i        y_i = act(z_i)
 #   given g_i = dL/dy_i:
 #             dz_i = g_i act'(z_i)   (relu: [z_i > 0], the saved 1-bit mask; identity: 1;
-#                                     gelu: Phi(z_i) + z_i phi(z_i), z rebuilt from x)
+#                                     gelu: Phi(z_i) + z_i phi(z_i); silu: s_i (1 + z_i
+#                                     (1 - s_i)), s_i = sigmoid(z_i); z rebuilt from x)
 #             dres_i = dz_i          db = sum dz_i =: S1          dw = sum dz_i xh_i =: S2
 #   training: dx_i = w r (dz_i - S1/M - xh_i S2/M)       (mu and r depend on x)
 #   eval:     dx_i = w r dz_i                             (they do not)
 # Saved: x (xh is needed at every element: the S2 term of dx_i does not vanish where
-# dz_i = 0), the 1-bit mask (relu), the residual (gelu), mean and rstd, w and b. Not saved:
-# y, z, xh. dz stays in ACC for S1 and S2 and for dx; only dres is rounded, to its dtype.
+# dz_i = 0), the 1-bit mask (relu), the residual (gelu, silu), mean and rstd, w and b. Not
+# saved: y, z, xh. dz stays in ACC for S1 and S2 and for dx; only dres is rounded, to its
+# dtype.
 
 
 @triton.jit
@@ -333,10 +362,10 @@ def bn_bwd_reduce_kernel(
     DY,             # *G [M, C] dL/dy
     X,              # *T [M, C] saved input
     MASK,           # *uint8 [M, CB] saved relu mask (ACT == 1)
-    RES,            # *R [M, C] saved residual (gelu with HAS_RES)
+    RES,            # *R [M, C] saved residual (gelu/silu with HAS_RES)
     STATS,          # *ACC [2, C] saved mean, rstd
     W,              # *P [C] (HAS_W)
-    B,              # *P [C] (gelu with HAS_B)
+    B,              # *P [C] (gelu/silu with HAS_B)
     DRES,           # *R [M, C] out: dres = dz (STORE_DRES)
     DX,             # *T [M, C] out, eval: w rstd dz (STORE_DX)
     PART,           # *ACC [2, P, C] scratch: per-slab S1, S2 (COMPUTE_SUMS)
@@ -423,7 +452,7 @@ def bn_bwd_dx_kernel(
     DY,             # *G [M, C] dL/dy (unless DZ_STORED)
     X,              # *T [M, C] saved input
     MASK,           # *uint8 [M, CB] saved relu mask (ACT == 1, unless DZ_STORED)
-    RES,            # *R [M, C] saved residual (gelu recompute, unless DZ_STORED)
+    RES,            # *R [M, C] saved residual (gelu/silu recompute, unless DZ_STORED)
     DZ,             # *R [M, C] dres written by launch 1 (DZ_STORED)
     STATS,          # *ACC [2, C] saved mean, rstd
     W,

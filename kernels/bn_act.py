@@ -1,6 +1,6 @@
 """Fused BatchNorm (+ residual add) + activation for channels-last tensors, in Triton (v2).
 
-    y = act(batch_norm(x) + residual)        act in {relu, identity, gelu}, residual optional
+    y = act(batch_norm(x) + residual)   act in {relu, identity, gelu, silu}, residual optional
 
 Layers, bottom to top (STYLE.md habit 2):
     kernels      `fastres.kernels._bn_act_kernels` (imported only where Triton is):
@@ -69,9 +69,19 @@ __all__ = ["FusedBatchNormAct2d", "fused_bn_act", "BNActFunction", "TileConfig",
            "tile_config", "candidate_configs", "forced_config", "gpu_configs",
            "stub_launches", "clear_plans", "check_layout"]
 
-_ACT_IDS = {"identity": 0, "relu": 1, "gelu": 2}
+# The kernels' ACT constexpr per activation (fastres.norm_act.ACTIVATIONS: a test checks
+# that every activation the eager modules know has a fused kernel).
+_ACT_IDS = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3}
+# Activations whose derivative depends on z itself: the backward rebuilds z from x, so
+# autograd saves the residual (relu keeps a 1-bit mask instead; identity needs nothing).
+_Z_ACTS = frozenset(("gelu", "silu"))
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _CL = torch.channels_last
+
+
+def _needs_z(act: str) -> bool:
+    """Whether act's backward rebuilds z = x_hat * w + b [+ residual] (gelu, silu)."""
+    return act in _Z_ACTS
 
 
 # ============================================================================ tile configs
@@ -538,8 +548,9 @@ _is_compiling = torch.compiler.is_compiling
 
 
 class BNActFunction(torch.autograd.Function):
-    """Autograd for the fused op. Saves x, the 1-bit mask (relu), the residual (gelu), the
-    (2, C) mean/rstd and the affine parameters (see the derivation in _bn_act_kernels).
+    """Autograd for the fused op. Saves x, the 1-bit mask (relu), the residual (gelu, silu:
+    their derivative needs z, rebuilt from x + residual), the (2, C) mean/rstd and the
+    affine parameters (see the derivation in _bn_act_kernels).
     Eager mode calls the launchers; under Dynamo the registered custom ops."""
 
     @staticmethod
@@ -558,7 +569,7 @@ class BNActFunction(torch.autograd.Function):
         ctx.training = training
         ctx.act = act
         ctx.res_dtype = residual.dtype if residual is not None else None
-        ctx.save_for_backward(x, mask, residual if act == "gelu" else None, weight, bias,
+        ctx.save_for_backward(x, mask, residual if _needs_z(act) else None, weight, bias,
                               stats)
         return y
 
@@ -698,7 +709,7 @@ class FusedBatchNormAct2d(BatchNormAct2d):
     Same constructor, parameters, buffers and state dict as `nn.BatchNorm2d`, plus `act`,
     which defaults to "identity" (as `BatchNormAct2d`'s): `FusedBatchNormAct2d(C)` computes
     exactly what `nn.BatchNorm2d(C)` computes, a drop-in replacement for channels-last
-    models; pass act="relu" (or "gelu") for the fused activation, and
+    models; pass act="relu" (or "gelu", "silu") for the fused activation, and
     `forward(x, residual)` for the fused residual add. Running statistics,
     num_batches_tracked and momentum=None behave as nn.BatchNorm2d's.
 

@@ -41,6 +41,13 @@ __all__ = ["Truth", "bn_act_truth", "compare_to_truth", "assert_matches_truth", 
 H100_SMS = 132        # H100 SXM and H200
 H100_PCIE_SMS = 114
 _K = 8.0              # slack factor on u_acc (a few roundings per term, with margin)
+# Activations whose derivative depends on z (so dz inherits z's rounding error), and a
+# Lipschitz constant of that derivative: |gelu''(z)| = phi(z) |2 - z^2| <= 2 phi(0) = 0.798,
+# |silu''(z)| = s (1 - s) |2 + z (1 - 2 s)| <= 0.5 (at z = 0; s = sigmoid(z)). An error
+# e in z moves act'(z) by at most _DACT_LIPSCHITZ * e. (act' itself is bounded by
+# 1.129 for gelu, 1.100 for silu: what z's error does to y, inside y's K u zmag.)
+_Z_ACTS = ("gelu", "silu")
+_DACT_LIPSCHITZ = 1.0
 
 
 def ulp(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -128,6 +135,8 @@ def bn_act_truth(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor]
     module's counter before this batch (momentum=None uses 1 / (it + 1)). Computed on
     `device` (default: x's; fp64 is IEEE on GPUs too, and a GPU keeps CIFAR-sized truths
     fast), results left there."""
+    if act not in ("relu", "identity") + _Z_ACTS:  # not silently the identity's truth
+        raise ValueError(f"bn_act_truth: no truth for act={act!r}")
     dt = x.dtype
     out_dtype = out_dtype or (dt if residual is None else torch.promote_types(dt, residual.dtype))
     pdt = weight.dtype if weight is not None else (running_mean.dtype if running_mean is not None
@@ -163,6 +172,10 @@ def bn_act_truth(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor]
         cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
         y = z * cdf
         dact = cdf + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    elif act == "silu":
+        s = torch.sigmoid(z)
+        y = z * s
+        dact = s * (1.0 + z * (1.0 - s))
     else:
         y = z
         dact = torch.ones_like(z)
@@ -180,9 +193,9 @@ def bn_act_truth(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor]
     xmag = (X.abs() + ch(mean.abs()) + ch(X.abs().mean(dims))) * ch(rstd)
     zmag = xmag * ch(W.abs()) + ch(B.abs()) + (R.abs() if R is not None else 0.0)
     ties = (z.abs() <= _K * u * zmag) if act == "relu" else None
-    dzmag = G.abs() * (dact.abs() + (_K * 4 * u if act == "gelu" else 0.0))
-    if act == "gelu":  # dact depends on z, which carries K u zmag of error
-        dzmag = dzmag + G.abs() * zmag
+    dzmag = G.abs() * (dact.abs() + (_K * 4 * u if act in _Z_ACTS else 0.0))
+    if act in _Z_ACTS:  # dact depends on z, which carries K u zmag of error
+        dzmag = dzmag + _DACT_LIPSCHITZ * G.abs() * zmag
     tie_s1 = float((G.abs() * ties).sum()) if ties is not None else 0.0
     tie_s2 = float((G.abs() * xh.abs() * ties).sum()) if ties is not None else 0.0
     live = ~ties if ties is not None else torch.ones_like(z, dtype=torch.bool)

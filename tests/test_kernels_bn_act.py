@@ -26,7 +26,7 @@ from fastres.kernels import FusedBatchNormAct2d, bn_act_reference, fused_bn_act,
 from fastres.kernels import _env
 from fastres.kernels import bn_act as K
 from fastres.kernels import testing as T
-from fastres.norm_act import BatchNormAct2d
+from fastres.norm_act import ACTIVATIONS, BatchNormAct2d
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNELS_RUN = _env.HAS_TRITON and (DEVICE.type == "cuda" or _env.INTERPRET_AT_IMPORT)
@@ -125,7 +125,7 @@ SHAPES = [
 
 @needs_kernels
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("act", ["relu", "identity", "gelu"])
+@pytest.mark.parametrize("act", ["relu", "identity", "gelu", "silu"])
 @pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_matches_truth_fp32(shape, act, residual, training):
@@ -134,7 +134,7 @@ def test_matches_truth_fp32(shape, act, residual, training):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("act", ["relu", "identity", "gelu"])
+@pytest.mark.parametrize("act", ["relu", "identity", "gelu", "silu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", [(2, 24, 5, 3), (4, 100, 2, 2)],
                          ids=lambda s: "x".join(map(str, s)))
@@ -144,7 +144,8 @@ def test_matches_truth_low_precision(dtype, act, training, shape):
 
 @needs_kernels
 def test_float64():
-    run_case((2, 5, 3, 3), torch.float64, "gelu", residual=True, training=True, steps=2)
+    for act in ("gelu", "silu"):
+        run_case((2, 5, 3, 3), torch.float64, act, residual=True, training=True, steps=2)
 
 
 # ------------------------------------------------------------ GPU tile configs, on the CPU
@@ -156,6 +157,8 @@ GPU_TILE_CASES = [  # (dtype, act, shape, SMs): M = N*H*W rows
     ("fp16", "gelu", (3, 37, 31, 29), T.H100_SMS),
     ("bf16", "relu", (32, 64, 32, 32), T.H100_SMS),    # M = 32768: 256 slabs, 256 partials
     ("fp16", "gelu", (8, 128, 32, 32), T.H100_PCIE_SMS),  # M = 8192, two channel blocks
+    ("bf16", "silu", (3, 37, 31, 29), T.H100_SMS),
+    ("fp16", "silu", (8, 128, 32, 32), T.H100_PCIE_SMS),
     ("fp32", "relu", (8, 64, 32, 32), T.H100_SMS),     # the 64x64 fp32 tile of the H200 fault
 ]
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -214,7 +217,7 @@ def test_many_programs_per_reduction():
     """Tiny forced tiles: many partials, a ragged last slab, the last-program combine over
     several BLOCK_P chunks, three channel blocks (one ragged) -- what default CPU tiles skip."""
     with K.forced_config(SMALL_TILES):
-        for act in ("relu", "gelu"):
+        for act in ("relu", "gelu", "silu"):
             run_case((3, 20, 3, 5), act=act, residual=True, training=True, steps=2)
             run_case((3, 20, 3, 5), act=act, residual=True, training=False)
 
@@ -278,6 +281,45 @@ def test_default_act_is_a_drop_in_batchnorm2d():
     for a, b in zip(fus.state_dict().values(), bn.state_dict().values()):
         assert torch.allclose(a.double(), b.double(), atol=1e-6, rtol=1e-5)
     assert "act=gelu" in repr(FusedBatchNormAct2d(C, act="gelu"))
+    assert "act=silu" in repr(FusedBatchNormAct2d(C, act="silu"))
+
+
+def test_every_eager_activation_has_a_fused_kernel():
+    """An activation added to fastres.norm_act (the eager modules) without a fused kernel
+    would pass `check_act` and fail with a KeyError inside the launch plan: catch it here."""
+    assert set(K._ACT_IDS) == set(ACTIVATIONS)
+    assert len(set(K._ACT_IDS.values())) == len(K._ACT_IDS)
+    # Whatever needs z in backward must have it saved (the residual, for gelu and silu).
+    assert {a for a in ACTIVATIONS if K._needs_z(a)} == {"gelu", "silu"}
+
+
+@needs_kernels
+@pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
+def test_silu_matches_the_eager_module(residual):
+    """FusedBatchNormAct2d(C, act="silu") against the eager BatchNormAct2d(C, act="silu")
+    (F.batch_norm + add + F.silu): outputs, every gradient (x, residual, weight, bias) and
+    the running statistics, two training steps then eval."""
+    C = 12
+    ref = _make(C, act="silu", cls=BatchNormAct2d)
+    fus = _make(C, act="silu")
+    tol = dict(atol=2e-5, rtol=2e-5)
+    for step, training in ((1, True), (2, True), (3, False)):
+        ref.train(training)
+        fus.train(training)
+        x, r, dy = _inputs((3, C, 5, 4), torch.float32, residual, seed=step)
+        x2 = x.detach().clone().requires_grad_()
+        r2 = r.detach().clone().requires_grad_() if r is not None else None
+        y, y_ref = fus(x, r), ref(x2, r2)
+        torch.testing.assert_close(y, y_ref, **tol)
+        keep = [(n, a, b) for n, a, b in zip(("dx", "dres", "dweight", "dbias"),
+                                              (x, r, fus.weight, fus.bias),
+                                              (x2, r2, ref.weight, ref.bias)) if a is not None]
+        grads = torch.autograd.grad(y, [a for _, a, _ in keep], dy)
+        grads_ref = torch.autograd.grad(y_ref, [b for _, _, b in keep], dy)
+        for (name, _, _), g, g_ref in zip(keep, grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4, msg=name)
+        for (name, b), b_ref in zip(fus.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(b, b_ref, atol=1e-6, rtol=1e-5, msg=name)
 
 
 @needs_kernels
@@ -369,7 +411,10 @@ def test_single_value_per_channel_in_training_raises():
 
 def test_bad_act_and_dtype():
     with pytest.raises(ValueError, match="act must be one of"):
-        FusedBatchNormAct2d(4, act="silu")
+        FusedBatchNormAct2d(4, act="mish")
+    with pytest.raises(ValueError, match="act must be one of"):
+        fused_bn_act(torch.randn(2, 4, device=DEVICE), None, None, None, None, True, 0.1,
+                     1e-5, act="mish")
     x = torch.randint(0, 5, (2, 4, 2, 2), device=DEVICE).to(memory_format=CL)
     with pytest.raises(ValueError, match="float"):
         fused_bn_act(x, None, None, None, None, True, 0.1, 1e-5)
@@ -412,7 +457,7 @@ def test_host_path_is_cached():
 @needs_kernels
 def test_gradcheck_float64():
     """Finite differences on tiny float64 inputs: x, residual, weight, bias, training and
-    eval, with GELU (the activation whose backward has the most terms) and ReLU."""
+    eval, with GELU (the activation whose backward has the most terms), SiLU and ReLU."""
     g = torch.Generator().manual_seed(0)
     shape = (2, 3, 2, 2)
     x = torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE, memory_format=CL)
@@ -422,7 +467,8 @@ def test_gradcheck_float64():
     rm = torch.zeros(3, dtype=torch.float64, device=DEVICE)
     rv = torch.ones(3, dtype=torch.float64, device=DEVICE)
     inputs = tuple(t.requires_grad_() for t in (x, r, w, b))
-    for act, training in (("gelu", True), ("relu", True), ("gelu", False)):
+    for act, training in (("gelu", True), ("relu", True), ("gelu", False), ("silu", True),
+                          ("silu", False)):
         def f(x, r, w, b):
             return fused_bn_act(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5,
                                 residual=r, act=act)
@@ -517,6 +563,7 @@ GPU_CASES = [
     ((3, 37, 31, 29), "fp32", "relu"),
     ((64, 2048, 2, 2), "fp32", "gelu"),     # wide C: many channel blocks
     ((512, 512, 4, 4), "bf16", "gelu"),
+    ((3, 37, 31, 29), "bf16", "silu"),      # silu: z rebuilt in backward, as gelu
 ]
 
 
@@ -733,7 +780,7 @@ for name, P, bm, bc in (("fp32", "*fp32", 64, 64), ("bf16", "*bf16", 128, 64)):
     out[f"stats {name}"] = compile_sm90(K.bn_fwd_stats_kernel, t, dict(
         UPDATE_RUNNING=True, CMA=False, ACC=tl.float32, BLOCK_M=bm, BLOCK_C=bc, BLOCK_P=64,
         NUM_STAGES=3), 8, INTS)
-    for act in (1, 2):
+    for act in (1, 2, 3):
         t = dict(X=P, RES=P, Y=P, MASK="*u8", STATS=F, RUNNING_MEAN=F, RUNNING_VAR=F,
                  STATS_OUT=F, W=F, B=F, NBT="*i64", M="i32", C="i32", CB="i32", NCB="i32",
                  eps="fp32")

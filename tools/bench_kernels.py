@@ -66,7 +66,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default=None,
                    help="comma-separated: fp32, bf16, fp16 (default: fp32,bf16 on GPU; "
                         "fp32 on CPU, where bf16 is emulated)")
-    p.add_argument("--act", default="relu", choices=("relu", "identity", "gelu"),
+    p.add_argument("--act", default="relu", choices=("relu", "identity", "gelu", "silu"),
                    help="activation after the add (default relu)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--no-optimizer", action="store_true", help="skip the optimizer benchmark")
@@ -195,7 +195,8 @@ def bn_act_bytes(shape, elem_size: int, residual: bool = True, act: str = "relu"
         bwd = (2 * s + mask + r * s) + (3 * s + mask)      # reduce | dx
     elif act == "identity":
         bwd = (2 * s + r * s) + 3 * s
-    else:  # gelu: z rebuilt from the residual in both passes (dz read back only from fp32)
+    else:  # gelu, silu: z rebuilt from the residual in both passes (dz read back only
+        # from fp32)
         bwd = (2 * s + 2 * r * s) + (3 * s + (0 if s == 4 and r else r * s))
     return {"fwd": int(fwd * mc), "bwd": int(bwd * mc), "fwd+bwd": int((fwd + bwd) * mc)}
 
