@@ -19,11 +19,14 @@ measured on a 2-core CPU and reasoned for a GPU:
   once, up front, in the output dtype (as airbench does in fp16): each batch is then a
   single gather kernel instead of five small ones, which matters when a fast net's step
   is bound by kernel launches; the price is 2-4x the resident bytes (~1 GB in bf16).
+* Colour jitter, (x + b) * c per image, follows the normalisation (two broadcast ops in
+  float32 on the normalised values of the output dtype).
 * Cutout zeroes a square after normalisation (the zero is the data set's mean pixel) by
   multiplying with a keep mask built from broadcast row/column comparisons.
 
-All offsets, flips and cutout centres are drawn by the caller (fastres.pipelines.base.
-plan_epoch) so that every loader applies the same draws for the same (seed, epoch, rank).
+All offsets, flips, cutout centres and jitter values are drawn by the caller
+(fastres.pipelines.base.plan_epoch) so that every loader applies the same draws for the same
+(seed, epoch, rank).
 """
 from __future__ import annotations
 
@@ -177,16 +180,23 @@ class BatchAugment:
 
     def __call__(self, indices: Tensor, dy: Tensor | None = None, dx: Tensor | None = None,
                  flip: Tensor | None = None, cut_y: Tensor | None = None,
-                 cut_x: Tensor | None = None) -> Tensor:
+                 cut_x: Tensor | None = None, bright: Tensor | None = None,
+                 contrast: Tensor | None = None) -> Tensor:
         x = self.gather(indices, dy, dx, flip)
         if not self.prenormalized:
-            x = normalize_nhwc(x, self.scale, self.shift,
-                               torch.float32 if cut_y is not None else self.dtype)
+            x = normalize_nhwc(x, self.scale, self.shift, self.dtype)
+        if bright is not None or contrast is not None:
+            # In float32 from the normalised values in the output dtype, rounded once more:
+            # the same values whether the store holds uint8 (CPU) or normalised images (GPU).
+            y = x.float()
+            if bright is not None:
+                y = y.add_(bright.view(-1, 1, 1, 1))
+            if contrast is not None:
+                y = y.mul_(contrast.view(-1, 1, 1, 1))
+            x = y if y.dtype == self.dtype else y.to(self.dtype)
         if cut_y is not None:
             # Multiplying by 0/1 is exact in any dtype: zero after normalisation either way.
             x.mul_(cutout_keep_mask(cut_y, cut_x, self.cutout, self.hw))
-            if x.dtype != self.dtype:
-                x = x.to(self.dtype)
         return x.permute(0, 3, 1, 2)
 
     def unaugmented(self, indices: Tensor) -> Tensor:

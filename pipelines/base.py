@@ -10,6 +10,7 @@ partial batch; evaluation loaders make a full pass over their shard in order.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence, runtime_checkable
@@ -29,6 +30,10 @@ class Augment:
     epoch 0 and then flips exactly the images not flipped in the epoch before; "none".
     cutout: side of a square (centre uniform over the image, clipped) set to zero after
     normalisation; 0 turns it off.
+    brightness, contrast: colour jitter on the normalised image (hiverge's
+    cifar10-speedrun): x -> (x + b) * c per image, with b uniform in [-brightness,
+    brightness] and c uniform in [1 - contrast, 1 + contrast]; applied after the crop and
+    flip, before cutout (so cutout's square stays zero); 0 turns each off.
     """
 
     crop: str = "pad_crop"
@@ -36,6 +41,8 @@ class Augment:
     pad_mode: str = "reflect"
     flip: str = "random"
     cutout: int = 0
+    brightness: float = 0.0
+    contrast: float = 0.0
 
     @staticmethod
     def none() -> "Augment":
@@ -294,7 +301,8 @@ def mix_seed(*parts: int) -> int:
 
 # Independent random streams drawn from one user seed (see `mix_seed`).
 STREAM_PERMUTATION = 1   # per (seed, epoch): the epoch's visiting order, shared by all ranks
-STREAM_AUGMENT = 2       # per (seed, epoch, rank): crop offsets, random flips, cutout centres
+STREAM_AUGMENT = 2       # per (seed, epoch, rank): crop offsets, random flips, cutout centres,
+                         # colour jitter
 STREAM_FLIP_BASE = 3     # per seed: which images the "alternate" flip flips in even epochs
 STREAM_BATCH = 4         # per (seed, epoch, rank, batch): the torch loader's transform RNG
 
@@ -332,6 +340,10 @@ def check_augment(aug: Augment, hw: tuple[int, int] | None = None) -> None:
         raise ConfigError(f"pad must be a whole number of pixels >= 0, got {aug.pad!r}")
     if not isinstance(aug.cutout, int) or aug.cutout < 0:
         raise ConfigError(f"cutout must be a whole number of pixels >= 0, got {aug.cutout!r}")
+    for name, high in (("brightness", math.inf), ("contrast", 1.0)):
+        v = getattr(aug, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < high:
+            raise ConfigError(f"{name} must be a number in [0, {high}), got {v!r}")
     if hw is not None and aug.crop != "none" and aug.pad_mode == "reflect" and aug.pad >= min(hw):
         raise ConfigError(f"reflect padding of {aug.pad} needs images larger than the pad, "
                           f"got {hw[0]}x{hw[1]}; lower pad or use pad_mode=zeros")
@@ -354,13 +366,15 @@ def flip_base(n: int, seed: int) -> Tensor:
 @dataclass
 class EpochPlan:
     """One rank's epoch, decided up front on the host: which images, in which order, and
-    each one's augmentation. Fields an Augment does not use are None; all are int64.
+    each one's augmentation. Fields an Augment does not use are None; all are int64 but
+    the colour jitter's (float32).
 
     indices: data-set indices in visiting order. flip: 1 where the image is mirrored.
     dy, dx: crop offsets in [0, 2*pad] into the padded image, *after* the flip: an image
     is crop(hflip?(pad(x)), dy, dx). (With flip-after-crop the offset would be 2*pad - dx;
     the distribution is the same, and this order lets the tensor loader crop a stored
     flipped copy with no per-batch arithmetic.) cut_y, cut_x: cutout centres.
+    bright, contrast: colour jitter, the shift b and the factor c of (x + b) * c.
     Every loader consumes the same plan, so for the same (seed, epoch, rank) the tensor and
     DALI loaders produce the same batches.
     """
@@ -371,23 +385,30 @@ class EpochPlan:
     flip: Tensor | None = None
     cut_y: Tensor | None = None
     cut_x: Tensor | None = None
+    bright: Tensor | None = None
+    contrast: Tensor | None = None
+
+    FIELDS = ("indices", "dy", "dx", "flip", "cut_y", "cut_x", "bright", "contrast")
 
     def fields(self) -> dict:
-        return {k: getattr(self, k) for k in ("indices", "dy", "dx", "flip", "cut_y", "cut_x")}
+        return {k: getattr(self, k) for k in self.FIELDS}
 
     def to(self, device: torch.device) -> "EpochPlan":
-        """Copy to `device` once per epoch: the fields are stacked into one (k, n) int64
-        tensor so that a GPU gets one pinned, non-blocking copy (~2 MB for 50,000 images)
-        instead of one per field."""
+        """Copy to `device` once per epoch: the fields of each dtype are stacked into one
+        (k, n) tensor so that a GPU gets one pinned, non-blocking copy per dtype (~2 MB of
+        int64 for 50,000 images) instead of one per field."""
         device = torch.device(device)
         if device.type == "cpu":
             return self
+        moved = {}
         present = {k: v for k, v in self.fields().items() if v is not None}
-        packed = torch.stack(list(present.values()))
-        if device.type == "cuda":
-            packed = packed.pin_memory()
-        packed = packed.to(device, non_blocking=True)
-        return EpochPlan(**dict(zip(present, packed.unbind(0))))
+        for dtype in dict.fromkeys(v.dtype for v in present.values()):
+            names = [k for k, v in present.items() if v.dtype == dtype]
+            packed = torch.stack([present[k] for k in names])
+            if device.type == "cuda":
+                packed = packed.pin_memory()
+            moved.update(zip(names, packed.to(device, non_blocking=True).unbind(0)))
+        return EpochPlan(**moved)
 
     def slice(self, start: int, stop: int) -> "EpochPlan":
         """Images start..stop-1 of the plan (views)."""
@@ -409,7 +430,8 @@ def plan_epoch(n: int, aug: Augment, *, train: bool, batch_size: int, rank: int,
     cut to whole batches (drop_last); augmentation draws from a generator seeded by
     (seed, epoch, rank). Eval: this rank's strided shard in order, no augmentation.
     flips: `flip_base(n, seed)` when aug.flip == "alternate". random_draws=False skips
-    the crop, random-flip and cutout draws (the torch loader's transforms draw their own).
+    the crop, random-flip, cutout and jitter draws (the torch loader's transforms draw their
+    own).
     """
     if not train:
         return EpochPlan(indices=eval_shard_indices(n, rank, world_size))
@@ -433,6 +455,10 @@ def plan_epoch(n: int, aug: Augment, *, train: bool, batch_size: int, rank: int,
     if aug.cutout:
         plan.cut_y = torch.randint(0, hw[0], (m,), generator=g)
         plan.cut_x = torch.randint(0, hw[1], (m,), generator=g)
+    if aug.brightness:
+        plan.bright = (torch.rand(m, generator=g) * 2 - 1) * aug.brightness
+    if aug.contrast:
+        plan.contrast = 1 + (torch.rand(m, generator=g) * 2 - 1) * aug.contrast
     return plan
 
 

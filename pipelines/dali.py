@@ -8,8 +8,13 @@ tests build and run the same graph a GPU runs, with the same argument plumbing):
                                images, picked from the padded set on that device
     external_source "crop_x", "crop_y", "mirror", "cut_anchor", "cut_shape"
                                argument inputs, one value (or box) per image, host memory
+    external_source "bright", "contrast"
+                               colour jitter, one float32 per image, host memory (moved to
+                               the GPU with `.gpu()` there: arithmetic takes no CPU input)
     -> crop_mirror_normalize(crop=(H, W), crop_pos_x/y, mirror, mean*255, std*255,
-                             output_layout="HWC", dtype float32 | float16)
+                             output_layout="HWC", dtype float32 | float16; float32 when
+                             jittering)
+    -> (x + bright) * contrast, cast to float16 when asked   (colour jitter)
     -> erase(anchor, shape, fill_value=0)           (cutout, after normalisation)
 
 Feeding (`BatchFeeder`). The data set, padded once with the tensor loader's code (DALI's
@@ -92,12 +97,14 @@ def dali_available() -> bool:
 
 
 def define_graph(fn, types, *, device: str, hw: tuple[int, int], pad: int, flip: bool,
-                 cutout: bool, mean, std, fp16: bool):
+                 cutout: bool, mean, std, fp16: bool, bright: bool = False,
+                 contrast: bool = False):
     """The loader's graph, inside a `with pipeline:` block; returns its output node.
 
     device: "gpu" or "cpu", where the images source (and so every operator) runs. The
     argument inputs are host-memory sources on both devices. mean/std: per channel, in
-    [0, 1] units. fp16: float16 output, else float32.
+    [0, 1] units. fp16: float16 output, else float32. bright, contrast: colour jitter
+    (x + b) * c, computed in float32 like the tensor loader's and rounded once.
     """
     x = fn.external_source(name="images", device=device, batch=True, no_copy=True,
                            layout="HWC", dtype=types.UINT8)
@@ -112,9 +119,19 @@ def define_graph(fn, types, *, device: str, hw: tuple[int, int], pad: int, flip:
                   crop_pos_y=arg("crop_y", types.FLOAT))
     if flip:
         kw["mirror"] = arg("mirror", types.INT32)
+    jitter = bright or contrast
     x = fn.crop_mirror_normalize(
         x, mean=[255.0 * m for m in mean], std=[255.0 * s for s in std],
-        dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC", **kw)
+        dtype=types.FLOAT16 if fp16 and not jitter else types.FLOAT, output_layout="HWC",
+        **kw)
+    for name, on in (("bright", bright), ("contrast", contrast)):
+        if on:
+            # (B,) scalars reshaped to (1, 1, 1) per image broadcast over H, W, C.
+            v = fn.reshape(arg(name, types.FLOAT), shape=[1, 1, 1])
+            v = v.gpu() if device == "gpu" else v
+            x = x + v if name == "bright" else x * v
+    if jitter and fp16:
+        x = fn.cast(x, dtype=types.FLOAT16)
     if cutout:
         x = fn.erase(x, anchor=arg("cut_anchor", types.FLOAT),
                      shape=arg("cut_shape", types.FLOAT), axis_names="HW", fill_value=0.0)
@@ -125,7 +142,8 @@ def epoch_arguments(plan: EpochPlan, *, pad: int, cutout: int,
                     hw: tuple[int, int]) -> dict[str, np.ndarray]:
     """DALI's argument inputs for a whole epoch (host numpy arrays, one row per image), from
     the plan's CPU tensors: crop_x, crop_y (float32, normalised window position), mirror
-    (int32), cut_anchor, cut_shape ((n, 2) float32, clipped boxes)."""
+    (int32), cut_anchor, cut_shape ((n, 2) float32, clipped boxes), bright, contrast
+    (float32 colour jitter)."""
     out = {}
     if pad:
         span = 2 * pad
@@ -143,6 +161,9 @@ def epoch_arguments(plan: EpochPlan, *, pad: int, cutout: int,
         top, left, hh, ww = cutout_boxes(plan.cut_y, plan.cut_x, cutout, hw)
         out["cut_anchor"] = torch.stack([top, left], 1).numpy().astype(np.float32)
         out["cut_shape"] = torch.stack([hh, ww], 1).numpy().astype(np.float32)
+    for name in ("bright", "contrast"):
+        if getattr(plan, name) is not None:
+            out[name] = getattr(plan, name).numpy().astype(np.float32)
     return out
 
 
@@ -226,6 +247,7 @@ class DaliLoader(EpochLoader):
         self._out_dtype = torch.float16 if self.dtype == torch.float16 else torch.float32
         self._flip = aug.flip != "none"
         self._cutout = aug.cutout
+        self._jitter = {"bright": bool(aug.brightness), "contrast": bool(aug.contrast)}
         self.feeder = BatchFeeder(self._store)
         self.feed_path = (f"images: {self.device} memory -> GPU external_source (no_copy, "
                           f"whole batches, no host copy); arguments: host arrays"
@@ -246,7 +268,7 @@ class DaliLoader(EpochLoader):
             self._pipe.set_outputs(define_graph(
                 fn, types, device="gpu" if self._gpu else "cpu", hw=(h, w), pad=self._pad,
                 flip=self._flip, cutout=bool(self._cutout), mean=self.mean, std=self.std,
-                fp16=self._out_dtype == torch.float16))
+                fp16=self._out_dtype == torch.float16, **self._jitter))
         self._pipe.build()
         self._keep: deque = deque()   # per scheduled run: what DALI may still read
         self._pass = None             # token of the pass currently allowed to take outputs
@@ -318,6 +340,9 @@ class DaliLoader(EpochLoader):
             dummy.flip = torch.zeros(b, dtype=torch.int64)
         if self._cutout:
             dummy.cut_y = dummy.cut_x = torch.zeros(b, dtype=torch.int64)
+        for name, on in self._jitter.items():
+            if on:
+                setattr(dummy, name, torch.ones(b))
         self._start_epoch(dummy)
         keep = [self.feeder.feed(self._pipe, 0, b) for _ in range(PREFETCH)]
         self._pipe.schedule_run()

@@ -82,7 +82,8 @@ class TensorLoader(EpochLoader):
         chunk = self.chunk_images(n)
         for start in range(0, n, chunk):
             p = plan.slice(start, start + chunk)
-            x = self._aug(p.indices, p.dy, p.dx, p.flip, p.cut_y, p.cut_x)   # (m, C, H, W)
+            x = self._aug(p.indices, p.dy, p.dx, p.flip, p.cut_y, p.cut_x,   # (m, C, H, W)
+                          p.bright, p.contrast)
             for s in range(0, len(x), b):
                 yield x[s:s + b], labels[start + s:start + s + b]
         self.epoch = epoch + 1

@@ -5,7 +5,8 @@ through PIL and torchvision's transforms one at a time,
 
     RandomCrop(size, padding=pad, padding_mode="reflect" | "constant")
     -> RandomHorizontalFlip()                  (or the alternate flip, see below)
-    -> ToTensor() -> Normalize(mean, std) -> Cutout(size)   (ours, zero after Normalize)
+    -> ToTensor() -> Normalize(mean, std) -> ColorJitter -> Cutout(size)
+                                               (ours: (x + b) * c, then zero after Normalize)
 
 in `workers` DataLoader worker processes (persistent), collated on the host, pinned when
 the target is a GPU, then moved with non_blocking copies and converted to the channels-last
@@ -61,6 +62,25 @@ class Cutout:
         return f"Cutout(size={self.size})"
 
 
+class ColorJitter:
+    """(x + b) * c on a normalised (C, H, W) tensor, b uniform in [-brightness, brightness]
+    and c in [1 - contrast, 1 + contrast]: the loaders' colour jitter (`Augment`), not
+    torchvision's (which works on [0, 1] pixels). Draws from torch's global generator."""
+
+    def __init__(self, brightness: float, contrast: float):
+        self.brightness, self.contrast = brightness, contrast
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.brightness:
+            x = x + (float(torch.rand(())) * 2 - 1) * self.brightness
+        if self.contrast:
+            x = x * (1 + (float(torch.rand(())) * 2 - 1) * self.contrast)
+        return x
+
+    def __repr__(self) -> str:
+        return f"ColorJitter(brightness={self.brightness}, contrast={self.contrast})"
+
+
 class BatchKey(NamedTuple):
     """What the sampler sends a worker for one batch."""
 
@@ -87,6 +107,8 @@ class ArrayDataset(Dataset):
         self.to_tensor = T.ToTensor()
         self.normalize = T.Normalize(mean, std)
         self.cutout = Cutout(augment.cutout) if augment.cutout else None
+        self.jitter = (ColorJitter(augment.brightness, augment.contrast)
+                       if augment.brightness or augment.contrast else None)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -103,6 +125,8 @@ class ArrayDataset(Dataset):
         elif flip:
             img = TF.hflip(img)
         x = self.normalize(self.to_tensor(img))
+        if self.jitter is not None:
+            x = self.jitter(x)
         if self.cutout is not None:
             x = self.cutout(x)
         return x, int(self.labels[i])

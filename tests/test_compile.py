@@ -113,7 +113,8 @@ def test_state_a_cuda_graph_could_not_replay_is_reported(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["speedrun", "resnet-paper", "seed", "fast"])
+@pytest.mark.parametrize("preset", ["speedrun", "speedrun-hiverge", "resnet-paper", "seed",
+                                    "fast"])
 def test_the_presets_gpu_steps_compile_whole(preset, capsys):
     """What CI proves for every preset a GPU run uses, at its real size: `fastres profile
     --preset P --check-graph --as-device cuda` exits 0 (0 breaks, 0 recompiles, 0 missing

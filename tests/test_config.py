@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -13,8 +14,8 @@ def test_presets_validate_and_resolve(name):
     assert cpu.run.precision == "fp32" and cpu.run.compile == "off"
     assert cpu.data.mean == C.CIFAR10_MEAN and cpu.optim.impl == "foreach"
     gpu = C.resolve(cfg, "cuda")
-    # the speedrun preset runs eagerly on a GPU too (measured faster there than compile=on)
-    compiled = "off" if name == "speedrun" else "on"
+    # the speedrun presets run eagerly on a GPU too (measured faster there than compile=on)
+    compiled = "off" if name.startswith("speedrun") else "on"
     assert gpu.run.precision == "bf16" and gpu.run.compile == compiled
     assert gpu.optim.impl == "fused"
 
@@ -31,6 +32,42 @@ def test_seed_preset_is_the_article():
     cfg = C.preset("seed")
     assert cfg.optim.name == "adam" and cfg.optim.lr == 1e-3 and cfg.data.batch_size == 256
     assert cfg.optim.ema_decay > 0 and cfg.schedule.two_phase_epochs > 0
+
+
+def test_speedrun_hiverge_preset_is_hiverges_recipe():
+    from fastres.engine.schedules import total_steps
+
+    base, cfg = C.to_dict(C.preset("speedrun")), C.to_dict(C.preset("speedrun-hiverge"))
+    changed = {(s, k) for s in base for k in base[s] if base[s][k] != cfg[s][k]}
+    assert changed == {("data", "batch_size"), ("data", "brightness"), ("data", "contrast"),
+                       ("model", "kwargs"), ("model", "bn_momentum"), ("optim", "lr"),
+                       ("optim", "momentum"), ("optim", "weight_decay"),
+                       ("optim", "head_lr_scale"), ("optim", "muon_lr"),
+                       ("optim", "muon_momentum"), ("optim", "muon_ns_coefficients"),
+                       ("optim", "whiten_bias_epochs"), ("optim", "label_smoothing"),
+                       ("schedule", "epochs"), ("run", "tta_fraction")}
+    c = C.preset("speedrun-hiverge")
+    assert (c.data.batch_size, c.data.brightness, c.data.contrast) == (1536, 0.1399, 0.1308)
+    assert c.model.kwargs == {"act": "silu"} and c.model.bn_momentum == 0.4434
+    o = c.optim
+    assert (o.lr, o.lr * o.head_lr_scale, o.momentum) == (0.0573, pytest.approx(0.5415), 0.825)
+    assert o.weight_decay == pytest.approx(1.0418e-6 * 1536) and o.decoupled_wd
+    assert (o.muon_lr, o.muon_momentum, o.muon_ns_coefficients) == \
+        (0.205, 0.655, (3.4576, -4.7391, 2.0843))
+    assert (o.label_smoothing, c.run.tta_fraction) == (0.09, 0.2)
+    steps_per_epoch = 50000 // 1536                     # 32, the last partial batch dropped
+    assert total_steps(c.schedule, steps_per_epoch) == 245
+    assert math.ceil(o.whiten_bias_epochs * steps_per_epoch) == 7
+
+
+def test_colour_jitter_and_newton_schulz_fields_are_checked():
+    for item, message in (("data.brightness=-0.1", "data.brightness must be >= 0"),
+                          ("data.contrast=1", "data.contrast must be <= 0.99"),
+                          ("optim.muon_ns_coefficients=3,4", "expected 3 values")):
+        with pytest.raises(ConfigError, match=message):
+            C.validate(C.override(C.preset("speedrun"), [item]))
+    cfg = C.override(C.preset("speedrun"), ["optim.muon_ns_coefficients=3.5,-4.7,2.1"])
+    assert C.from_dict(json.loads(json.dumps(C.to_dict(cfg)))) == cfg
 
 
 def test_unknown_preset_lists_choices():

@@ -104,7 +104,9 @@ def test_gpu_plan_has_the_exact_commands():
            "eager,step+graph --steps 30 --json" in cmd["step_resnet18"]
     assert "speedrun --preset speedrun --loader dali --runs 2 --data-dir /d --out " \
            "/o/speedrun_dali" in cmd["speedrun_dali"]
-    assert "speedrun --preset speedrun --runs 5 --data-dir /d" in cmd["speedrun"]
+    assert "speedrun --preset speedrun --runs 3 --data-dir /d" in cmd["speedrun"]
+    assert "speedrun --preset speedrun-hiverge --runs 5 --data-dir /d" \
+        in cmd["speedrun_hiverge"]
     assert "speedrun --preset speedrun --runs 3 --set run.compile=step --data-dir /d" \
         in cmd["speedrun_step_graph"]
     assert "table --train --models resnet20,resnet32,resnet44,resnet56 --recipes " \
@@ -235,7 +237,7 @@ def test_read_back_recovers_the_plan():
         plan = loader.plan(1)
         loader.set_epoch(1)
         x, y = next(iter(loader))
-        d = lp.read_back(x, aug.pad, lp.MEAN, lp.STD)
+        d = lp.read_back(lp.unjitter(x, plan, 0), aug.pad, lp.MEAN, lp.STD)
         assert torch.equal(d["index"], plan.indices[:100])
         assert torch.equal(d["dy"], plan.dy[:100]) and torch.equal(d["dx"], plan.dx[:100])
         assert torch.equal(d["flip"], plan.flip[:100])

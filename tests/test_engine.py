@@ -282,6 +282,25 @@ def test_newton_schulz_orthogonalises():
     assert p.norm().item() == pytest.approx(8 ** 0.5, rel=0.2)
 
 
+def test_newton_schulz_takes_its_coefficients():
+    torch.manual_seed(1)
+    g = torch.randn(3, 8, 20, dtype=torch.float64)
+    a, b, c = 3.4576, -4.7391, 2.0843
+    x = g / (torch.linalg.vector_norm(g, dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(2):
+        A = x @ x.mT
+        x = a * x + (b * A + c * A @ A) @ x
+    got = zeropower_newton_schulz(g, steps=2, dtype=torch.float64, coefficients=(a, b, c))
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-12)
+    assert not torch.allclose(got, zeropower_newton_schulz(g, steps=2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\(a, b, c\)"):
+        Muon([nn.Parameter(torch.randn(4, 2, 3, 3))], ns_coefficients=(3.4, -4.7))
+    o = C.OptimConfig(name="muon", impl="foreach", muon_ns_coefficients=(3.5, -4.8, 2.0))
+    opts = build_optimizers(ToyNet(), o)
+    assert [opt.ns_coefficients for opt in opts.optimizers if isinstance(opt, Muon)] == \
+        [(3.5, -4.8, 2.0)]
+
+
 def test_tta_views():
     class Left(nn.Module):  # logit 0 = mean of the left half, logit 1 = right half
         def forward(self, x):

@@ -180,6 +180,16 @@ def test_param_counts(name):
     assert count_params(meta_model(name)) == OTHER_PARAMS[name]
 
 
+def test_airbench_silu_variant():
+    net = create_model("airbench_tiny", act="silu")
+    acts = [m.act for m in net.modules() if isinstance(m, BatchNormAct2d)]
+    assert acts == ["silu"] * 6
+    assert [m.act for m in create_model("airbench_tiny").modules()
+            if isinstance(m, BatchNormAct2d)] == ["gelu"] * 6
+    with pytest.raises(ConfigError, match="act must be one of gelu, silu"):
+        create_model("airbench94", act="relu6")
+
+
 def test_airbench_trainable_params():
     model = meta_model("airbench94")
     frozen = 24 * 3 * 2 * 2 + 2 * (64 + 256 + 256)  # whitening filters + BN scales
@@ -410,7 +420,8 @@ def test_model_info():
     assert info["article"] == {"params_m": "0.85", "gflops": "3.6"}
     assert info["description"]
     assert model_info("vgg16")["input_size"] == 224
-    assert model_info("airbench94")["kwargs"] == {"widths": (64, 256, 256), "residual": False}
+    assert model_info("airbench94")["kwargs"] == {"widths": (64, 256, 256), "residual": False,
+                                                  "act": "gelu"}
     assert not model_info("googlenet_cifar")["residual"]
 
 

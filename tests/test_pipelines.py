@@ -225,6 +225,74 @@ def test_normalisation_uses_mean_std(name):
     torch.testing.assert_close(x.double(), ref.permute(0, 3, 1, 2), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", LOADERS)
+def test_colour_jitter_is_one_shift_and_scale_per_image(name):
+    # Every image is the same flat colour, so crops and flips leave it unchanged and each
+    # augmented image must be (n + b) * c with n the normalised colour: three channels
+    # give b and c per image (least squares) and a residual that must vanish.
+    B, C = 0.3, 0.2
+    colour = np.array([40, 128, 220], dtype=np.uint8)
+    images = np.broadcast_to(colour, (512, H, W, 3)).copy()
+    ld = make(name, images, LABELS[:512], batch_size=128, seed=3,
+              augment=Augment(pad=2, flip="random", brightness=B, contrast=C))
+    n = (torch.tensor(colour, dtype=torch.float64) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+    x = torch.cat([xb for xb, _ in ld]).double()                  # N, 3, H, W
+    assert (x == x[:, :, :1, :1]).all()                           # one value per channel
+    v = x[:, :, 0, 0]                                             # N, 3
+    design = torch.stack([torch.ones(3, dtype=torch.float64), n], 1)   # v = c b + c n
+    coef = torch.linalg.lstsq(design, v.T).solution               # 2, N: (c b, c)
+    c = coef[1]
+    b = coef[0] / c
+    torch.testing.assert_close(design @ coef, v.T, atol=1e-5, rtol=0)  # affine per image
+    assert b.abs().max() <= B + 1e-5 and (c - 1).abs().max() <= C + 1e-5
+    # Uniform draws: mean 0 and variance B^2/3 (and C^2/3), 5-sigma bounds on 512 images.
+    for d, r in ((b, B), (c - 1, C)):
+        sd = r / math.sqrt(3)
+        assert abs(float(d.mean())) <= 5 * sd / math.sqrt(len(d))
+        assert abs(float(d.var()) / sd ** 2 - 1) <= 5 * math.sqrt(0.8 / len(d))
+    assert len(set(b.round(decimals=6).tolist())) > 500            # per image, not per batch
+
+
+def test_colour_jitter_keeps_the_other_draws_and_follows_the_plan():
+    aug = Augment(pad=2, flip="alternate", cutout=4)
+    jit = dataclasses.replace(aug, brightness=0.25, contrast=0.1)
+    kw = dict(train=True, batch_size=64, rank=0, world_size=1, seed=5, epoch=2, hw=(H, W))
+    plain, jittered = plan_epoch(256, aug, **kw), plan_epoch(256, jit, **kw)
+    for k, v in plain.fields().items():                 # jitter draws come after the others
+        assert v is None and k in ("bright", "contrast") or torch.equal(v, jittered.fields()[k])
+    assert jittered.bright.dtype == torch.float32 and jittered.bright.abs().max() <= 0.25
+    assert (jittered.contrast - 1).abs().max() <= 0.1
+    # The tensor loader applies exactly the plan's values to the unjittered batch.
+    a = make("tensor", IMAGES[:256], LABELS[:256], seed=5, augment=aug)
+    b = make("tensor", IMAGES[:256], LABELS[:256], seed=5, augment=jit)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    xa = torch.cat([x for x, _ in a])
+    xb = torch.cat([x for x, _ in b])
+    want = (xa + jittered.bright.view(-1, 1, 1, 1)) * jittered.contrast.view(-1, 1, 1, 1)
+    torch.testing.assert_close(xb, want * (xa != 0), atol=1e-6, rtol=0)  # cutout stays 0
+    assert ((xb == 0) == (xa == 0)).all()
+
+
+def test_plan_moves_to_a_device_with_each_fields_dtype():
+    aug = Augment(pad=2, flip="random", cutout=4, brightness=0.1, contrast=0.1)
+    plan = plan_epoch(64, aug, train=True, batch_size=16, rank=0, world_size=1, seed=0,
+                      epoch=0, hw=(H, W))
+    moved = plan.to("meta")
+    for k, v in plan.fields().items():
+        assert getattr(moved, k).device.type == "meta" and getattr(moved, k).dtype == v.dtype
+    assert moved.bright.dtype == torch.float32 and moved.indices.dtype == torch.int64
+
+
+@pytest.mark.parametrize("brightness,contrast,match", [(-0.1, 0.0, "brightness"),
+                                                       (0.0, 1.0, "contrast"),
+                                                       (True, 0.0, "brightness")])
+def test_colour_jitter_rejects_impossible_ranges(brightness, contrast, match):
+    with pytest.raises(ConfigError, match=match):
+        make("tensor", IMAGES[:10], LABELS[:10],
+             augment=Augment(brightness=brightness, contrast=contrast))
+
+
 # --------------------------------------------------------------------------- epochs, shards
 
 def _centre_index(u):
@@ -346,7 +414,9 @@ def test_loaders_do_not_touch_global_rng():
 
 @pytest.mark.skipif(not HAS_DALI, reason="nvidia.dali is not importable")
 @pytest.mark.parametrize("aug", [Augment(), Augment(pad=2, pad_mode="zeros", flip="alternate"),
-                                 Augment(cutout=5), Augment(crop="none", cutout=8)])
+                                 Augment(cutout=5), Augment(crop="none", cutout=8),
+                                 Augment(pad=2, flip="alternate", brightness=0.14,
+                                         contrast=0.13, cutout=4)])
 def test_dali_and_tensor_give_the_same_batches(aug):
     kw = dict(batch_size=50, augment=aug, seed=11, rank=1, world_size=2)
     dali = make("dali", IMAGES[:300], LABELS[:300], **kw)
@@ -383,7 +453,8 @@ def test_plan_is_shared_and_seeded():
     a = plan_epoch(100, aug, rank=0, epoch=3, **kw)
     b = plan_epoch(100, aug, rank=0, epoch=3, **kw)
     c = plan_epoch(100, aug, rank=1, epoch=3, **kw)
-    assert all(torch.equal(u, v) for u, v in zip(a.fields().values(), b.fields().values()))
+    assert all(u is v is None or torch.equal(u, v)
+               for u, v in zip(a.fields().values(), b.fields().values()))
     assert not set(a.indices.tolist()) & set(c.indices.tolist())
     np.testing.assert_array_equal(a.flip, flip_base(100, 1)[a.indices] ^ True)
     assert len({mix_seed(0, 1), mix_seed(1, 0), mix_seed(0, 1, 0)}) == 3
@@ -392,7 +463,8 @@ def test_plan_is_shared_and_seeded():
 # --------------------------------------------------------------------------- specifics
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("aug", [Augment(cutout=6), Augment(crop="none", flip="alternate")])
+@pytest.mark.parametrize("aug", [Augment(cutout=6), Augment(crop="none", flip="alternate"),
+                                 Augment(cutout=6, brightness=0.2, contrast=0.1)])
 def test_prenormalized_store_matches_uint8_store(dtype, aug):
     # GPUs keep the store normalised in the output dtype; CPUs keep uint8 and normalise per
     # batch. Both must give the same values (checked here on the CPU).
@@ -408,8 +480,8 @@ def test_prenormalized_store_matches_uint8_store(dtype, aug):
     plan = plan_epoch(200, aug, train=True, batch_size=50, rank=0, world_size=1, seed=0,
                       epoch=1, hw=(H, W))
     for p in plan.batches(50):
-        a = u8(p.indices, p.dy, p.dx, p.flip, p.cut_y, p.cut_x)
-        b = pre(p.indices, p.dy, p.dx, p.flip, p.cut_y, p.cut_x)
+        a = u8(p.indices, p.dy, p.dx, p.flip, p.cut_y, p.cut_x, p.bright, p.contrast)
+        b = pre(p.indices, p.dy, p.dx, p.flip, p.cut_y, p.cut_x, p.bright, p.contrast)
         assert a.dtype == b.dtype == dtype and torch.equal(a, b)
     idx = torch.arange(7)
     assert torch.equal(pre.unaugmented(idx), normalize(images[:7], MEAN, STD, dtype))
@@ -627,7 +699,7 @@ def test_parity_decoder_is_exact_under_gpu_division(ulp):
             ld.set_epoch(epoch)
             x = torch.cat([b for b, _ in ld])
             with CudaDivision(ulp):
-                d = lp.read_back(x, aug.pad, lp.MEAN, lp.STD)
+                d = lp.read_back(lp.unjitter(x, plan, 0), aug.pad, lp.MEAN, lp.STD)
             assert torch.equal(d["index"], plan.indices), name
             assert torch.equal(d["dy"], plan.dy) and torch.equal(d["dx"], plan.dx), name
             assert torch.equal(d["flip"], plan.flip), name
@@ -646,7 +718,7 @@ def test_parity_check_passes_under_gpu_division(monkeypatch):
     real = pipes.build_loader
     monkeypatch.setattr(pipes, "build_loader", lambda name, *a, **kw: real("tensor", *a, **kw))
     images, labels = lp.readable_images(1000)
-    for case in ("speedrun", "paper"):
+    for case in ("speedrun", "jitter", "paper"):
         with CudaDivision():
             r = lp.run_case(case, lp.CASES[case], images, labels, device=torch.device("cpu"),
                             dtype=torch.float32, batch=200, epochs=2, seed=0, threads=1)
@@ -832,7 +904,8 @@ def test_dali_graph_for_the_gpu_is_the_cpu_graph_on_gpu_nodes():
         pipe = Pipeline(batch_size=8, num_threads=1, device_id=0 if device == "gpu" else None)
         with pipe:
             out = define_graph(fn, types, device=device, hw=(H, W), pad=4, flip=True,
-                               cutout=True, mean=MEAN, std=STD, fp16=False)
+                               cutout=True, mean=MEAN, std=STD, fp16=True, bright=True,
+                               contrast=True)
         nodes, todo = {}, [out]
         while todo:
             node = todo.pop()
@@ -851,6 +924,13 @@ def test_dali_graph_for_the_gpu_is_the_cpu_graph_on_gpu_nodes():
     assert any(spec.startswith("OpSpec for Erase") and "cut_anchor_cpu" in spec
                and "device: gpu" in spec for _, spec in gpu.values())
     assert "device: gpu" in cmn
+    # Colour jitter: the per-image values come from host sources and are moved to the GPU
+    # for the arithmetic (which takes no CPU input beside a GPU one); then the fp16 cast.
+    arith = [(d, spec) for d, spec in gpu.values()
+             if spec.startswith("OpSpec for _ArithmeticGenericOp")]
+    assert len(arith) == 2 and all(d == "gpu" for d, _ in arith)
+    assert gpu["bright"][0] == gpu["contrast"][0] == "cpu"
+    assert any(spec.startswith("OpSpec for Cast") and d == "gpu" for d, spec in gpu.values())
     assert set(specs["cpu"]) == set(gpu)
 
 

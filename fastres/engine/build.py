@@ -58,7 +58,7 @@ def loader_options(cfg: Config, dist: Dist = Dist()):
         batch_size=split_batch(d.batch_size, d.batch_scope, dist), train=True,
         device=r.device, dtype=PRECISION_DTYPES[r.precision], mean=d.mean, std=d.std,
         augment=Augment(crop=d.crop, pad=d.pad, pad_mode=d.pad_mode, flip=d.flip,
-                        cutout=d.cutout),
+                        cutout=d.cutout, brightness=d.brightness, contrast=d.contrast),
         rank=dist.rank, world_size=dist.world_size, seed=r.seed, workers=d.workers)
 
 

@@ -200,20 +200,25 @@ def adam_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
         foreach.addcdiv_(ps, ms, foreach.neg(denom))
 
 
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's Muon (airbench94_muon)
+
+
 def zeropower_newton_schulz(g: Tensor, steps: int = 3, eps: float = 1e-7,
-                            dtype: torch.dtype = torch.bfloat16) -> Tensor:
+                            dtype: torch.dtype = torch.bfloat16,
+                            coefficients: Sequence[float] = NS_COEFFICIENTS) -> Tensor:
     """Approximately orthogonalise a matrix, or a stack of matrices (..., m, n):
     U S V^T -> U S' V^T with S' ~ 1.
 
-    The quintic Newton-Schulz iteration of Keller Jordan's Muon, with coefficients chosen to
-    maximise the slope at zero; a few steps leave singular values spread around 1 (roughly
-    0.5-1.5), which trains as well as the exact U V^T. A stack runs as batched matmuls
+    The quintic Newton-Schulz iteration of Keller Jordan's Muon, x <- a x + (b A + c A^2) x
+    with A = x x^T, with coefficients (a, b, c) chosen to maximise the slope at zero; a few
+    steps leave singular values spread around 1 (roughly 0.5-1.5), which trains as well as
+    the exact U V^T. A stack runs as batched matmuls
     (one launch per product for all same-shape filters). Runs in bf16 on GPUs; fp32 on CPUs
     without bf16 units, where bf16 matmuls are emulated and far slower.
     """
     if g.ndim < 2:
         raise ValueError(f"expected a matrix or a stack of matrices, got shape {tuple(g.shape)}")
-    a, b, c = 3.4445, -4.7750, 2.0315
+    a, b, c = coefficients
     x = g.to(dtype)
     x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + eps)  # top s.v. <= 1
     transposed = g.size(-2) > g.size(-1)
@@ -240,13 +245,14 @@ def shape_groups(params: Sequence[Tensor]) -> list[list[int]]:
 @torch.no_grad()
 def muon_update_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *,
                  lr: Tensor, momentum: float, nesterov: bool, ns_steps: int,
-                 ns_dtype: torch.dtype, batches: list[list[int]] | None = None) -> None:
+                 ns_dtype: torch.dtype, batches: list[list[int]] | None = None,
+                 ns_coefficients: Sequence[float] = NS_COEFFICIENTS) -> None:
     """Muon for conv filters W (out x in x kh x kw), airbench94_muon's variant:
     buf = m buf + g;  u = g + m buf (Nesterov) or buf;  W *= sqrt(out) / |W| (its scale
     carries no information under the following BatchNorm; fixing it keeps the effective
     step size constant);  W -= lr NS(u as out x (in kh kw)), same-shape filters stacked
     into one batched Newton-Schulz (`batches`: indices of `params` stacked together,
-    default `shape_groups(params)`)."""
+    default `shape_groups(params)`; `ns_coefficients`: its (a, b, c))."""
     if not params:
         return
     foreach.mul_(bufs, momentum)
@@ -255,7 +261,8 @@ def muon_update_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], 
     foreach.mul_(params, [math.sqrt(len(p)) / n for p, n in zip(params, foreach.norm(params))])
     for idx in batches or shape_groups(params):
         stack = torch.stack([upd[i].reshape(len(upd[i]), -1) for i in idx])  # k x out x in*kh*kw
-        ortho = zeropower_newton_schulz(stack, ns_steps, dtype=ns_dtype)
+        ortho = zeropower_newton_schulz(stack, ns_steps, dtype=ns_dtype,
+                                        coefficients=ns_coefficients)
         ps = [params[i] for i in idx]
         step = [o.view_as(p).to(p.dtype) for o, p in zip(ortho.unbind(0), ps)]
         foreach.add_(ps, foreach.mul(step, -lr))
@@ -277,12 +284,17 @@ class Muon(torch.optim.Optimizer):
     """Momentum + orthogonalised update for conv filters (see `muon_update_`)."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.6, nesterov: bool = True,
-                 ns_steps: int = 3, ns_dtype: torch.dtype | None = None):
+                 ns_steps: int = 3, ns_dtype: torch.dtype | None = None,
+                 ns_coefficients: Sequence[float] = NS_COEFFICIENTS):
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
+        if len(ns_coefficients) != 3:
+            raise ValueError(f"ns_coefficients are Newton-Schulz's (a, b, c), got "
+                             f"{ns_coefficients!r}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
+        self.ns_coefficients = tuple(float(v) for v in ns_coefficients)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -298,7 +310,8 @@ class Muon(torch.optim.Optimizer):
                          lr=lr if isinstance(lr, Tensor) else torch.tensor(lr),
                          momentum=group["momentum"], nesterov=group["nesterov"],
                          ns_steps=group["ns_steps"],
-                         ns_dtype=self.ns_dtype or default_ns_dtype(ps[0].device))
+                         ns_dtype=self.ns_dtype or default_ns_dtype(ps[0].device),
+                         ns_coefficients=self.ns_coefficients)
         return loss
 
 
@@ -346,7 +359,8 @@ def _muon_rule(g, params, grads, state, lr, momentum, impl) -> None:
     group = g.group
     muon_update_(params, grads, state["momentum_buffer"], lr=lr, momentum=group["momentum"],
                  nesterov=group["nesterov"], ns_steps=group["ns_steps"], ns_dtype=g.opt.ns_dtype,
-                 batches=g.batches if len(params) == len(g.params) else None)
+                 batches=g.batches if len(params) == len(g.params) else None,
+                 ns_coefficients=g.opt.ns_coefficients)
 
 
 @update_rule("triton")
@@ -521,7 +535,8 @@ def build_optimizers(model: nn.Module, o: OptimConfig, *, ema_shadows=None,
                                    role="filter")],
                              lr=o.muon_lr, momentum=o.muon_momentum, nesterov=o.nesterov,
                              ns_steps=o.muon_ns_steps,
-                             ns_dtype=ns_dtype or default_ns_dtype(filters[0].device)))
+                             ns_dtype=ns_dtype or default_ns_dtype(filters[0].device),
+                             ns_coefficients=o.muon_ns_coefficients))
         return Optimizers(opts, [o.momentum], o.impl)
     elif o.name == "sgd":
         groups = param_groups(model, o)

@@ -17,7 +17,8 @@ source, and compares every pixel. Per case (an augmentation setting) and loader:
   labels         label == index mod 10 for every image
   epochs         each epoch visits distinct images, as many as the loader promises
   pixels         every pixel (outside cutout) equals the rebuilt image: padding mode,
-                 crop window, flip direction, channel order
+                 crop window, flip direction, channel order (with colour jitter, after
+                 undoing each image's (x + b) * c with the epoch plan's b and c)
   normalisation  un-normalised values are whole numbers (max distance to the nearest)
   crop           offsets uniform over [0, 2 pad] (chi-square, p = 0.001)
   flips          random: half flipped (|z| < 4.5); alternate: each image flipped in every
@@ -41,9 +42,12 @@ import sys
 import time
 
 # Augmentation settings checked, by name: the speed-run's (translate 2, reflect,
-# alternating flips), the paper's (zero-padded crop 4, random flips), and cutout.
+# alternating flips), hiverge's (the same with colour jitter), the paper's (zero-padded
+# crop 4, random flips), and cutout.
 CASES = {
     "speedrun": dict(crop="translate", pad=2, pad_mode="reflect", flip="alternate", cutout=0),
+    "jitter": dict(crop="translate", pad=2, pad_mode="reflect", flip="alternate", cutout=0,
+                   brightness=0.1399, contrast=0.1308),
     "paper": dict(crop="pad_crop", pad=4, pad_mode="zeros", flip="random", cutout=0),
     "cutout": dict(crop="pad_crop", pad=4, pad_mode="reflect", flip="random", cutout=8),
 }
@@ -167,6 +171,20 @@ def read_back(x, pad: int, mean, std) -> dict:
             "frac": float(frac)}
 
 
+def unjitter(x, plan, start: int):
+    """x with the colour jitter of the plan's images start.. undone: x / c - b (x itself
+    without a plan). Cutout zeros are not jittered and stay zero."""
+    if plan is None:
+        return x
+    n = x.shape[0]
+    out = x.double()
+    if plan.contrast is not None:
+        out = out / plan.contrast[start:start + n].double().view(-1, 1, 1, 1)
+    if plan.bright is not None:
+        out = out - plan.bright[start:start + n].double().view(-1, 1, 1, 1)
+    return out.masked_fill((x == 0).all(dim=1, keepdim=True), 0).float()
+
+
 def rebuild(padded, index, dy, dx, flip):
     """The (B, H, W, C) crops the decoded draws imply, from the padded source images."""
     import torch
@@ -217,17 +235,19 @@ def run_case(name: str, settings: dict, images, labels, *, device, dtype, batch:
     dali, tensor = make("dali", torch.float32), make("tensor", torch.float32)
     feed_path = getattr(dali, "feed_path", None)
     n_epoch = dali.num_examples
+    jitter = bool(aug.brightness or aug.contrast)
     for epoch in range(epochs):
         dali.set_epoch(epoch)
         tensor.set_epoch(epoch)
         if len(dali) != len(tensor):
             raise RuntimeError(f"DALI loader has {len(dali)} batches an epoch, the tensor "
                                f"loader {len(tensor)}")
-        for (xd, yd), (xt, yt) in zip(dali, tensor):
+        plan = tensor.plan(epoch).to(device) if jitter else None
+        for k, ((xd, yd), (xt, yt)) in enumerate(zip(dali, tensor)):
             worst["diff"] = max(worst["diff"], float((xd.float() - xt.float()).abs().max()))
             worst["labels"] &= bool(torch.equal(yd.cpu(), yt.cpu()))
             for key, x, y in (("dali", xd, yd), ("tensor", xt, yt)):
-                d = read_back(x.float(), pad, MEAN, STD)
+                d = read_back(unjitter(x.float(), plan, k * batch), pad, MEAN, STD)
                 st = stats[key]
                 for f in ("dy", "dx", "flip", "index"):
                     st[f].append(d[f].cpu())
