@@ -96,11 +96,26 @@ class GCPauses:
             self.collections = [int(c) for c in d.get("by_generation", [0, 0, 0])][:3]
             self.seconds, self.max_s = float(d.get("seconds", 0.0)), float(d.get("max_s", 0.0))
 
+    @classmethod
+    def total(cls, records) -> "GCPauses":
+        """The pauses of several `as_dict()` records (several runs) summed; None entries
+        (records from before the count) are skipped."""
+        out = cls()
+        for d in filter(None, records):
+            part = cls()
+            part.load(d)
+            out.collections = [a + b for a, b in zip(out.collections, part.collections)]
+            out.seconds += part.seconds
+            out.max_s = max(out.max_s, part.max_s)
+        return out
+
+    def describe(self, where: str) -> str:
+        """One line: "N <where> (F full), X ms in all, longest Y ms"."""
+        return f"{sum(self.collections)} {where} ({self.collections[2]} full), " \
+            f"{1e3 * self.seconds:.1f} ms in all, longest {1e3 * self.max_s:.1f} ms"
+
     def __str__(self) -> str:
-        n = sum(self.collections)
-        return "no GC pauses" if n == 0 else \
-            f"{n} GC pauses ({self.collections[2]} full), {1e3 * self.seconds:.1f} ms in all, " \
-            f"longest {1e3 * self.max_s:.1f} ms"
+        return "no GC pauses" if sum(self.collections) == 0 else self.describe("GC pauses")
 
 
 class Timer:

@@ -39,9 +39,10 @@ def num_classes_for(dataset: str) -> int:
 
 
 def _f(default, help: str, *, choices=None, unit: str | None = None, low=None, high=None,
-       low_open: bool = False):
+       low_open: bool = False, high_open: bool = False):
     """A config field: default, a help line, and what `validate` checks."""
-    meta = dict(help=help, choices=choices, unit=unit, low=low, high=high, low_open=low_open)
+    meta = dict(help=help, choices=choices, unit=unit, low=low, high=high, low_open=low_open,
+                high_open=high_open)
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -67,7 +68,8 @@ class DataConfig:
     brightness: float = _f(0.0, "colour jitter: add b, uniform in [-brightness, brightness], "
                            "to each normalised image (0 = off)", low=0.0)
     contrast: float = _f(0.0, "colour jitter: then multiply each image by c, uniform in "
-                         "[1 - contrast, 1 + contrast] (0 = off)", low=0.0, high=0.99)
+                         "[1 - contrast, 1 + contrast] (0 = off)", low=0.0, high=1.0,
+                         high_open=True)
     mean: Optional[tuple[float, ...]] = _f(None, "per-channel mean in [0,1] (None = data set's)")
     std: Optional[tuple[float, ...]] = _f(None, "per-channel std in [0,1] (None = data set's)")
     workers: int = _f(4, "worker processes for the torch loader", low=0)
@@ -637,8 +639,9 @@ def validate(cfg: Config) -> Config:
                 if low is not None and (value < low or (meta.get("low_open") and value == low)):
                     op = ">" if meta.get("low_open") else ">="
                     raise ConfigError(f"{where} must be {op} {low}, got {value}")
-                if high is not None and value > high:
-                    raise ConfigError(f"{where} must be <= {high}, got {value}")
+                if high is not None and (value > high or (meta.get("high_open") and value == high)):
+                    op = "<" if meta.get("high_open") else "<="
+                    raise ConfigError(f"{where} must be {op} {high}, got {value}")
 
     d, o, s, r = cfg.data, cfg.optim, cfg.schedule, cfg.run
     for name in ("mean", "std"):

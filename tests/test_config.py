@@ -62,7 +62,7 @@ def test_speedrun_hiverge_preset_is_hiverges_recipe():
 
 def test_colour_jitter_and_newton_schulz_fields_are_checked():
     for item, message in (("data.brightness=-0.1", "data.brightness must be >= 0"),
-                          ("data.contrast=1", "data.contrast must be <= 0.99"),
+                          ("data.contrast=1", "data.contrast must be < 1.0"),
                           ("optim.muon_ns_coefficients=3,4", "expected 3 values")):
         with pytest.raises(ConfigError, match=message):
             C.validate(C.override(C.preset("speedrun"), [item]))

@@ -132,14 +132,16 @@ def test_timer_counts_the_gc_pauses_of_its_timed_intervals_only():
     assert str(bench.GCPauses()) == "no GC pauses"
 
 
-def test_speedrun_summary_sums_the_gc_pauses():
+def test_gc_pauses_of_several_runs_are_summed():
     runs = [{"gc_pauses": {"collections": 3, "by_generation": [2, 0, 1], "seconds": 0.25,
                            "max_s": 0.2}},
             {"gc_pauses": {"collections": 1, "by_generation": [1, 0, 0], "seconds": 0.001,
                            "max_s": 0.001}},
             {"gc_pauses": None}]                  # a record from before the count
-    assert speedrun.gc_total(r["gc_pauses"] for r in runs) == {
-        "collections": 4, "full": 1, "seconds": 0.251, "max_s": 0.2}
+    assert bench.GCPauses.total(r["gc_pauses"] for r in runs).as_dict() == {
+        "collections": 4, "by_generation": [3, 0, 1], "seconds": 0.251, "max_s": 0.2}
+    assert bench.GCPauses.total([None]).describe("in the timed regions") == \
+        "0 in the timed regions (0 full), 0.0 ms in all, longest 0.0 ms"
 
 
 # --------------------------------------------------------------------------- speedrun

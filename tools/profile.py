@@ -423,8 +423,8 @@ def report(m: dict, math: str) -> str:
     lines.append(f"peak memory  {_gib(m['peak_memory_bytes'])} ({m['peak_memory_kind']})")
     g = m.get("gc_pauses")
     if g is not None:
-        lines.append(f"GC pauses    {g['collections']} in the timed steps "
-                     f"({g['by_generation'][2]} full), {1e3 * g['seconds']:.1f} ms in all")
+        from fastres.bench import GCPauses
+        lines.append(f"GC pauses    {GCPauses.total([g]).describe('in the timed steps')}")
     lines.append(f"warm-up      {m['warmup_steps']} steps, {m['warmup_s']:.1f} s wall"
                  + (" (compilation included)" if m["compile"] != "off" else ""))
     if m["trace"]:

@@ -97,6 +97,8 @@ def run_record(seed: int, final: dict, epochs: list[dict], wall_s: float) -> dic
 
 
 def summary_of(runs: list[dict], target: float) -> dict:
+    from fastres.bench import GCPauses
+
     reached = [r for r in runs if r["reached_target"]]
     acc = summarize(r["accuracy"] for r in runs)
     return {
@@ -113,17 +115,8 @@ def summary_of(runs: list[dict], target: float) -> dict:
         "mean_reaches_target": acc["n"] > 0 and acc["mean"] >= target,
         "time_to_target_s": summarize(r["time_to_target_s"] for r in reached),
         "img_per_s": summarize(r["img_per_s"] for r in runs),
-        "gc_pauses": gc_total(r.get("gc_pauses") for r in runs),
+        "gc_pauses": GCPauses.total(r.get("gc_pauses") for r in runs).as_dict(),
     }
-
-
-def gc_total(records) -> dict:
-    """The garbage collector's pauses in the timed regions of all runs, summed."""
-    records = [g for g in records if g]
-    return {"collections": sum(g["collections"] for g in records),
-            "full": sum(g["by_generation"][2] for g in records),
-            "seconds": sum(g["seconds"] for g in records),
-            "max_s": max((g["max_s"] for g in records), default=0.0)}
 
 
 # --------------------------------------------------------------------------- output
@@ -150,6 +143,8 @@ def table_row(i: int, r: dict) -> str:
 
 
 def summary_text(s: dict) -> str:
+    from fastres.bench import GCPauses
+
     t = s["timed_s"]
     lines = [f"summary over {s['runs']} run{'s' if s['runs'] != 1 else ''}:",
              f"  time        {fmt_pm(t, '.3f')} s   (min {t['min']:.3f}, max {t['max']:.3f})",
@@ -167,9 +162,8 @@ def summary_text(s: dict) -> str:
                  f"runs ({100 * s['reached_fraction']:.0f}%), mean accuracy "
                  f"{'meets' if s['mean_reaches_target'] else 'misses'} it"
                  + (f"; time to target {fmt_pm(tt, '.3f')} s" if tt["n"] else ""))
-    g = s["gc_pauses"]
-    lines.append(f"  GC pauses   {g['collections']} in the timed regions ({g['full']} full), "
-                 f"{1e3 * g['seconds']:.1f} ms in all, longest {1e3 * g['max_s']:.1f} ms")
+    g = GCPauses.total([s["gc_pauses"]])
+    lines.append(f"  GC pauses   {g.describe('in the timed regions')}")
     return "\n".join(lines)
 
 
