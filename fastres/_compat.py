@@ -177,6 +177,16 @@ def compile_counters():
     return counters
 
 
+def recompile_reasons() -> list[str]:
+    """Why Dynamo recompiled since its last reset: the failed guard of each recompile
+    (empty where this torch keeps no record)."""
+    try:
+        from torch._dynamo.utils import guard_failures
+    except ImportError:
+        return []
+    return [str(reason) for reasons in guard_failures.values() for reason in reasons]
+
+
 # --------------------------------------------------------------------------- tracing a GPU step on a CPU
 #
 # `fastres.engine.compile.check_graph(as_device="cuda")` uses torch's fake tensors and

@@ -405,14 +405,29 @@ def profiled_kernels(prof) -> tuple[str, list[tuple[str, float, float]]]:
     CPU's top-level ATen ops (what a CPU run executes in their place)."""
     events = list(prof.events())
     cuda = torch.autograd.DeviceType.CUDA
+    # On the device's timeline, `record_function` labels appear as CUDA-typed ranges
+    # spanning their kernels (user annotations): not kernels, and counting them would
+    # count that time twice.
     gpu = [(e.name, e.time_range.start, e.time_range.end) for e in events
-           if getattr(e, "device_type", None) == cuda]
+           if getattr(e, "device_type", None) == cuda
+           and not getattr(e, "is_user_annotation", False)]
     if gpu:
         return "GPU kernels", gpu
     cpu = [(e.name, e.time_range.start, e.time_range.end) for e in events
            if e.name.startswith("aten::") and not (
                e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
     return "CPU ops (no GPU in this run)", cpu
+
+
+def busy_us(kernels: list[tuple[str, float, float]]) -> float:
+    """The time at least one of the (name, start_us, end_us) intervals runs: their union,
+    so kernels that overlap (two streams) count once."""
+    total, reach = 0.0, -math.inf
+    for _, start, end in sorted(kernels, key=lambda k: k[1]):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def kernel_summary(kernels: list[tuple[str, float, float]], steps: int, *,
@@ -427,7 +442,7 @@ def kernel_summary(kernels: list[tuple[str, float, float]], steps: int, *,
         entry = by_name.setdefault(name, [0, 0.0])
         entry[0] += 1
         entry[1] += end - start
-    busy_us = sum(v[1] for v in by_name.values())
+    kernel_us = sum(v[1] for v in by_name.values())
     rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
     gaps, reach = [], None
     for i, (name, start, end) in enumerate(kernels):
@@ -440,10 +455,10 @@ def kernel_summary(kernels: list[tuple[str, float, float]], steps: int, *,
     n = max(steps, 1)
     return {
         "steps": steps, "launches_per_step": len(kernels) / n,
-        "busy_ms_per_step": busy_us / 1e3 / n, "span_ms_per_step": span_us / 1e3 / n,
+        "busy_ms_per_step": busy_us(kernels) / 1e3 / n, "span_ms_per_step": span_us / 1e3 / n,
         "gap_ms_per_step": gap_us / 1e3 / n,
         "top": [{"name": name, "calls": int(calls), "total_ms_per_step": us / 1e3 / n,
-                 "share": us / busy_us if busy_us else 0.0} for name, (calls, us) in rows],
+                 "share": us / kernel_us if kernel_us else 0.0} for name, (calls, us) in rows],
         "largest_gaps": [{"us": round(g, 1), "after": a, "before": b}
                          for g, a, b in sorted(gaps, key=lambda g: -g[0])[:5]],
     }

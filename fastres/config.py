@@ -171,6 +171,10 @@ class RunConfig:
     compile_mode: str = _f("default", "torch.compile mode",
                            choices=("default", "reduce-overhead", "max-autotune",
                                     "max-autotune-no-cudagraphs"))
+    cudnn_benchmark: str = _f("auto", "on a GPU, let cuDNN time its convolution algorithms "
+                              "at each new shape and keep the fastest (the warm-up meets "
+                              "every shape first); auto = on for CUDA, as airbench does",
+                              choices=("auto", "on", "off"))
     micro_batch: Optional[int] = _f(None, "split each per-rank batch into micro-batches of "
                                     "at most this many images, as equal as possible, "
                                     "accumulating gradients (BatchNorm "
@@ -699,6 +703,12 @@ def validate(cfg: Config) -> Config:
     if r.cuda_graph == "on" and r.compile not in ("step", "auto"):
         raise ConfigError("run.cuda_graph=on replays the compiled training step: it needs "
                           "run.compile=step")
+    if r.cuda_graph == "on" and r.compile_mode == "max-autotune-no-cudagraphs":
+        raise ConfigError("run.cuda_graph=on contradicts run.compile_mode="
+                          "max-autotune-no-cudagraphs; use compile_mode=max-autotune (CUDA "
+                          "graphs included) or cuda_graph=off")
+    if r.cudnn_benchmark == "on" and dev == "cpu":
+        raise ConfigError("run.cudnn_benchmark=on needs a CUDA device (cuDNN)")
     if r.cuda_graph == "on" and dev == "cpu":
         raise ConfigError("run.cuda_graph=on needs a CUDA device")
     if r.micro_batch is not None and r.micro_batch < 0:
@@ -724,7 +734,10 @@ def resolve(cfg: Config, device: str) -> Config:
     if r.compile == "auto":
         run["compile"] = "on" if on_gpu else "off"
     if r.cuda_graph == "auto":
-        run["cuda_graph"] = "on" if on_gpu and run.get("compile", r.compile) == "step" else "off"
+        run["cuda_graph"] = "on" if on_gpu and run.get("compile", r.compile) == "step" and \
+            r.compile_mode != "max-autotune-no-cudagraphs" else "off"
+    if r.cudnn_benchmark == "auto":
+        run["cudnn_benchmark"] = "on" if on_gpu else "off"
     if r.micro_batch is None:
         # Measured on the 2-core build machine: the speed-run net trains at 151 img/s in
         # batches of 500 and 128 img/s in batches of 2000 (cache-bound convolutions), so

@@ -112,6 +112,29 @@ def test_state_a_cuda_graph_could_not_replay_is_reported(monkeypatch):
     assert rep.cudagraph and "not marked static" in rep.cudagraph[0]
 
 
+def test_a_step_guarded_on_what_a_run_owns_is_reported(monkeypatch):
+    """Muon's update rule read its settings off the optimizer object, so Dynamo guarded
+    the step on that object's identity: every new TrainStep (each run of `fastres
+    speedrun`) compiled again, and the ninth hit Dynamo's recompile limit. The check builds
+    a second TrainStep and reports a graph compiled for it, with the failed guard."""
+    from fastres.engine import optim
+
+    rule, names = optim.UPDATE_RULES["sgd"]
+
+    def reading_the_optimizer(g, *args):
+        if g.opt.defaults["nesterov"]:  # what the Muon rule did (g.opt.ns_dtype)
+            return rule(g, *args)
+        return rule(g, *args)
+
+    monkeypatch.setitem(optim.UPDATE_RULES, "sgd", (reading_the_optimizer, names))
+    cfg = tiny_gpu_config()
+    rep = check_graph(cfg, build_model(cfg, 10), steps_per_epoch=4, as_device="cuda")
+    assert rep.recompiles == rep.new_step_recompiles == 1 and not rep.ok, rep.line()
+    assert "(1 for a new TrainStep)" in rep.line()
+    assert any("opt" in r for r in rep.recompile_reasons), rep.recompile_reasons
+    assert [k["graph"] for k in rep.kernels] == ["phase 1 step", "phase 1 step (a new TrainStep)"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["speedrun", "speedrun-hiverge", "resnet-paper", "seed",
                                     "fast"])

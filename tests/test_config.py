@@ -110,11 +110,20 @@ def test_override_errors(item, message):
     ("run", {"device": "cpu", "sync_bn": True}, "SyncBatchNorm runs on CUDA only"),
     ("optim", {"impl": "triton", "name": "adam"}, "no Triton implementation"),
     ("optim", {"lr": float("nan")}, "must be finite"),
+    ("run", {"device": "cuda", "compile": "step", "cuda_graph": "on",
+             "compile_mode": "max-autotune-no-cudagraphs"}, "contradicts"),
 ])
 def test_validation_errors(section, values, message):
     cfg = C.replace(C.preset("smoke"), **{section: values})
     with pytest.raises(ConfigError, match=message):
         C.validate(cfg)
+
+
+def test_cuda_graphs_follow_the_compile_mode_on_a_gpu():
+    step = C.replace(C.preset("speedrun"), run={"compile": "step"})
+    assert C.resolve(step, "cuda").run.cuda_graph == "on"
+    no_graphs = C.replace(step, run={"compile_mode": "max-autotune-no-cudagraphs"})
+    assert C.resolve(no_graphs, "cuda").run.cuda_graph == "off"
 
 
 def test_json_round_trip():

@@ -233,10 +233,37 @@ def test_rehearsal_restores_everything():
     assert_states_close(before, state(model, step.ema), rtol=0, atol=0)
 
 
-def test_fp16_loss_scaler_skips_non_finite_steps():
+@pytest.mark.parametrize("impl", ["foreach", "triton"])
+def test_a_warmed_up_run_trains_as_one_that_was_not(impl):
+    """A warm-up (every GPU run has one) restores the optimizers' state through torch's
+    `load_state_dict`, which replaces the param-group dicts. The Triton SGD takes each
+    step's learning rate through its group dict: before the dicts kept their identity, a
+    warmed-up run trained at the first step's rate for good (0.1 where the schedule said
+    0.09, 0.08, ...). Same weights to the bit with and without the warm-up."""
+    cfg = tiny("resnet-paper", optim={"impl": impl, "ema_decay": 0.9},
+               schedule={"lr_schedule": "linear", "final_factor": 0.0})
+    data = batches(4)
+    runs = []
+    for warm in (False, True):
+        model = fresh_model(cfg)
+        step = TrainStep(cfg, model, steps_per_epoch=STEPS_PER_EPOCH)
+        groups = list(step.optimizers.optimizers[0].param_groups)
+        if warm:
+            step.warm_up(*data[0], steps=2)
+        assert all(a is b for a, b in zip(groups, step.optimizers.optimizers[0].param_groups))
+        for x, y in data:
+            step(x, y)
+        runs.append(state(model, step.ema))
+    assert_states_close(*runs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "triton"])
+def test_fp16_loss_scaler_skips_non_finite_steps(impl):
     """fp16 autocast with the device-side loss scaler (CPU autocast supports fp16): a step
-    whose gradients overflow changes nothing, is counted, and the scale backs off."""
-    cfg = tiny("resnet-paper")
+    whose gradients overflow changes nothing, is counted, and the scale backs off. The
+    Triton SGD keeps its momentum buffers and EMA itself: it gets found_inf and writes
+    nothing (before, they took the overflow and the next step made the weights NaN)."""
+    cfg = tiny("resnet-paper", optim={"impl": impl, "ema_decay": 0.9})
     cfg = C.Config(**{**{f: getattr(cfg, f) for f in ("data", "model", "optim", "schedule")},
                       "run": C.replace(cfg, run={"precision": "fp16"}).run})
     model = fresh_model(cfg)
@@ -255,6 +282,10 @@ def test_fp16_loss_scaler_skips_non_finite_steps():
     assert step.scaler.scale.item() == pytest.approx(1.5e38)  # backed off by 0.5
     opt_state = step.optimizers.optimizers[0].state
     assert all(torch.isfinite(v["momentum_buffer"]).all() for v in opt_state.values())
+    assert all(torch.isfinite(v).all() for v in state(model, step.ema).values())
+    step.scaler.scale.fill_(2.0 ** 16)
+    step(x, y)
+    assert all(torch.isfinite(v).all() for v in state(model, step.ema).values())
 
 
 # --------------------------------------------------------------------------- compile=step
@@ -279,6 +310,10 @@ def test_compiled_step_is_one_graph_without_recompiles(name):
     assert_states_close(got, want, rtol=COMPILED_RTOL, atol=COMPILED_ATOL)
     phases = [TrainStep._phase1_step] + ([TrainStep._phase2_step] if step.phase2 < step.total
                                          else [])
+    assert [_cache_entries(f) for f in phases] == [1] * len(phases)
+    # Another run (a new TrainStep and model, as each run of `fastres speedrun` builds)
+    # finds the graphs compiled: nothing the step reads is guarded by object identity.
+    run_train_step(cfg, data[:1])
     assert [_cache_entries(f) for f in phases] == [1] * len(phases)
     if name == "seed":
         assert step.phase2 < step.total  # the phase-2 switch happened inside the 6 steps

@@ -226,6 +226,35 @@ def test_profile_single(tmp_path, capsys):
     assert {"data", "forward", "backward", "optimizer"} <= names
 
 
+def test_gpu_kernel_time_counts_kernels_once():
+    """What a GPU profile holds, built by hand: CPU ops, the kernels they launched on the
+    device's timeline, and `record_function` labels that the profiler also puts there (as
+    CUDA-typed user annotations spanning their kernels). Kernel time is the kernels' union:
+    labels left out, overlapping kernels (two streams) counted once."""
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, start, end, device=cuda, annotation=False):
+        return NS(name=name, device_type=device, is_user_annotation=annotation,
+                  time_range=NS(start=start, end=end), cpu_parent=None)
+
+    events = [event("aten::conv", 0, 5, device=cpu), event("forward", 0, 100, cpu),
+              event("forward", 10, 60, annotation=True),          # a label, not a kernel
+              event("conv_kernel", 10, 40), event("copy_kernel", 30, 50),  # overlapping
+              event("bn_kernel", 70, 80)]
+    what, kernels = bench.profiled_kernels(NS(events=lambda: events))
+    assert what == "GPU kernels"
+    assert [k[0] for k in kernels] == ["conv_kernel", "copy_kernel", "bn_kernel"]
+    assert bench.busy_us(kernels) == 50.0                         # 10-50 and 70-80
+    summary = bench.kernel_summary(kernels, steps=1)
+    assert summary["busy_ms_per_step"] == 0.05 and summary["launches_per_step"] == 3
+    assert summary["gap_ms_per_step"] == 0.02                     # 50 to 70
+    assert [t["name"] for t in summary["top"]] == ["conv_kernel", "copy_kernel", "bn_kernel"]
+
+
 def test_profile_flops_scale_with_batch():
     """Counted at a small batch and scaled: 64 images cost twice 32."""
     import torch

@@ -341,10 +341,14 @@ def _sync(device) -> None:
 
 def _gpu_busy(one_step, device, steps: int) -> float | None:
     """Kernel time over wall time across `steps` steps, from torch.profiler: the share of
-    the step during which the GPU computes (1 - the share it waits on the host)."""
+    the step during which the GPU computes (1 - the share it waits on the host). Kernel
+    time is the union of the kernels' intervals on the device's timeline (not the
+    profiler's per-op device times, which count each kernel under its launching op too)."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
+
+    from fastres.bench import busy_us, profiled_kernels
 
     _sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -353,9 +357,10 @@ def _gpu_busy(one_step, device, steps: int) -> float | None:
             one_step()
         _sync(device)
         wall_us = (time.perf_counter() - t0) * 1e6
-    kernel_us = sum(getattr(e, "self_device_time_total", None) or
-                    getattr(e, "self_cuda_time_total", 0) for e in prof.key_averages())
-    return min(kernel_us / wall_us, 1.0) if wall_us > 0 else None
+    what, kernels = profiled_kernels(prof)
+    if what != "GPU kernels" or wall_us <= 0:
+        return None
+    return min(busy_us(kernels) / wall_us, 1.0)
 
 
 def mode_config(cfg, mode: str, memory_format: str | None):
@@ -438,8 +443,8 @@ def kernel_report(label: str, k: dict) -> str:
              f"{t['total_ms_per_step']:.3f}", f"{100 * t['share']:.1f}%"] for t in k["top"]]
     span = k["span_ms_per_step"]
     lines = [f"{label}: top {len(rows)} {k['what']} by time, per step (over {k['steps']} "
-             "traced steps)", markdown_table(["name", "calls", "ms", "share of busy"], rows,
-                                             align="lrrr"),
+             "traced steps)", markdown_table(["name", "calls", "ms", "share of kernel time"],
+                                             rows, align="lrrr"),
              f"launches {k['launches_per_step']:.0f}/step; busy {k['busy_ms_per_step']:.3f} ms, "
              f"span {span:.3f} ms, gaps between them {k['gap_ms_per_step']:.3f} ms/step "
              f"({100 * k['gap_ms_per_step'] / span if span else 0:.1f}% of the span"
@@ -491,6 +496,8 @@ def _check_graph(cfg, images, labels, num_classes: int, as_device: str | None) -
     print(rep.line())
     for reason in rep.reasons:
         print(f"  break: {reason}")
+    for reason in rep.recompile_reasons:
+        print(f"  recompiled: {reason}")
     for op in rep.missing_fake:
         print(f"  missing fake impl: {op}")
     for err in rep.errors:
@@ -504,7 +511,8 @@ def _check_graph(cfg, images, labels, num_classes: int, as_device: str | None) -
         print()
         print(kernels_table(rep.kernels))
     return {"breaks": rep.breaks, "recompiles": rep.recompiles, "graphs": rep.graphs,
-            "reasons": rep.reasons, "steps": rep.steps, "missing_fake": rep.missing_fake,
+            "reasons": rep.reasons, "recompile_reasons": rep.recompile_reasons,
+            "new_step_recompiles": rep.new_step_recompiles, "steps": rep.steps, "missing_fake": rep.missing_fake,
             "errors": rep.errors, "cudagraph": rep.cudagraph, "device": rep.device,
             "kernels": rep.kernels, "ok": rep.ok}
 

@@ -101,7 +101,9 @@ def traced_call(fn, x: Tensor, y: Tensor):
 class GraphReport:
     """What `check_graph` found. `breaks` (with Dynamo's reason for each in `reasons`),
     `recompiles` (graphs compiled after each phase function's first call), `graphs` in all,
-    `steps` that were run; `missing_fake` (ops with no fake implementation), `errors`
+    `steps` that were run (`new_step_recompiles` of the recompiles for a second TrainStep
+    on the same model, with Dynamo's failed guard for each in `recompile_reasons`);
+    `missing_fake` (ops with no fake implementation), `errors`
     (compile failures, one line each), `cudagraph` (why a CUDA graph could not replay the
     step); with `as_device`, the `device` traced for and `kernels` (per forward/backward
     graph: Triton kernels, library calls, the lowering's own problems)."""
@@ -116,6 +118,8 @@ class GraphReport:
     cudagraph: list[str] = field(default_factory=list)
     device: str | None = None
     kernels: list[dict] = field(default_factory=list)
+    new_step_recompiles: int = 0     # of `recompiles`: graphs compiled for a second TrainStep
+    recompile_reasons: list[str] = field(default_factory=list)  # Dynamo's failed guards
 
     @property
     def ok(self) -> bool:
@@ -123,8 +127,10 @@ class GraphReport:
                     or self.cudagraph or any(k.get("error") for k in self.kernels))
 
     def line(self) -> str:
-        text = (f"graph breaks: {self.breaks}, recompiles: {self.recompiles}, missing fake "
-                f"impls: {len(self.missing_fake)}")
+        again = f" ({self.new_step_recompiles} for a new TrainStep)" \
+            if self.new_step_recompiles else ""
+        text = (f"graph breaks: {self.breaks}, recompiles: {self.recompiles}{again}, missing "
+                f"fake impls: {len(self.missing_fake)}")
         if self.errors:
             text += f", compile errors: {len(self.errors)}"
         return text
@@ -166,19 +172,27 @@ def check_graph(cfg: Config, model: nn.Module, x: Tensor | None = None,
     cudagraph: list[str] = []
     fake = None
     if as_device is None:
-        step = TrainStep(cfg, model, steps_per_epoch=steps_per_epoch, fullgraph=False)
-        restore = step.rehearsal()
+        def new_step() -> TrainStep:
+            return TrainStep(cfg, model, steps_per_epoch=steps_per_epoch, fullgraph=False)
     else:
         fake = _compat.fake_mode()
         model = _fake_copy(model, cfg, fake)
         with fake:
-            step = TrainStep(cfg, model, steps_per_epoch=steps_per_epoch, fullgraph=False,
-                             device=torch.device("cpu"))
             x, y = _fake_batch(cfg, fake)
         backend = _compat.capture_backend(captured, cudagraph if cfg.run.cuda_graph == "on"
                                           else None)
-        step._compiled = compile_phases(step, fullgraph=False, backend=backend)
-        restore = contextlib.nullcontext()
+
+        def new_step() -> TrainStep:
+            with fake:
+                made = TrainStep(cfg, model, steps_per_epoch=steps_per_epoch, fullgraph=False,
+                                 device=torch.device("cpu"))
+            made._compiled = compile_phases(made, fullgraph=False, backend=backend)
+            return made
+
+    def rehearsal(made: TrainStep):
+        return made.rehearsal() if fake is None else contextlib.nullcontext()
+
+    step = new_step()
 
     def graphs() -> int:
         return int(counters["stats"]["unique_graphs"])
@@ -187,37 +201,52 @@ def check_graph(cfg: Config, model: nn.Module, x: Tensor | None = None,
 
     labels: list[str] = []  # the phase each captured graph was compiled for
 
-    def at(n: int) -> None:
+    def at(n: int, made: TrainStep = step, note: str = "") -> None:
         if errors:
             return
-        step.set_step(n)
+        made.set_step(n)
         try:
-            step(x, y)
+            made(x, y)
         except Exception as e:  # a compile failure: report it, one line
             errors.append(_one_line(e))
-        ran.append(n)
-        phase = 2 if n >= step.phase2 else 1
-        labels.extend(f"phase {phase} " + ("step" if name == "forward" else name)
+        if made is step:
+            ran.append(n)
+        phase = 2 if n >= made.phase2 else 1
+        labels.extend(f"phase {phase} " + ("step" if name == "forward" else name) + note
                       for name, _, _ in captured[len(labels):])
 
-    with restore, _compat.recording_fallbacks(missing) if fake else contextlib.nullcontext():
-        for n in range(min(3, step.total)):
-            at(n)
-        expected = graphs()
-        if step.phase2 < step.total:
-            at(step.phase2)
-            expected = graphs()  # the phase-2 function's first compile is not a recompile
-            if step.phase2 + 1 < step.total:
-                at(step.phase2 + 1)
-        for n in sorted({max(3, step.phase2 - 1), step.total // 2, step.total - 1}):
-            if 3 <= n < step.total and n not in ran:
+    fallbacks = _compat.recording_fallbacks(missing) if fake else contextlib.nullcontext()
+    with fallbacks:
+        with rehearsal(step):
+            for n in range(min(3, step.total)):
                 at(n)
+            expected = graphs()
+            if step.phase2 < step.total:
+                at(step.phase2)
+                expected = graphs()  # the phase-2 function's first compile is not a recompile
+                if step.phase2 + 1 < step.total:
+                    at(step.phase2 + 1)
+            for n in sorted({max(3, step.phase2 - 1), step.total // 2, step.total - 1}):
+                if 3 <= n < step.total and n not in ran:
+                    at(n)
+        # A new TrainStep on the same model (each run of `fastres speedrun` builds one)
+        # must find both phases compiled: a graph compiled for it means the step is
+        # guarded on something a run owns by identity (an optimizer object, say).
+        before = graphs()
+        if not errors:
+            again = new_step()
+            with rehearsal(again):
+                for n in dict.fromkeys([0, min(again.phase2, again.total - 1)]):
+                    at(n, again, " (a new TrainStep)")
+        for_new_step = graphs() - before
     reasons = [f"{_one_line(reason)} (x{count})"
                for reason, count in counters["graph_break"].items()]
+
     report = GraphReport(breaks=sum(counters["graph_break"].values()), reasons=reasons,
                          recompiles=max(graphs() - expected, 0), graphs=graphs(), steps=ran,
                          missing_fake=sorted(set(missing)), errors=errors,
-                         cudagraph=sorted(set(cudagraph)))
+                         cudagraph=sorted(set(cudagraph)), new_step_recompiles=for_new_step,
+                         recompile_reasons=[_one_line(r) for r in _compat.recompile_reasons()])
     if fake is not None:
         report.device = "cuda"
         report.kernels = [_compat.lower_for_cuda(gm, inputs, label)

@@ -40,7 +40,9 @@ def tta_logits(model: nn.Module, x: Tensor, tta: str = "none", fraction: float =
         raise ValueError(f"unknown tta mode {tta!r}; choose from {TTA_MODES}")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"tta fraction must be in [0, 1], got {fraction!r}")
-    plain = model(x).float()
+    # A copy of our own: a network replayed as a CUDA graph returns a buffer that its next
+    # call overwrites, and the views below call it again before `plain` is read.
+    plain = model(x).to(torch.float32, copy=True)
     if tta == "none":
         return plain
     if fraction >= 1.0:

@@ -350,7 +350,7 @@ def _adam_rule(g, params, grads, state, lr, momentum, impl) -> None:
     adam_update_(params, grads, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=lr,
                  beta1=momentum if momentum is not None else beta1, beta2=beta2,
                  eps=group["eps"], weight_decay=group["weight_decay"],
-                 decoupled=isinstance(g.opt, torch.optim.AdamW), impl=impl)
+                 decoupled=g.options["decoupled"], impl=impl)
 
 
 @update_rule("muon", state=("momentum_buffer",))
@@ -358,9 +358,10 @@ def _muon_rule(g, params, grads, state, lr, momentum, impl) -> None:
     # Muon keeps its own momentum (the schedule's momentum cycles the SGD half only).
     group = g.group
     muon_update_(params, grads, state["momentum_buffer"], lr=lr, momentum=group["momentum"],
-                 nesterov=group["nesterov"], ns_steps=group["ns_steps"], ns_dtype=g.opt.ns_dtype,
+                 nesterov=group["nesterov"], ns_steps=group["ns_steps"],
+                 ns_dtype=g.options["ns_dtype"],
                  batches=g.batches if len(params) == len(g.params) else None,
-                 ns_coefficients=g.opt.ns_coefficients)
+                 ns_coefficients=g.options["ns_coefficients"])
 
 
 @update_rule("triton")
@@ -376,8 +377,13 @@ def _triton_rule(g, params, grads, state, lr, momentum, impl) -> None:
 @dataclass
 class GroupState:
     """One parameter group as the update rules see it, gathered once when the optimizers
-    are built: its state tensors are never replaced afterwards (a compiled step and a
-    captured CUDA graph hold them)."""
+    are built: its state tensors and its param-group dict are never replaced afterwards (a
+    compiled step and a captured CUDA graph hold them; `load_state_inplace_` keeps both).
+
+    The rules read what they need of the optimizer object from `options`, as plain values,
+    never from `opt` itself: a compiled step that read an attribute of the optimizer would
+    be guarded on that object's identity, and recompiled for every new TrainStep (every
+    run of `fastres speedrun`)."""
 
     opt: torch.optim.Optimizer
     index: int                        # row of the group's learning rate in the lr table
@@ -386,6 +392,16 @@ class GroupState:
     params: list[Tensor]
     state: dict[str, list[Tensor]]    # state name -> one tensor per parameter
     batches: list[list[int]] | None   # Muon: same-shape filters orthogonalised together
+    options: dict = field(default_factory=dict)  # the optimizer's settings the rule reads
+
+
+def rule_options(opt: torch.optim.Optimizer) -> dict:
+    """The settings of `opt` that live on the object rather than in its param groups."""
+    if isinstance(opt, Muon):
+        return {"ns_dtype": opt.ns_dtype, "ns_coefficients": opt.ns_coefficients}
+    if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+        return {"decoupled": isinstance(opt, torch.optim.AdamW)}
+    return {}
 
 
 # --------------------------------------------------------------------------- state
@@ -411,10 +427,17 @@ def init_state_(opt: torch.optim.Optimizer) -> None:
 
 def load_state_inplace_(opt: torch.optim.Optimizer, state_dict: dict) -> None:
     """`opt.load_state_dict(state_dict)`, then copy the loaded values back into the state
-    tensors that existed before, so that anything holding them (a compiled step, a captured
-    CUDA graph) keeps seeing the live state."""
+    tensors and the param-group dicts that existed before (torch's loader replaces both),
+    so that anything holding them (a compiled step, a captured CUDA graph, an update rule
+    that writes the step's learning rate into its group) keeps seeing the live state."""
     before = {id(p): dict(opt.state[p]) for g in opt.param_groups for p in g["params"]}
+    groups = list(opt.param_groups)
     opt.load_state_dict(state_dict)
+    for i, (held, loaded) in enumerate(zip(groups, opt.param_groups)):
+        if loaded is not held:
+            held.clear()
+            held.update(loaded)
+            opt.param_groups[i] = held
     for g in opt.param_groups:
         for p in g["params"]:
             old = before.get(id(p), {})
@@ -456,7 +479,7 @@ class Optimizers:
                          if params and k in opt.state[params[0]]}
                 batches = shape_groups(params) if kind == "muon" else None
                 self.groups.append(GroupState(opt, len(self.groups), kind, g, params, state,
-                                              batches))
+                                              batches, rule_options(opt)))
 
     @property
     def param_groups(self):
@@ -467,10 +490,13 @@ class Optimizers:
         return [p for g in self.groups for p in g.params if p.grad is not None]
 
     def step(self, lrs: Tensor, momentum: Tensor | None = None,
-             ema_decay: Tensor | None = None) -> None:
+             ema_decay: Tensor | None = None, found_inf: Tensor | None = None) -> None:
         """Update every parameter that has a gradient: `lrs[g.index]` is group g's learning
         rate (a device tensor), `momentum` the scheduled momentum (None: each group's own),
-        `ema_decay` the decay for an optimizer that averages the weights in its own pass."""
+        `ema_decay` the decay for an optimizer that averages the weights in its own pass.
+        `found_inf` (fp16: non-zero when the gradients overflowed) goes to the Triton SGD,
+        which then writes nothing: its momentum buffers and EMA are its own, outside
+        `state_tensors()`, so the caller's restore of a skipped step cannot cover them."""
         fused = []
         for g in self.groups:
             params = [p for p in g.params if p.grad is not None]
@@ -486,7 +512,8 @@ class Optimizers:
             if g.kind == "triton":
                 fused.append(g.opt)
         for opt in dict.fromkeys(fused):
-            opt.step(**({"ema_decay": ema_decay} if opt.accepts_ema_decay else {}))
+            opt.step(found_inf=found_inf,
+                     **({"ema_decay": ema_decay} if opt.accepts_ema_decay else {}))
 
     def state_tensors(self) -> list[Tensor]:
         """Every optimizer state tensor the update rules mutate."""

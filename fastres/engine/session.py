@@ -10,7 +10,8 @@
 
 A Session owns what every user of the step would otherwise rebuild by hand, and get
 subtly wrong: the device and memory format; on a CPU, subnormal floats flushed to zero in
-every thread (`run.flush_denormal`; process-wide, see `fastres.engine.cpu`); the model's
+every thread (`run.flush_denormal`; process-wide, see `fastres.engine.cpu`); on a GPU,
+cuDNN's algorithm timing (`run.cudnn_benchmark`, also process-wide); the model's
 data-dependent init (the speed-run net's whitening filters, from `INIT_IMAGES` training
 images); SyncBatchNorm and the DDP wrapper; the `TrainStep`; the evaluation network
 (compiled with the step's compile setting) and the weights a recipe evaluates (the EMA when
@@ -61,7 +62,8 @@ class Session:
     def __init__(self, cfg: Config, model: nn.Module, train_loader, *, dist: Dist = Dist(),
                  init: bool = True):
         r = cfg.run
-        if "auto" in (r.precision, r.compile, cfg.optim.impl, r.device, r.cuda_graph):
+        if "auto" in (r.precision, r.compile, cfg.optim.impl, r.device, r.cuda_graph,
+                      r.cudnn_benchmark):
             raise ConfigError("Session needs a resolved config: call fastres.config.resolve("
                               "cfg, device) first")
         if len(train_loader) == 0:
@@ -76,6 +78,8 @@ class Session:
             warn("this CPU or its thread pool cannot flush subnormal floats to zero in every "
                  "thread (run.flush_denormal): a run whose values drift below 1.2e-38 may "
                  "slow down many times over")
+        if self.device.type == "cuda":  # process-wide, as the subnormal flush on a CPU
+            torch.backends.cudnn.benchmark = r.cudnn_benchmark == "on"
         memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
         self.model = model.to(device=self.device, memory_format=memory_format)
         self.init_s = 0.0

@@ -193,7 +193,7 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip, foreach=True)
         guarded = self._guarded_tensors() if found_inf is not None else []
         with skip_if_nonfinite(found_inf, guarded):
-            self.optimizers.step(lrs, momentum, ema_decay=decay)
+            self.optimizers.step(lrs, momentum, ema_decay=decay, found_inf=found_inf)
             if self.ema is not None:
                 self.ema.step_(decay)
         if found_inf is not None:

@@ -139,11 +139,13 @@ class AirbenchNet(nn.Module):
         # (N, C, H, W) -> (N, C, H-kh+1, W-kw+1, kh, kw) -> one row per patch, (C, kh, kw) order
         patches = x.unfold(2, kh, 1).unfold(3, kw, 1)
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
-        cov = (patches.T @ patches / patches.size(0)).double()
+        # The 12x12 eigendecomposition on the CPU: microseconds there, where on a GPU it
+        # would sync anyway and its first call pays cuSOLVER's set-up inside a timed run.
+        cov = (patches.T @ patches / patches.size(0)).double().cpu()
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)
         filters = eigenvectors.T.reshape(-1, c, kh, kw) / torch.sqrt(
             eigenvalues.clamp_min(0) + eps).view(-1, 1, 1, 1)
-        w.copy_(torch.cat([filters, -filters]).to(w.dtype))
+        w.copy_(torch.cat([filters, -filters]).to(device=w.device, dtype=w.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.gelu(self.whiten(x))
