@@ -22,6 +22,14 @@ from typing import Any, Optional
 
 from .errors import ConfigError, unknown_choice
 
+__all__ = [
+    "Config", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "RunConfig",
+    "SECTIONS", "PRESETS", "FAMILY_RECIPES", "preset", "list_presets", "with_epochs",
+    "recipe_preset", "list_recipes", "override", "replace", "to_dict", "from_dict",
+    "describe", "validate", "resolve", "num_classes_for", "NUM_CLASSES", "TRAIN_SIZES",
+    "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "ConfigError",
+]
+
 CPU_MICRO_BATCH = 500
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -190,7 +198,7 @@ class RunConfig:
     tta_fraction: float = _f(1.0, "share of each test batch, least confident first (top "
                              "softmax probability of the plain view), that gets the TTA "
                              "views; the rest keep their plain prediction (1 = all)",
-                             low=0.0, high=1.0)
+                             low=0.0, high=1.0, low_open=True)
     target_acc: float = _f(0.94, "accuracy the run is trying to reach (reported, not enforced)",
                            low=0.0, high=1.0)
     log_every: int = _f(0, "also log train loss every N steps (0 = per epoch; each log syncs)",
@@ -688,7 +696,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"schedule.momentum_range must be (low, high), got {s.momentum_range}")
     if s.steps == 0 and s.two_phase_epochs >= s.epochs:
         raise ConfigError(f"schedule.two_phase_epochs={s.two_phase_epochs} must be shorter "
-                          f"than the run ({s.epochs} epochs)")
+                          f"than the run ({s.epochs} epochs); to shorten a two-phase recipe "
+                          "use --epochs N (preset(name, epochs=N)), which scales its second "
+                          "phase too")
     if s.warmup > 0 and s.lr_schedule in ("triangular", "onecycle"):
         raise ConfigError("schedule.warmup does not combine with triangular/onecycle, which "
                           "warm up by themselves (set schedule.peak instead)")

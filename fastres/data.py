@@ -177,11 +177,15 @@ class CifarData:
 def describe(info: dict, train_limit: int | None = None, test_limit: int | None = None) -> str:
     """One line naming the data a run reads: `info` is `CifarData.info()` (or a run
     record's copy); the limits are the config's `data.train_limit` / `data.test_limit`."""
+    def limit(n: int | None, size) -> str:  # a limit above the data's size limits nothing
+        return "all" if not n or (isinstance(size, int) and n > size) else str(n)
+
     return (f"data {info.get('name', '?')} "
             f"({'official' if info.get('official') else 'NOT official'}, fingerprint "
             f"{info.get('fingerprint')}), {info.get('train_size')} train / "
-            f"{info.get('test_size')} test; limits train {train_limit or 'all'}, test "
-            f"{test_limit or 'all'}")
+            f"{info.get('test_size')} test; limits train "
+            f"{limit(train_limit, info.get('train_size'))}, test "
+            f"{limit(test_limit, info.get('test_size'))}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ that message and exits with status 2 instead of showing a traceback.
 """
 
 
+__all__ = ["FastresError", "ConfigError", "DataError", "CheckpointError", "TrainingDiverged",
+           "OutputError", "RunDirError", "PeerLost", "warn", "did_you_mean", "unknown_choice"]
+
+
 class FastresError(Exception):
     """Base class for errors caused by input (config, data, files), not by a bug."""
 

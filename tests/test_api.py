@@ -15,7 +15,8 @@ from fastres.errors import ConfigError
 from fastres.pipelines import LoaderOptions, build_loader, check_loader
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLIC = ["fastres", "fastres.bench", "fastres.data", "fastres.engine", "fastres.kernels",
+PUBLIC = ["fastres", "fastres.bench", "fastres.config", "fastres.data", "fastres.engine",
+          "fastres.errors", "fastres.kernels",
           "fastres.models", "fastres.pipelines", "fastres.testing"]
 
 

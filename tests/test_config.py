@@ -110,6 +110,7 @@ def test_override_errors(item, message):
     ("run", {"device": "cpu", "sync_bn": True}, "SyncBatchNorm runs on CUDA only"),
     ("optim", {"impl": "triton", "name": "adam"}, "no Triton implementation"),
     ("optim", {"lr": float("nan")}, "must be finite"),
+    ("run", {"tta_fraction": 0.0}, "run.tta_fraction must be > 0.0"),
     ("run", {"device": "cuda", "compile": "step", "cuda_graph": "on",
              "compile_mode": "max-autotune-no-cudagraphs"}, "contradicts"),
 ])

@@ -119,6 +119,9 @@ def test_a_run_names_its_data_and_the_limits_it_trains_on(finished):
     _, printed = finished
     line = next(x for x in printed.splitlines() if x.startswith("data cifar10 "))
     assert "NOT official" in line and line.endswith("limits train 128, test 64"), line
+    from fastres.data import describe  # a limit above the data's size limits nothing
+    assert describe({"train_size": 256, "test_size": 128}, 1024, 64).endswith(
+        "limits train all, test 64")
 
 
 def wait_for(predicate, proc, timeout: float = 240.0) -> bool:
@@ -1087,6 +1090,8 @@ def test_23_an_argparse_typo_is_one_line_with_a_suggestion(capsys):
     assert "did you mean 'dali'?" in error_line(err)
     rc, _, err = cli(capsys, ["eval"])
     assert rc == 2 and "required: --checkpoint" in error_line(err, "eval")
+    rc, _, err = cli(capsys, ["train", "--preset", "smoke", "--epochz", "1"])
+    assert rc == 2 and "--epochz 1 (did you mean '--epochs'?)" in error_line(err)
 
 
 def test_23_library_batch_larger_than_the_data_names_both_numbers(tmp_path):
@@ -1102,6 +1107,44 @@ def test_23_library_batch_larger_than_the_data_names_both_numbers(tmp_path):
     with pytest.raises(ConfigError, match=r"2000 .*\(1024 images"):
         rundir.check_data_fits(C.preset("speedrun"), 1, n_train=1024)
     rundir.check_data_fits(C.preset("speedrun"), 1, n_train=2000)
+
+
+def test_a_run_in_progress_is_not_called_stopped(tmp_path):
+    """A run directory with config.json and no checkpoint yet: in progress while the
+    process named in its lock lives, stopped once it is gone."""
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    lock = run / rundir.LOCK_NAME
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname()}))
+        assert rundir.describe(run) == f"a run in progress (pid {alive.pid}) that has not " \
+            "written its first checkpoint yet"
+    finally:
+        alive.kill()
+        alive.wait()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    assert rundir.describe(run) == "a run stopped before its first checkpoint"
+
+
+def test_speedrun_refuses_a_batch_larger_than_the_data_before_reading_it(capsys, tmp_path,
+                                                                           monkeypatch, data_dir):
+    import fastres.engine
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the data were read")
+
+    monkeypatch.setattr(fastres.engine, "load_data", no_reading)
+    rc, _, err = cli(capsys, ["speedrun", "--preset", "smoke", "--data-dir", data_dir,
+                              "--set", "data.train_limit=64", "--set", "data.batch_size=128",
+                              "--out", str(tmp_path / "sr")])
+    assert rc == 2 and "data.batch_size=128 is larger than the training set (64 images " \
+        "(data.train_limit))" in error_line(err, "speedrun")
 
 
 # --------------------------------------------------------------------------- 22.2 engine

@@ -24,3 +24,10 @@ def test_scaling_one_and_two_processes(tmp_path, capsys):
 def test_scaling_rejects_bad_counts(tmp_path, capsys):
     assert main(["scaling", "--data-dir", str(tmp_path), "--nprocs", "0,2"]) == 2
     assert "--nprocs must be positive" in capsys.readouterr().err
+
+
+def test_scaling_checks_the_preset_and_overrides_before_any_process(tmp_path, capsys):
+    assert main(["scaling", "--preset", "smokee", "--data-dir", str(tmp_path)]) == 2
+    assert "unknown preset 'smokee' (did you mean 'smoke'?)" in capsys.readouterr().err
+    assert main(["scaling", "--data-dir", str(tmp_path), "--set", "optim.lrr=1"]) == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err

@@ -291,6 +291,9 @@ def test_arguments(tmp_path, capsys, data_dir):
     one_line_error(capsys, ["--models", "resnet20,resnet2o", "--out", out], "unknown model")
     one_line_error(capsys, ["--train", "--recipes", "seed,fsat", "--models", "resnet20",
                             "--out", out, "--data-dir", data_dir], "unknown recipe 'fsat'")
+    one_line_error(capsys, ["--recipes", "sed", "--models", "resnet20", "--out", out],
+                   "unknown recipe 'sed' (did you mean 'seed'?)")  # without --train too
+    assert not (tmp_path / "t").exists()
     one_line_error(capsys, ["--train", "--recipes", "fast", "--models", "airbench94",
                             "--out", out, "--data-dir", data_dir],
                    "has no preset for model family 'speedrun'")

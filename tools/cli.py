@@ -85,6 +85,13 @@ def _one_line_usage_errors():
             message = message[:m.start()] + (f"invalid choice: {m.group(1)!r}"
                                              f"{did_you_mean(m.group(1), choices)}; choose "
                                              f"from {', '.join(choices)}")
+        m = re.match(r"unrecognized arguments: (.*)", message)
+        if m:  # a mistyped flag: name the flag it is closest to
+            flags = [o for action in parser._actions for o in action.option_strings]
+            for word in m.group(1).split():
+                if word.startswith("--") and did_you_mean(word.split("=")[0], flags):
+                    message += did_you_mean(word.split("=")[0], flags)
+                    break
         raise ConfigError(f"{message} (`{parser.prog} --help` lists the options)")
 
     @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
     fastres eval --checkpoint runs/speedrun/checkpoints/last.pt --data-dir data [--tta flip]
     fastres eval --checkpoint runs/speedrun --data-dir data        # a run directory's last.pt
-    fastres eval --checkpoint runs/sr --data-dir data --tta flip_translate --tta-fraction 0.2 \
+    fastres eval --checkpoint runs/sr --data-dir data --tta flip_translate --tta-fraction 0.2 \\
                  --repeats 5                          # its time: median of 5 after a warm-up
 
 Uses the config stored in the checkpoint to rebuild the model; evaluates the weights the
@@ -22,7 +22,8 @@ from fastres import config as C
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("fastres eval", add_help=add_help, description=__doc__)
+    p = argparse.ArgumentParser("fastres eval", add_help=add_help, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a fastres checkpoint (last.pt), or a run directory (its last.pt)")
     p.add_argument("--data-dir", required=True, help="folder with the data set")

@@ -504,9 +504,8 @@ def _check_graph(cfg, images, labels, num_classes: int, as_device: str | None) -
         print(f"  compile error: {err}")
     for why in rep.cudagraph:
         print(f"  cuda graph: {why}")
-    print(f"  ({rep.graphs} graph(s) over steps {rep.steps}; phase 2 starts at step "
-          f"{_phase2(cfg, per_epoch)}" + (f"; traced for {rep.device}" if rep.device else "")
-          + ")")
+    print(f"  ({rep.graphs} graph(s) over steps {rep.steps}; {_phase2_words(cfg, per_epoch)}"
+          + (f"; traced for {rep.device}" if rep.device else "") + ")")
     if rep.kernels:
         print()
         print(kernels_table(rep.kernels))
@@ -553,10 +552,13 @@ def kernels_table(kernels: list[dict]) -> str:
                  "aten fallbacks"], rows, align="lrrrrl"))
 
 
-def _phase2(cfg, steps_per_epoch: int) -> int:
-    from fastres.engine.schedules import phase2_start
+def _phase2_words(cfg, steps_per_epoch: int) -> str:
+    """Where the recipe's phase 2 starts, or that it has none."""
+    from fastres.engine.schedules import phase2_start, total_steps
 
-    return phase2_start(cfg.schedule, steps_per_epoch)
+    start = phase2_start(cfg.schedule, steps_per_epoch)
+    return f"phase 2 starts at step {start}" if start < total_steps(
+        cfg.schedule, steps_per_epoch) else "no phase 2"
 
 
 def main(argv=None) -> int:

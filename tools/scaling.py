@@ -72,6 +72,10 @@ def run_once(n: int, args, out: Path) -> dict:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    from fastres import config as C
+
+    # A mistyped preset or --set: one line here, not a failed worker process later.
+    C.validate(C.override(C.preset(args.preset), args.overrides))
     if args.json:  # checked (and claimed) before any work: the output contract
         from fastres.tools._common import claim_output_file
 

@@ -252,6 +252,7 @@ def _speedrun(args, argv, cfg, claimed) -> int:
         print(f"--overwrite: the previous contents of {claimed.path} are now in "
               f"{claimed.moved_to}")
     cfg = resolve_for(cfg)
+    rundir.check_data_fits(cfg)  # a batch larger than the data: refused before reading it
     r = cfg.run
     seed0 = r.seed
     out = claimed.path
@@ -274,7 +275,7 @@ def _speedrun(args, argv, cfg, claimed) -> int:
     model = None
     warmup = {"steps": 0, "wall_s": 0.0}
     on_gpu = r.device.startswith("cuda")
-    if args.warmup_steps != 0 and (args.warmup_steps > 0 or on_gpu or r.compile == "on"):
+    if args.warmup_steps != 0 and (args.warmup_steps > 0 or on_gpu or r.compile != "off"):
         t0 = time.perf_counter()
         built = build(C.replace(cfg, run={"seed": seed0}), data=data)
         steps = args.warmup_steps if args.warmup_steps > 0 else len(built.loaders[0]) + 1
@@ -284,7 +285,7 @@ def _speedrun(args, argv, cfg, claimed) -> int:
         model = built.model
         warmup = {"steps": steps, "wall_s": time.perf_counter() - t0}
         print(f"  warm-up: {steps} steps in {warmup['wall_s']:.1f} s wall, not timed"
-              + (" (compilation included)" if r.compile == "on" else ""), flush=True)
+              + (" (compilation included)" if r.compile != "off" else ""), flush=True)
 
     print()
     print(table_header(), flush=True)

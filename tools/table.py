@@ -262,6 +262,17 @@ def row_config(model: str, recipe: str, args):
     return preset_name, C.validate(C.override(cfg, args.overrides))
 
 
+def check_recipe(recipe: str, train: bool) -> None:
+    """ConfigError for a recipe name that is neither a recipe nor a preset (with a
+    suggestion); 'custom' (runs read with --runs whose config matches no recipe) is a row
+    that can be shown, not trained."""
+    from fastres import config as C
+    from fastres.errors import unknown_choice
+
+    if recipe not in C.list_recipes() and not (recipe == "custom" and not train):
+        raise unknown_choice("recipe", recipe, C.list_recipes())
+
+
 def plan_rows(models: list[str], recipes: list[str], out: Path, args) -> list[dict]:
     """One entry per (model, recipe): its directory, state and, with --train, its preset
     and config. Every row is planned before any trains: a typo, a recipe without a preset
@@ -856,6 +867,8 @@ def main(argv=None) -> int:
         raise ConfigError(f"--epochs must be > 0, got {args.epochs}")
     for m in csv_list(args.models, "--models") if args.models else []:
         check_model(m)
+    for recipe in csv_list(args.recipes, "--recipes") if args.recipes else []:
+        check_recipe(recipe, args.train)
     # The table's folder, before any run is read or trained: location, lock, refusal.
     claimed = claim_output_dir(args.out, overwrite=args.overwrite, update=_is_table_dir)
     try:

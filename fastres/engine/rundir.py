@@ -55,7 +55,7 @@ __all__ = ["LOCK_NAME", "RESUME_EXEMPT", "RunDir", "RunInfo", "RunPlan", "check_
            "check_data_fits", "check_file_location", "check_location", "check_resume",
            "check_weights_fit", "claim", "config_diffs", "contents", "describe",
            "ensure_free", "held", "inspect", "lock_info", "open_recorder", "plan_run",
-           "read_checkpoint"]
+           "read_checkpoint", "running"]
 
 LOCK_NAME = ".fastres.lock"
 # File systems that cannot hold a run, whatever the permissions say.
@@ -168,6 +168,24 @@ def lock_info(path) -> dict:
     return info if isinstance(info, dict) else {}
 
 
+def running(path) -> dict | None:
+    """`lock_info(path)` when the process it names is alive on this machine (the
+    directory's run is in progress), else None. Reads only: it never takes the lock."""
+    info = lock_info(path)
+    pid = info.get("pid")
+    if not isinstance(pid, int) or info.get("host") not in (None, socket.gethostname()):
+        return None
+    if pid == os.getpid():  # this process: does it still hold the lock?
+        return info if held(path) is not None else None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return info
+    return info
+
+
 @dataclass
 class RunInfo:
     """What a run directory holds, read without changing anything (`inspect`).
@@ -247,6 +265,10 @@ class RunInfo:
                                           if info.get("step") is not None
                                           else " (with a checkpoint)")
         if self.state == "started":
+            holder = running(self.path)
+            if holder is not None:
+                return f"a run in progress (pid {holder['pid']}) that has not written its " \
+                       "first checkpoint yet"
             return "a run stopped before its first checkpoint"
         n = len(self.names)
         return (f"{n} file{'s' if n != 1 else ''} ({', '.join(self.names[:3])}"
