@@ -78,8 +78,10 @@ class DataConfig:
     contrast: float = _f(0.0, "colour jitter: then multiply each image by c, uniform in "
                          "[1 - contrast, 1 + contrast] (0 = off)", low=0.0, high=1.0,
                          high_open=True)
-    mean: Optional[tuple[float, ...]] = _f(None, "per-channel mean in [0,1] (None = data set's)")
-    std: Optional[tuple[float, ...]] = _f(None, "per-channel std in [0,1] (None = data set's)")
+    mean: Optional[tuple[float, ...]] = _f(None, "per-channel mean in [0,1] (None = data set's)",
+                                           low=0.0, high=1.0)
+    std: Optional[tuple[float, ...]] = _f(None, "per-channel std in (0,1] (None = data set's)",
+                                          low=0.0, high=1.0, low_open=True)
     workers: int = _f(4, "worker processes for the torch loader", low=0)
     train_limit: int = _f(0, "train on a fixed random subset of N images (0 = all)", low=0)
     test_limit: int = _f(0, "test on a fixed random subset of N images (0 = all)", low=0)
@@ -156,7 +158,8 @@ class ScheduleConfig:
                                        "fractions of the run")
     gamma: float = _f(0.1, "step schedule: LR multiplier at each milestone", low=0.0)
     cycle_momentum: bool = _f(False, "onecycle/triangular: cycle momentum inversely to the LR")
-    momentum_range: tuple[float, float] = _f((0.85, 0.95), "momentum (low, high) when cycling")
+    momentum_range: tuple[float, float] = _f((0.85, 0.95), "momentum (low, high) when cycling",
+                                             low=0.0, high=1.0)
     two_phase_epochs: float = _f(0.0, "last N epochs form phase 2: BatchNorm frozen (eval "
                                  "statistics, frozen affine) and the LR halved", unit="epochs",
                                  low=0.0)
@@ -164,7 +167,8 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    seed: int = _f(0, "random seed (weights, shuffling, augmentation)")
+    seed: int = _f(0, "random seed (weights, shuffling, augmentation)", low=0,
+                   high=2 ** 63 - 1)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     precision: str = _f("auto", "autocast dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, "
                         "fp16 (with a grad scaler)", choices=("auto", "fp32", "bf16", "fp16"))
@@ -503,7 +507,7 @@ def _parse_value(text: str, typ, where: str):
             if not isinstance(value, dict):
                 raise ValueError(text)
             return value
-    except (ValueError, json.JSONDecodeError):
+    except (ValueError, OverflowError, json.JSONDecodeError):  # OverflowError: int("inf")
         pass
     name = getattr(typ, "__name__", str(typ))
     raise ConfigError(f"{where}: cannot read {text!r} as {name}")
@@ -554,10 +558,15 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(d: dict) -> Config:
     """Inverse of `to_dict` (JSON round trip); unknown keys are an error."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a config is a JSON object of sections, got {type(d).__name__}")
     sections = {}
     for section, values in d.items():
         if section not in _SECTION_TYPES:
             raise ConfigError(f"unknown config section {section!r}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} is a {type(values).__name__}, not "
+                              "an object of key: value")
         cls = _SECTION_TYPES[section]
         hints = _hints(cls)
         kw = {}
@@ -625,6 +634,19 @@ def _check_type(value, typ, where: str):
         raise ConfigError(f"{where}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
 
 
+def _check_number(value, meta, where: str) -> None:
+    """ConfigError unless `value` is finite and within the field's `low`/`high`."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{where} must be finite, got {value}")
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value < low or (meta.get("low_open") and value == low)):
+        op = ">" if meta.get("low_open") else ">="
+        raise ConfigError(f"{where} must be {op} {low}, got {value}")
+    if high is not None and (value > high or (meta.get("high_open") and value == high)):
+        op = "<" if meta.get("high_open") else "<="
+        raise ConfigError(f"{where} must be {op} {high}, got {value}")
+
+
 def validate(cfg: Config) -> Config:
     """Check every field's type and range and the combinations that cannot work.
 
@@ -644,16 +666,10 @@ def validate(cfg: Config) -> Config:
             meta = f.metadata
             if meta.get("choices") and value not in meta["choices"]:
                 raise unknown_choice(f"value for {where}:", str(value), meta["choices"])
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if not math.isfinite(value):
-                    raise ConfigError(f"{where} must be finite, got {value}")
-                low, high = meta.get("low"), meta.get("high")
-                if low is not None and (value < low or (meta.get("low_open") and value == low)):
-                    op = ">" if meta.get("low_open") else ">="
-                    raise ConfigError(f"{where} must be {op} {low}, got {value}")
-                if high is not None and (value > high or (meta.get("high_open") and value == high)):
-                    op = "<" if meta.get("high_open") else "<="
-                    raise ConfigError(f"{where} must be {op} {high}, got {value}")
+            # a number, or each number of a tuple (mean, std, momentum_range, ...)
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    _check_number(v, meta, where)
 
     d, o, s, r = cfg.data, cfg.optim, cfg.schedule, cfg.run
     for name in ("mean", "std"):
@@ -682,6 +698,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("optim.impl=fused takes a constant momentum (torch's fused kernels "
                           "read it as a float); schedule.cycle_momentum needs optim.impl="
                           "foreach (or auto)")
+    if o.eval_weights == "ema" and o.ema_decay == 0:
+        raise ConfigError("optim.eval_weights=ema needs an EMA of the weights: set "
+                          "optim.ema_decay > 0 (e.g. 0.999), or evaluate the raw weights")
     if o.decoupled_wd and o.name not in ("sgd", "muon"):
         raise ConfigError("optim.decoupled_wd applies to SGD/Muon; use optim.name=adamw for "
                           "decoupled decay with Adam")

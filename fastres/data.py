@@ -116,8 +116,10 @@ class _Layout:
     meta_file: str
     label_key: str           # labels in a batch
     class_key: str           # class names in the meta file
+    num_classes: int         # how many the meta file names
     coarse_label_key: str | None = None
     coarse_class_key: str | None = None
+    num_coarse_classes: int | None = None
 
     @property
     def files(self) -> tuple:
@@ -128,11 +130,11 @@ LAYOUTS = {
     "cifar10": _Layout(
         "cifar10", "CIFAR-10", "cifar-10-batches-py", "cifar-10-python.tar.gz",
         tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta",
-        "labels", "label_names"),
+        "labels", "label_names", 10),
     "cifar100": _Layout(
         "cifar100", "CIFAR-100", "cifar-100-python", "cifar-100-python.tar.gz",
-        ("train",), ("test",), "meta", "fine_labels", "fine_label_names",
-        "coarse_labels", "coarse_label_names"),
+        ("train",), ("test",), "meta", "fine_labels", "fine_label_names", 100,
+        "coarse_labels", "coarse_label_names", 20),
 }
 DATASETS = tuple(LAYOUTS)
 
@@ -211,11 +213,14 @@ def _expected(lay: _Layout, data_dir: Path) -> str:
 
 
 def _other_hint(lay: _Layout, data_dir: Path) -> str:
-    """' (found X: did you mean --dataset Y?)' when the other data set is there instead."""
+    """' (found X: did you mean data.dataset=Y? ...)' when the other data set is there
+    instead."""
     for other in LAYOUTS.values():
         if other is not lay and ((data_dir / other.folder).is_dir()
                                  or (data_dir / other.archive).is_file()):
-            return f" (found {other.title} there: did you mean --dataset {other.name}?)"
+            return (f" (found {other.title} there: did you mean data.dataset={other.name}? "
+                    f"`--set data.dataset={other.name}`, or `--dataset {other.name}` for "
+                    "`fastres data`)")
     return ""
 
 
@@ -298,10 +303,13 @@ def _key(d: dict, key: str, where: str):
     return d[key]
 
 
-def _names(d: dict, key: str, where: str) -> list[str]:
+def _names(d: dict, key: str, where: str, count: int, title: str) -> list[str]:
     names = _key(d, key, where)
     if not isinstance(names, (list, tuple)) or not names:
         raise DataError(f"{where}: {key!r} should be a non-empty list of class names")
+    if len(names) != count:
+        raise DataError(f"{where}: {key!r} names {len(names)} classes, where {title} has "
+                        f"{count}; the file is not {title}'s")
     out = []
     for n in names:
         if isinstance(n, bytes):
@@ -319,6 +327,8 @@ def _labels(d: dict, key: str, n: int, where: str) -> np.ndarray:
         labels = np.asarray(raw)
     except Exception as e:
         raise DataError(f"{where}: {key!r} is not a list of integers ({e})") from None
+    if labels.size == 0:  # [] reads as float64: an empty list of labels is still labels
+        labels = labels.astype(np.int64)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DataError(f"{where}: {key!r} should be a list of integers, got shape "
                         f"{labels.shape} of {labels.dtype}; the file is not a CIFAR batch")
@@ -368,6 +378,11 @@ def _to_nhwc(rows_list: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _read_folder(lay: _Layout, folder: Path) -> Iterator[tuple[str, bytes, str]]:
+    for name in lay.files:
+        if ((folder / name).exists() or (folder / name).is_symlink()) and \
+                not (folder / name).is_file():
+            raise DataError(f"{folder / name} is not a regular file (a folder, or a link to "
+                            f"one); {folder} should hold the {lay.title} files themselves")
     missing = [name for name in lay.files if not (folder / name).is_file()]
     if missing:   # checked up front, before reading 150 MB of the files that are there
         present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
@@ -454,14 +469,19 @@ def load_cifar(data_dir, dataset: str = "cifar10", download: bool = False, *,
             d = _unpickle(blob, where)
             del blob
             if name == lay.meta_file:
-                classes = _names(d, lay.class_key, where)
-                coarse_classes = _names(d, lay.coarse_class_key, where) if lay.coarse_class_key else None
+                classes = _names(d, lay.class_key, where, lay.num_classes, lay.title)
+                coarse_classes = _names(d, lay.coarse_class_key, where, lay.num_coarse_classes,
+                                        lay.title) if lay.coarse_class_key else None
             else:
                 parsed[name] = (_batch(d, lay, where), where)
         digests = {name: f.result() for name, f in hashes.items()}
 
     def split(names):
         batches = [parsed[n][0] for n in names]
+        if not sum(len(b[1]) for b in batches):
+            raise DataError(f"{' and '.join(parsed[n][1] for n in names)} "
+                            f"{'holds' if len(names) == 1 else 'hold'} no images; the data "
+                            "set is incomplete or was written empty")
         for n in names:
             (_, labels, coarse), where = parsed[n]
             _check_range(labels, len(classes), "labels", where)

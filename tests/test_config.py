@@ -87,6 +87,7 @@ def test_override_types():
 
 
 @pytest.mark.parametrize("item, message", [
+    ("data.batch_size=inf", "cannot read 'inf' as int"),
     ("optim.lrr=0.1", "unknown key in section 'optim': 'lrr'.*did you mean 'lr'"),
     ("optimizer.lr=0.1", "unknown config section 'optimizer'"),
     ("optim.lr", "expected section.key=value"),
@@ -111,6 +112,12 @@ def test_override_errors(item, message):
     ("optim", {"impl": "triton", "name": "adam"}, "no Triton implementation"),
     ("optim", {"lr": float("nan")}, "must be finite"),
     ("run", {"tta_fraction": 0.0}, "run.tta_fraction must be > 0.0"),
+    ("run", {"seed": 2 ** 64}, "run.seed must be <="),
+    ("data", {"mean": (float("nan"), 0.5, 0.5)}, "data.mean must be finite"),
+    ("data", {"std": (0.0, 0.5, 0.5)}, "data.std must be > 0.0"),
+    ("schedule", {"momentum_range": (-5.0, 0.9)}, "momentum_range must be >= 0.0"),
+    ("optim", {"muon_ns_coefficients": (float("nan"), 1.0, 1.0)}, "must be finite"),
+    ("optim", {"eval_weights": "ema", "ema_decay": 0.0}, "needs an EMA of the weights"),
     ("run", {"device": "cuda", "compile": "step", "cuda_graph": "on",
              "compile_mode": "max-autotune-no-cudagraphs"}, "contradicts"),
 ])
@@ -131,6 +138,13 @@ def test_json_round_trip():
     cfg = C.resolve(C.preset("speedrun"), "cpu")
     back = C.from_dict(json.loads(json.dumps(C.to_dict(cfg))))
     assert back == cfg
+
+
+def test_from_dict_rejects_what_is_not_a_config():
+    with pytest.raises(ConfigError, match="section 'optim' is a int"):
+        C.from_dict({"optim": 5})
+    with pytest.raises(ConfigError, match="JSON object of sections, got list"):
+        C.from_dict([1, 2])
 
 
 def test_from_dict_rejects_unknown_keys():

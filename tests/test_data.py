@@ -207,7 +207,33 @@ def test_empty_directory(tmp_path):
 def test_wrong_dataset_hint(tmp_path, c10):
     T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
     msg = _error(tmp_path, "cifar100")
-    assert "did you mean --dataset cifar10" in msg
+    assert "did you mean data.dataset=cifar10?" in msg and "--set data.dataset=cifar10" in msg
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda f: f.__setitem__("batches.meta", {"label_names": [f"c{i}" for i in range(11)]}),
+     "'label_names' names 11 classes, where CIFAR-10 has 10"),
+    (lambda f: f.__setitem__("test_batch", {"data": np.zeros((0, 3072), np.uint8),
+                                            "labels": []}), "holds no images"),
+    (lambda f: f.__setitem__("data_batch_2", {"data": np.zeros((0, 3072), np.uint8),
+                                              "labels": [1]}), "1 'labels' for 0 images"),
+])
+def test_files_that_do_not_make_cifar10(tmp_path, c10, change, words):
+    """A meta file with another class count, an empty test set, labels without images:
+    one line naming the file, not a run on a wrong head or a top-1 of 0 on no images."""
+    folder = T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
+    files = {}
+    change(files)
+    for name, d in files.items():
+        (folder / name).write_bytes(pickle.dumps(d))
+    assert words in _error(tmp_path)
+
+
+def test_a_batch_that_is_a_folder_is_named_so(tmp_path, c10):
+    folder = T.write_cifar(tmp_path, "cifar10", train=c10[0], test=c10[1])
+    (folder / "data_batch_2").unlink()
+    (folder / "data_batch_2").mkdir()
+    assert "data_batch_2 is not a regular file" in _error(tmp_path)
 
 
 def test_unknown_dataset(tmp_path):

@@ -378,6 +378,24 @@ def test_07_a_refused_resume_changes_nothing(finished, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["model"]["name"] == "resnet8"
 
 
+@pytest.mark.parametrize("step", [-5, 10 ** 9])
+def test_07_a_checkpoint_at_a_step_the_run_does_not_have_is_refused_unchanged(
+        finished, tmp_path, capsys, data_dir, step):
+    out = copy_run(finished[0], tmp_path / "run")
+    (out / "result.json").unlink()
+    ckpt = out / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["step"] = step
+    torch.save(state, ckpt)
+    (out / "checkpoints" / "last.json").unlink()
+    before = snapshot(out)
+    rc, _, err = cli(capsys, smoke(data_dir, out, "--resume"))
+    assert rc == 2 and f"is at step {step}, outside this run's 0..4 steps" in error_line(err)
+    lock = rundir.LOCK_NAME  # the claim's note of who held the folder last: not run data
+    assert {k: v for k, v in snapshot(out).items() if k != lock} == \
+        {k: v for k, v in before.items() if k != lock}
+
+
 # --------------------------------------------------------------------------- 8
 
 def test_08_resume_on_a_finished_run_reports_it_and_changes_nothing(finished, tmp_path,
@@ -1107,6 +1125,87 @@ def test_23_library_batch_larger_than_the_data_names_both_numbers(tmp_path):
     with pytest.raises(ConfigError, match=r"2000 .*\(1024 images"):
         rundir.check_data_fits(C.preset("speedrun"), 1, n_train=1024)
     rundir.check_data_fits(C.preset("speedrun"), 1, n_train=2000)
+
+
+class _RunsCode:
+    """An object whose unpickling runs code (here: creates a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unread(tmp_path, capsys, data_dir):
+    """A checkpoint is unpickled with torch's restricted loader (tensors and plain values,
+    all fastres writes): one that holds other objects is refused, and the code it carries
+    never runs -- not by eval, not by resume, not by a look at the folder."""
+    marker = tmp_path / "code-ran"
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    torch.save({"format": "fastres-checkpoint-v1", "x": _RunsCode(marker)},
+               run / "checkpoints" / "last.pt")
+    rc, _, err = cli(capsys, ["eval", "--checkpoint", str(run), "--data-dir", data_dir])
+    assert rc == 2 and "will not unpickle (unpickling can run code)" in error_line(err, "eval")
+    assert "GLOBAL" in error_line(err, "eval")
+    rc, _, err = cli(capsys, smoke(data_dir, run) + ["--resume"])
+    assert rc == 2 and "will not unpickle" in error_line(err)
+    rundir.describe(run)
+    assert not marker.exists()
+
+
+def test_an_output_folder_never_holds_the_data_or_sits_inside_a_run(tmp_path, capsys,
+                                                                    data_dir):
+    """--out equal to the data folder, or above it: refused before anything is claimed (an
+    --overwrite there moved the data set aside). --out inside a run directory: refused (two
+    runs' files mixed). --overwrite of a folder with a run in progress below it: refused."""
+    data = Path(data_dir)
+    before = sorted(p.name for p in data.iterdir())
+    for out in (data, data.parent):
+        rc, _, err = cli(capsys, smoke(data_dir, out, "--overwrite"))
+        assert rc == 2 and "the data folder" in error_line(err), err
+    rc, _, err = cli(capsys, ["speedrun", "--preset", "smoke", "--data-dir", data_dir,
+                              "--out", data_dir])
+    assert rc == 2 and "is the data folder" in error_line(err, "speedrun")
+    assert sorted(p.name for p in data.iterdir()) == before
+    assert not list(data.parent.glob(f"{data.name}.old-*"))
+
+    run = tmp_path / "runs" / "A"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / rundir.LOCK_NAME).write_text("{}")
+    rc, _, err = cli(capsys, smoke(data_dir, run / "checkpoints"))
+    assert rc == 2 and f"inside the run directory {run}" in error_line(err)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        (run / rundir.LOCK_NAME).write_text(json.dumps({"pid": alive.pid,
+                                                         "host": socket.gethostname()}))
+        rc, _, err = cli(capsys, smoke(data_dir, tmp_path / "runs", "--overwrite"))
+        assert rc == 2 and "a run in progress" in error_line(err), err
+        assert run.is_dir() and not list(tmp_path.glob("runs.old-*"))
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_run_out_dir_is_the_run_directory_or_refused(tmp_path, capsys, data_dir):
+    out = tmp_path / "run"
+    argv = smoke(data_dir, out)
+    i = argv.index("--out")
+    rc, _, err = cli(capsys, argv[:i] + argv[i + 2:] + ["--set", f"run.out_dir={out}"])
+    assert rc == 0 and (out / "result.json").is_file(), err  # --set run.out_dir: recorded
+    rc, _, err = cli(capsys, ["train", "--preset", "smoke", "--data-dir", data_dir,
+                              "--out", str(tmp_path / "a"), "--set",
+                              f"run.out_dir={tmp_path / 'b'}"])
+    assert rc == 2 and "name two run directories" in error_line(err)
+    rc, _, err = cli(capsys, ["speedrun", "--preset", "smoke", "--data-dir", data_dir,
+                              "--set", f"run.out_dir={tmp_path / 'b'}"])
+    assert rc == 2 and "its output folder is --out" in error_line(err, "speedrun")
+    assert not (tmp_path / "b").exists()
 
 
 def test_a_run_in_progress_is_not_called_stopped(tmp_path):

@@ -81,8 +81,13 @@ def config_from(args: argparse.Namespace, **replace_sections):
     itself fixes, e.g. `run={"progress": "none"}`). Flags a tool does not offer count as
     not given. The model name is checked here, so a typo fails before any data is read."""
     from fastres import config as C
+    from fastres.errors import ConfigError
     from fastres.tools.train import config_from_args
 
+    if any(item.split("=", 1)[0].strip() == "run.out_dir" for item in
+           getattr(args, "overrides", [])):
+        raise ConfigError("run.out_dir names a training run's directory, which this tool "
+                          "does not take: its output folder is --out")
     given = dict(data_dir=None, download=False, batch_size=None, loader=None, model=None,
                  fused_kernels=None, epochs=None, seed=None, device=None, precision=None,
                  compile=None, sync_bn=None, overrides=[])

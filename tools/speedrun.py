@@ -216,6 +216,7 @@ def plot(result: dict, path: Path) -> Path | None:
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
 
+    from fastres.engine import rundir
     from fastres.errors import ConfigError
 
     if args.runs < 1:
@@ -229,9 +230,9 @@ def main(argv=None) -> int:
         run["eval_every"] = 1.0
     cfg = config_from(args, run=run)
     # The output folder, before any data is read: location, lock, refusal (--overwrite).
-    claimed = claim_output_dir(
-        args.out or f"runs/speedrun-{args.preset}-{datetime.now():%Y%m%d-%H%M%S}",
-        overwrite=args.overwrite)
+    out = args.out or f"runs/speedrun-{args.preset}-{datetime.now():%Y%m%d-%H%M%S}"
+    rundir.check_apart(out, cfg.data.data_dir)
+    claimed = claim_output_dir(out, overwrite=args.overwrite)
     try:
         return _speedrun(args, argv, cfg, claimed)
     finally:

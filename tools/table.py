@@ -857,6 +857,7 @@ def plot(path: Path, rows: list[dict], title: str) -> bool:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = get_args_parser().parse_args(argv)
+    from fastres.engine import rundir
     from fastres.errors import ConfigError
 
     if args.budget_min is not None and args.budget_min < 0:
@@ -870,6 +871,7 @@ def main(argv=None) -> int:
     for recipe in csv_list(args.recipes, "--recipes") if args.recipes else []:
         check_recipe(recipe, args.train)
     # The table's folder, before any run is read or trained: location, lock, refusal.
+    rundir.check_apart(args.out, args.data_dir)
     claimed = claim_output_dir(args.out, overwrite=args.overwrite, update=_is_table_dir)
     try:
         if claimed.moved_to is not None:

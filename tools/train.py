@@ -67,6 +67,21 @@ def config_from_args(args, base: C.Config | None = None) -> C.Config:
     return C.validate(cfg)
 
 
+def out_from_args(out: str | None, overrides: list[str]) -> str | None:
+    """The run directory: --out, or `--set run.out_dir=DIR` when that is how it was given
+    (both naming different folders is refused)."""
+    from fastres.errors import ConfigError
+
+    given = [item.split("=", 1)[1] for item in overrides
+             if item.split("=", 1)[0].strip() == "run.out_dir" and "=" in item]
+    if not given:
+        return out
+    if out is not None and any(g != out for g in given) or len(set(given)) > 1:
+        raise ConfigError(f"--out {out} and --set run.out_dir={given[-1]} name two run "
+                          "directories; give one (--out)")
+    return given[-1] or None
+
+
 def _launch_torchrun(argv: list[str], nproc: int) -> int:
     rest = []
     skip = False
@@ -100,6 +115,7 @@ def main(argv=None) -> int:
             print(f"{key:<{width}}  {default:<14} {help_line}")
         return 0
     check_preset(args.preset)  # one line with "did you mean", also when resuming
+    args.out = out_from_args(args.out, args.overrides)
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(argv, args.nproc)
 

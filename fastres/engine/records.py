@@ -37,6 +37,7 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import socket
 import tempfile
@@ -276,6 +277,24 @@ def state_tensors(state: Mapping) -> Iterator[tuple[str, torch.Tensor]]:
                                                                       "epochs")})
 
 
+def _load(path: Path, **kwargs):
+    """torch.load restricted to tensors and plain Python values (`weights_only=True`): a
+    fastres checkpoint holds nothing else, and a file that does could run code when
+    unpickled."""
+    return torch.load(path, weights_only=True, **kwargs)
+
+
+def _unsupported(e: BaseException) -> str:
+    """': GLOBAL name' for what torch's restricted unpickler refused, if it says."""
+    m = re.search(r"[Uu]nsupported (?:global: )?(GLOBAL [\w.]+)", str(e))
+    return f": {m.group(1)}" if m else ""
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 def load_checkpoint(path: Path, map_location="cpu", *, check_finite: bool = True) -> dict:
     """A fastres checkpoint's state, or one CheckpointError line: missing, corrupt, not a
     fastres checkpoint, or (with `check_finite`) holding NaN or infinite values, naming the
@@ -285,10 +304,14 @@ def load_checkpoint(path: Path, map_location="cpu", *, check_finite: bool = True
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated zip, not a torch file, unpickling error
+        state = _load(path, map_location=map_location)
+    except pickle.UnpicklingError as e:  # an object other than tensors and plain values
+        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain "
+                              f"values, which fastres never writes and will not unpickle "
+                              f"(unpickling can run code){_unsupported(e)}") from None
+    except Exception as e:  # truncated zip, not a torch file
         raise CheckpointError(f"checkpoint {path} is corrupt or not a fastres checkpoint "
-                              f"({type(e).__name__}: {e})") from None
+                              f"({type(e).__name__}: {_first(e)})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a fastres checkpoint (format "
                               f"{state.get('format') if isinstance(state, dict) else None!r})")
@@ -372,7 +395,7 @@ def checkpoint_info(run_dir) -> dict | None:
     if isinstance(side, dict) and side.get("checkpoint") == stamp:
         return {**side, "source": LAST_JSON}
     try:  # mmap: the tensors stay on disk, only the small pickle is read
-        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        state = _load(ckpt, map_location="cpu", mmap=True)
     except Exception as e:
         return {"error": f"{ckpt} cannot be read ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120] if str(e) else ''})"}

@@ -35,9 +35,11 @@ from typing import Callable, Union
 
 from fastres import config as C
 from fastres.distributed import Dist
+from fastres.errors import CheckpointError
 
 from . import rundir
-from .records import RunRecorder
+from .records import CHECKPOINTS, LAST_PT, RunRecorder, state_dict_mismatch
+from .schedules import total_steps
 
 __all__ = ["PreparedRun", "TrainingOutcome", "prepare_training", "run_training"]
 
@@ -120,6 +122,15 @@ class PreparedRun:
             built = build(cfg, dist)
             info = built.data_info
             rundir.check_data_fits(cfg, dist.world_size, n_train=info.get("train_size"))
+            if plan.state is not None:  # the model and the schedule these data make
+                what = f"checkpoint {plan.out / CHECKPOINTS / LAST_PT}"
+                rundir.check_step(plan.state, total_steps(cfg.schedule, len(built.loaders[0])),
+                                  what)
+                mismatch = state_dict_mismatch(built.model.state_dict(), plan.state["model"],
+                                               what)
+                if mismatch is not None:
+                    raise CheckpointError(f"{mismatch}; the data read now have "
+                                          f"{info.get('num_classes', '?')} classes")
             if info:
                 from fastres.data import describe
 
@@ -181,6 +192,7 @@ def prepare_training(cfg: ConfigArg, out=None, *, resume: bool = False,
         raise TypeError(f"run_training needs a fastres Config (or a function returning one), "
                         f"got {type(cfg).__name__}")
     cfg = C.validate(C.replace(cfg, run={"out_dir": str(plan.out) if plan.out else ""}))
+    rundir.check_apart(plan.out, cfg.data.data_dir)
     check_model(cfg.model.name)
     cfg = resolve_for(cfg, dist)
     if check:

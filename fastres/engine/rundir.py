@@ -51,8 +51,8 @@ from .records import (CHECKPOINTS, CONFIG, ENV, LAST_JSON, LAST_PT, METRICS, REC
                       load_checkpoint, read_history, read_jsonl, remove_stale_temps,
                       state_dict_mismatch)
 
-__all__ = ["LOCK_NAME", "RESUME_EXEMPT", "RunDir", "RunInfo", "RunPlan", "check_compatible",
-           "check_data_fits", "check_file_location", "check_location", "check_resume",
+__all__ = ["LOCK_NAME", "RESUME_EXEMPT", "RunDir", "RunInfo", "RunPlan", "check_apart",
+           "check_compatible", "check_data_fits", "check_file_location", "check_step", "check_location", "check_resume",
            "check_weights_fit", "claim", "config_diffs", "contents", "describe",
            "ensure_free", "held", "inspect", "lock_info", "open_recorder", "plan_run",
            "read_checkpoint", "running"]
@@ -125,8 +125,35 @@ def check_location(out, *, flag: str = "--out") -> Path:
     path = _abs(given)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{flag} {given} is a file, not a folder; choose a folder")
+    for above in path.parents:  # a run's files must not mix with another run's
+        if (above / LOCK_NAME).is_file() and ((above / CONFIG).is_file()
+                                              or (above / CHECKPOINTS).is_dir()):
+            raise RunDirError(f"{flag} {given} is inside the run directory {above}; choose a "
+                              "folder outside it")
     _check_writable_below(given, path, flag, "folder")
     return path
+
+
+def check_apart(out, data_dir, *, flag: str = "--out") -> None:
+    """RunDirError when the output folder `out` is the data folder `data_dir` or holds it:
+    the run's files would mix with the data set, and an --overwrite would move the data
+    set aside. Reads only."""
+    if not out or not data_dir:
+        return
+    path, data = _abs(str(out)), _abs(str(data_dir))
+    if path == data or path in data.parents:
+        raise RunDirError(f"{flag} {out} {'is' if path == data else 'holds'} the data folder "
+                          f"{data_dir}; choose an output folder outside it")
+
+
+def _live_runs_below(path: Path, depth: int = 3) -> list[Path]:
+    """Run directories below `path` (down to `depth` levels) whose run is in progress."""
+    found = []
+    for level in range(1, depth + 1):
+        for lock in path.glob("/".join(["*"] * level) + "/" + LOCK_NAME):
+            if running(lock.parent) is not None:
+                found.append(lock.parent)
+    return found
 
 
 def check_file_location(target, *, flag: str = "--json") -> Path:
@@ -490,6 +517,12 @@ def claim(out, mode: str = "new", *, job: str | None = None, flag: str = "--out"
     elif mode == "new" and contents(path):
         raise _refuse(path, flag, resumable)  # this process ran in it already (a library caller)
     if mode == "overwrite":
+        live = _live_runs_below(path)
+        if live:
+            rd.release()
+            raise RunDirError(f"--overwrite would move {live[0]}, a run in progress "
+                              f"({len(live)} in all below {path}); wait for it to end or stop "
+                              "it first")
         rd.move_aside()
     rd.mode = mode
     return rd
@@ -675,6 +708,14 @@ def check_weights_fit(cfg, weights, num_classes: int, what: str) -> None:
     msg = state_dict_mismatch(model.state_dict(), weights, what)
     if msg is not None:
         raise CheckpointError(msg + f"; the config names {cfg.model.name!r}")
+
+
+def check_step(state: dict, total: int, what: str) -> None:
+    """CheckpointError unless the checkpoint's step is a step of a run of `total` steps."""
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= total:
+        raise CheckpointError(f"{what} is at step {step!r}, outside this run's 0..{total} "
+                              "steps; it was not written by this run")
 
 
 def check_resume(plan: RunPlan, cfg, world_size: int) -> None:

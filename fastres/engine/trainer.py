@@ -37,7 +37,7 @@ from .ema import EMA
 from .modes import unwrap
 from .progress import Progress
 from .records import FiniteGuard, RunRecorder
-from .rundir import check_compatible, open_recorder
+from .rundir import check_compatible, check_step, open_recorder
 from .session import INIT_IMAGES, Session
 from .step import TrainStep
 
@@ -369,6 +369,7 @@ def _training_flops(run: _Run, images: int) -> dict:
 
 
 def _restore(state: dict, run: _Run) -> None:
+    check_step(state, run.step.total, "the checkpoint resumed")
     run.session.load_state_dict(state, what="the checkpoint resumed")
     run.resumed_stage = state.get("stage", "train")
     run.epochs_log[:] = list(state.get("epochs", []))
