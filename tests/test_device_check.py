@@ -7,6 +7,7 @@ run's exact commands, "skipped: why" for each missing prerequisite), time limits
 bundle's file cap, and the parity check's power to catch a loader that augments wrongly.
 """
 import json
+import os
 import subprocess
 import sys
 import time
@@ -109,8 +110,9 @@ def test_gpu_plan_has_the_exact_commands():
         in cmd["speedrun_hiverge"]
     assert "speedrun --preset speedrun --runs 3 --set run.compile=step --data-dir /d" \
         in cmd["speedrun_step_graph"]
+    minutes = (60.0 - dc.TABLE_MARGIN_S) / 60  # the stage's limit less the table's margin
     assert "table --train --models resnet20,resnet32,resnet44,resnet56 --recipes " \
-           "seed,fast --scale full --compile step --parallel 4 --budget-min 0.75 " \
+           f"seed,fast --scale full --compile step --parallel 4 --budget-min {minutes:.2f} " \
            "--data-dir /d --out /o/table" \
            in cmd["table"]
     assert "--device" not in " ".join(cmd.values())     # the GPU run uses each tool's auto
@@ -169,6 +171,76 @@ def test_a_step_over_its_limit_is_stopped(tmp_path, monkeypatch):
     assert "started" in log and "stopped at its 2 s limit" in log
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) counts as gone
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def _pid_written(path: Path, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return int(path.read_text())
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was never written")
+
+
+@pytest.mark.parametrize("how", ["exits", "times out"])
+def test_nothing_a_step_started_outlives_it(tmp_path, monkeypatch, how):
+    """A grandchild that ignores SIGINT (compute-sanitizer's target, a worker) is killed
+    with its step's process group, whether the step ends by itself or at its limit."""
+    monkeypatch.setattr(dc, "MIN_START_S", 1)
+    pid_file = tmp_path / "grandchild.pid"
+    grandchild = ("import signal, time, os; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                  f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+    tail = "time.sleep(0.5)" if how == "exits" else "time.sleep(120)"
+    step = dc.Step("leaves", [PY, "-c", f"import subprocess, sys, time; subprocess.Popen("
+                              f"[sys.executable, '-c', {grandchild!r}]); {tail}"], 1.0)
+    if how == "exits":
+        rec = dc.run_step(step, tmp_path, limit=60)
+        assert rec["rc"] == 0
+    else:
+        rec = dc.run_step(step, tmp_path, limit=3)
+        assert rec["rc"] == "timeout"
+    pid = _pid_written(pid_file)
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)
+
+
+def test_a_stopped_check_ends_its_step_and_keeps_what_it_measured(tmp_path, monkeypatch,
+                                                                    capsys):
+    """SIGTERM (an outer time limit) while a step runs: the step's group is ended, the
+    summary and the bundle are written with the steps done so far, exit 128 + 15."""
+    import signal
+    import threading
+
+    monkeypatch.setattr(dc, "MIN_START_S", 1)
+    pid_file = tmp_path / "step.pid"
+    steps = [dc.Step("quick", [PY, "-c", "print('measured 42')"], 0.5),
+             dc.Step("slow", [PY, "-c", f"import os, time; open({str(pid_file)!r}, 'w')"
+                              f".write(str(os.getpid())); time.sleep(120)"], 0.5)]
+    monkeypatch.setattr(dc, "plan", lambda stage, **kw: steps if stage == "env" else [])
+    threading.Thread(target=lambda: (_pid_written(pid_file),
+                                     os.kill(os.getpid(), signal.SIGTERM)),
+                     daemon=True).start()
+    out, bundle = tmp_path / "o", tmp_path / "b"
+    rc = dc.main(["--out", str(out), "--stages", "env", "--bundle", str(bundle)])
+    assert rc == 128 + signal.SIGTERM
+    assert not _alive(_pid_written(pid_file))
+    summary = json.loads((out / "summary.json").read_text())["steps"]
+    assert [r["step"] for r in summary] == ["quick", "(check stopped)"]
+    assert summary[0]["rc"] == 0 and "measured 42" in (bundle / "report.txt").read_text()
+    assert "stopped by a signal" in (out / "slow.log").read_text()
+    assert "1 of 2 steps ok, 0 skipped, 1 failed" in capsys.readouterr().out
+
+
 def test_skipped_and_out_of_time_steps_do_not_run(tmp_path):
     never = [PY, "-c", "open('ran', 'w')"]
     rec = dc.run_step(dc.Step("s", never, 1.0, skip="skipped: because"), tmp_path, limit=60)
@@ -219,6 +291,11 @@ def test_argument_errors(tmp_path, capsys):
     (tmp_path / "o" / "old.log").parent.mkdir()
     (tmp_path / "o" / "old.log").write_text("an earlier check")
     one_line_error(capsys, ["--out", str(tmp_path / "o")], "--overwrite")
+    one_line_error(capsys, ["--out", str(tmp_path / "p"), "--total", "-1"],
+                   "--total must be a positive number")
+    one_line_error(capsys, ["--out", str(tmp_path / "p"), "--bundle", str(tmp_path / "o")],
+                   "--bundle")
+    assert not (tmp_path / "p").exists()
 
 
 # --------------------------------------------------------------------------- loader parity

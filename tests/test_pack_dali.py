@@ -70,6 +70,22 @@ def test_tiny_kit_verifies_and_installs(tiny_kit, tmp_path, capsys):
     (target / "nvidia/fake/stale.py").write_text("x")
     assert pk.main(["--install", str(tiny_kit), "--target", str(target)]) == 0
     assert not (target / "nvidia/fake/stale.py").exists()
+    assert not (target / pk.INSTALLING).exists()
+
+
+@pytest.mark.parametrize("killed", ["while unpacking", "while replacing"])
+def test_an_install_killed_midway_can_be_run_again(tiny_kit, tmp_path, killed):
+    """A kill leaves a staging folder (unpacking) or a half-replaced kit with the
+    in-progress note (replacing): the same command then installs, it does not refuse."""
+    target = tmp_path / "site"
+    target.mkdir()
+    (target / ".staging-abc123" / "nvidia").mkdir(parents=True)
+    if killed == "while replacing":
+        (target / pk.INSTALLING).write_text("")
+        (target / "nvidia").mkdir()
+    assert pk.main(["--install", str(tiny_kit), "--target", str(target)]) == 0
+    assert (target / "nvidia/fake/__init__.py").read_text() == "VALUE = 42\n"
+    assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == [pk.MARKER]
 
 
 def test_missing_parts_are_named(tiny_kit, capsys):

@@ -226,6 +226,25 @@ def test_profile_single(tmp_path, capsys):
     assert {"data", "forward", "backward", "optimizer"} <= names
 
 
+def test_a_failing_profile_mode_costs_only_itself(tmp_path, capsys, monkeypatch):
+    """A mode that fails (a compile error on a GPU) is reported in one line; the other
+    modes are measured, the JSON keeps them, and the exit status is 1."""
+    real = prof.measure
+
+    def measure(cfg, *args, **kwargs):
+        if cfg.run.compile == "on":
+            raise RuntimeError("BackendCompilerFailed: no kernel for this op\nmore lines")
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(prof, "measure", measure)
+    js = tmp_path / "p.json"
+    assert prof.main(PROFILE_SMALL + ["--modes", "model,eager", "--json", str(js)]) == 1
+    printed = capsys.readouterr().out
+    assert "model, channels_last: FAILED: RuntimeError: BackendCompilerFailed" in printed
+    modes = {m["mode"]: m for m in json.loads(js.read_text())["results"]}
+    assert "error" in modes["model"] and modes["eager"]["img_per_s"] > 0
+
+
 def test_gpu_kernel_time_counts_kernels_once():
     """What a GPU profile holds, built by hand: CPU ops, the kernels they launched on the
     device's timeline, and `record_function` labels that the profiler also puts there (as

@@ -456,13 +456,13 @@ def kernel_report(label: str, k: dict) -> str:
 
 
 def compare_table(results: list[dict]) -> str:
-    ran = [m for m in results if "skipped" not in m]
+    ran = [m for m in results if "img_per_s" in m]
     base = ran[0] if ran else None
     rows = []
     for m in results:
-        if "skipped" in m:
-            rows.append([m["mode"], m["memory_format"], f"skipped: {m['skipped']}"]
-                        + [""] * 8)
+        if "img_per_s" not in m:  # skipped, or failed
+            why = f"skipped: {m['skipped']}" if "skipped" in m else f"FAILED: {m['error']}"
+            rows.append([m["mode"], m["memory_format"], why[:60]] + [""] * 8)
             continue
         rows.append([m["mode"], m["memory_format"], f"{m['img_per_s']:,.0f}",
                      f"{m['step_ms']:.3f}", f"{m['img_per_s'] / base['img_per_s']:.2f}x",
@@ -681,6 +681,7 @@ def _main(args) -> int:
     out["flops"] = flops
     settings = [(m, f) for f in formats for m in modes] or [(None, formats[0])]
     results = out["results"]
+    failed = False
     for mode, fmt_name in settings:
         mcfg = mode_config(cfg, mode, fmt_name) if mode else (
             C.replace(cfg, run={"channels_last": fmt_name == "channels_last"})
@@ -696,13 +697,27 @@ def _main(args) -> int:
             continue
         compiled = mcfg.run.compile != "off"
         warmup = args.warmup if args.warmup >= 0 else (10 if on_gpu else 1) + 2 * compiled
-        m = measure(mcfg, images, labels, num_classes=num_classes, steps=steps, warmup=warmup,
-                    flops=flops, peak=peak, nvtx=args.nvtx, busy=args.busy and on_gpu,
-                    trace_dir=args.trace, trace_steps=args.trace_steps,
-                    trace_name=f"{mcfg.model.name}-{name}-"
-                               f"{'cl' if mcfg.run.channels_last else 'nchw'}")
+        try:
+            m = measure(mcfg, images, labels, num_classes=num_classes, steps=steps,
+                        warmup=warmup, flops=flops, peak=peak, nvtx=args.nvtx,
+                        busy=args.busy and on_gpu, trace_dir=args.trace,
+                        trace_steps=args.trace_steps,
+                        trace_name=f"{mcfg.model.name}-{name}-"
+                                   f"{'cl' if mcfg.run.channels_last else 'nchw'}")
+        except Exception as e:  # one mode failing (a compile error) does not cost the others
+            if len(settings) == 1:
+                raise
+            from fastres.engine.compile import _one_line
+
+            results.append({"mode": name, "memory_format": fmt_label,
+                            "error": _one_line(e)})
+            print(f"  {name}, {fmt_label}: FAILED: {_one_line(e)}", flush=True)
+            failed = True
+            continue
         m["mode"] = name
         results.append(m)
+        if args.json:  # after every mode: a run stopped later keeps what was measured
+            write_json(args.json, out)
         if m.get("kernels"):
             print(kernel_report(f"{name}, {m['memory_format']}", m["kernels"]) + "\n",
                   flush=True)
@@ -716,14 +731,14 @@ def _main(args) -> int:
     if len(settings) > 1:
         print()
         print(compare_table(results))
-        first = next((m for m in results if "skipped" not in m), None)
+        first = next((m for m in results if "img_per_s" in m), None)
         if first:
             print(f"\nratios: img/s against {first['mode']} ({first['memory_format']}), "
                   "measured in this process" + ("" if on_gpu else "; peak mem on a CPU is "
                                                 "the process's peak RSS so far"))
     if args.json:
         print(f"\nwrote {write_json(args.json, out)}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -816,8 +816,14 @@ def _recipe_order(recipe: str) -> tuple:
 
 def plot(path: Path, rows: list[dict], title: str) -> bool:
     """Top-1 against training time: one marker per trained row (labelled with its model),
-    one colour per recipe. False when no row has both figures."""
-    import matplotlib
+    one colour per recipe. False when no row has both figures, or matplotlib is missing
+    (`pip install fastres[plot]`; the table itself does not need it)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("table.png: skipped (matplotlib is not installed: pip install fastres[plot])",
+              file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -44,9 +44,11 @@ are decoded into OUT/data first. Accuracy on that copy is not CIFAR-10 accuracy:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -62,6 +64,7 @@ PREPARE_S = 30              # decoding the JPEG pack (~15 s on 2 cores)
 # compute-sanitizer's share of the decisive kernel experiment (bench-kernels' default, 120 s,
 # would take the whole kernels stage).
 SANITIZER_S = 40
+TABLE_MARGIN_S = 40         # the table's start-up, its rows' last checkpoints, the table
 MIN_START_S = 10            # a step with less time than this left is skipped, not started
 BUNDLE_MAX_FILES = 8
 TABLE_MODELS = "resnet20,resnet32,resnet44,resnet56"
@@ -188,8 +191,10 @@ def _merge(argv: list[str], extra: list[str]) -> list[str]:
 
 
 def plan(stage: str, *, out: Path, py: str, repo: Path, data_dir: str | None, runs: int,
-         dry: bool, limit: float, dali: str | None, gpu: bool) -> list[Step]:
-    """The steps of one stage, with the dry run's additions applied."""
+         dry: bool, limit: float, dali: str | None, gpu: bool,
+         pytest: bool = True) -> list[Step]:
+    """The steps of one stage, with the dry run's additions applied (`pytest`: whether the
+    kernel tests can run)."""
     fr = [py, "-m", "fastres"]
     no_gpu = None if gpu or dry else "skipped: no CUDA device (--dry-run rehearses on the CPU)"
     no_data = None if data_dir else "skipped: no --data-dir or --jpeg-pack"
@@ -243,7 +248,9 @@ def plan(stage: str, *, out: Path, py: str, repo: Path, data_dir: str | None, ru
                                                     "test_kernels_sgd.py")]
         steps = [
             Step("kernel_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
-                                  "gpu", *tests], 0.44),
+                                  "gpu", *tests], 0.44,
+                 skip=None if pytest else
+                 "skipped: pytest is not installed (pip install pytest)"),
             Step("kernels_decisive", fr + ["bench-kernels", "--decisive", "--json",
                                            str(out / "kernels_decisive.json"),
                                            "--sanitizer-timeout", str(SANITIZER_S)], 0.16,
@@ -254,7 +261,7 @@ def plan(stage: str, *, out: Path, py: str, repo: Path, data_dir: str | None, ru
                                         str(out / "kernels.json")], 0.33),
         ]
         for s in steps:
-            s.skip = no_gpu
+            s.skip = no_gpu or s.skip
     elif stage == "loaders":
         no_dali = None if dali else "skipped: DALI not installed (see pack-dali)"
         steps = [
@@ -279,7 +286,7 @@ def plan(stage: str, *, out: Path, py: str, repo: Path, data_dir: str | None, ru
     elif stage == "table":
         # The table tool sizes its runs to fit --budget-min; leave it a margin for start-up
         # and writing the table.
-        minutes = max(0.1, (limit - 15) / 60)
+        minutes = max(0.1, (limit - TABLE_MARGIN_S) / 60)
         steps = [Step("table", fr + ["table", "--train", "--models", TABLE_MODELS, "--recipes",
                                      "seed,fast", "--scale", "full", "--compile", "step",
                                      "--parallel", str(TABLE_PARALLEL), "--budget-min",
@@ -338,6 +345,13 @@ def run_step(step: Step, out: Path, limit: float) -> dict:
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             rc = "timeout"
+        except BaseException:  # device-check itself stopped (a signal): end the step too
+            _kill_group(proc, grace=2)
+            with open(log, "a") as g:
+                g.write("\n[device-check] stopped by a signal\n")
+            raise
+        finally:
+            _sweep_group(proc.pid)  # whatever the step left running in its group
     dt = time.perf_counter() - t0
     if rc == "timeout":
         with open(log, "a") as f:
@@ -347,19 +361,38 @@ def run_step(step: Step, out: Path, limit: float) -> dict:
     return {**rec, "rc": rc, "seconds": round(dt, 1)}
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    import signal
-
-    for sig, wait in ((signal.SIGINT, 10), (signal.SIGKILL, 10)):
+def _kill_group(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGINT to the step's process group (a tool writes what it has), SIGKILL after
+    `grace` seconds, then nothing of the group left."""
+    for sig in (signal.SIGINT, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)    # the group this step started, nothing else
         except ProcessLookupError:
             return
         try:
-            proc.wait(timeout=wait)
-            return
+            proc.wait(timeout=grace)
+            break
         except subprocess.TimeoutExpired:
             continue
+    _sweep_group(proc.pid)
+
+
+def _sweep_group(pgid: int) -> None:
+    """SIGKILL what is left of a step's process group (a grandchild that ignored SIGINT, a
+    background process): its leader has exited, so nothing outside the group is hit."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _importable(py: str, module: str) -> bool:
+    """Whether `import module` works in the interpreter `py` (a fresh process)."""
+    try:
+        return subprocess.run([py, "-c", f"import {module}"], capture_output=True,
+                              timeout=60).returncode == 0
+    except (subprocess.TimeoutExpired, OSError):
+        return False
 
 
 def _dali_importable(py: str) -> tuple[str | None, str]:
@@ -384,6 +417,19 @@ def _ok(rc) -> bool:
     return rc == 0
 
 
+def _skipped(rc) -> bool:
+    return isinstance(rc, str) and rc.startswith("skipped")
+
+
+def counts(results: list[dict]) -> str:
+    """"N ok, S skipped, F failed (names)": what ran and what did not, in one line."""
+    ok = sum(_ok(r["rc"]) for r in results)
+    skipped = sum(_skipped(r["rc"]) for r in results)
+    failed = [r["step"] for r in results if not _ok(r["rc"]) and not _skipped(r["rc"])]
+    text = f"{ok} of {len(results)} steps ok, {skipped} skipped, {len(failed)} failed"
+    return text + (f" ({', '.join(failed)})" if failed else "")
+
+
 def summary_markdown(results: list[dict], *, total: float, dry: bool, env: dict | None,
                      out: Path) -> str:
     from fastres.tools._common import env_line, markdown_table
@@ -398,9 +444,7 @@ def summary_markdown(results: list[dict], *, total: float, dry: bool, env: dict 
     rows = [[r["stage"], r["step"], "ok" if _ok(r["rc"]) else str(r["rc"]),
              f"{r['seconds']:.0f}", f"{r['limit_s']:.0f}"] for r in results]
     lines += [markdown_table(["stage", "step", "result", "s", "limit s"], rows,
-                             align="llrrr"), "",
-              f"total {total:.0f} s; {sum(_ok(r['rc']) for r in results)} of {len(results)} "
-              f"steps ok", ""]
+                             align="llrrr"), "", f"total {total:.0f} s; {counts(results)}", ""]
     for r in results:
         if isinstance(r["rc"], str) and r["rc"].startswith("skipped"):
             continue
@@ -474,6 +518,8 @@ def main(argv=None) -> int:
             budget[k] = float(v)
         except ValueError:
             raise ConfigError(f"--budget {item!r}: expected STAGE=SECONDS") from None
+    if not args.total > 0:
+        raise ConfigError(f"--total must be a positive number of seconds, got {args.total}")
     cap = args.total
     if args.dry_run:
         budget = {k: v * DRY_SLACK for k, v in budget.items()}
@@ -493,6 +539,14 @@ def main(argv=None) -> int:
     from fastres.tools._common import claim_output_dir
 
     claimed = claim_output_dir(args.out, overwrite=args.overwrite, flag="--out")
+    if args.bundle:  # the bundle is rewritten after every step: it must be this check's
+        try:
+            bundle_dir = claim_output_dir(args.bundle, overwrite=args.overwrite,
+                                          flag="--bundle")
+        except BaseException:
+            claimed.release()
+            raise
+        bundle_dir.release()
     try:
         return _run(args, stages, budget, cap, Path(claimed.path).resolve())
     finally:
@@ -517,7 +571,14 @@ def _run(args, stages: list[str], budget: dict, cap: float, out: Path) -> int:
     results: list[dict] = []
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     needs_data = {"loaders", "speedrun", "table"} & set(stages)
-    if args.jpeg_pack and needs_data:
+    if args.jpeg_pack and needs_data and not _importable(py, "PIL"):
+        print("prepare_data: skipped: Pillow is not installed (the JPEG pack's prepare.py "
+              "decodes with it: pip install pillow); the stages that need data skip",
+              flush=True)
+        results.append({"stage": "prepare", "step": "prepare_data", "cmd": "-", "log": "-",
+                        "rc": "skipped: Pillow is not installed", "seconds": 0.0,
+                        "limit_s": 0.0})
+    elif args.jpeg_pack and needs_data:
         data_dir = str(out / "data")
         step = Step("prepare_data", [py, str(Path(args.jpeg_pack).resolve() / "prepare.py"),
                                      data_dir], 1.0)
@@ -531,40 +592,80 @@ def _run(args, stages: list[str], budget: dict, cap: float, out: Path) -> int:
         dali = version
         print(f"DALI: {version} from {where}" if version else
               f"DALI: not importable ({where})", flush=True)
-    for stage in stages:
-        stage_end = time.perf_counter() + min(budget[stage], max(0.0, left()))
-        steps = plan(stage, out=out, py=py, repo=repo, data_dir=data_dir, runs=args.runs,
-                     dry=args.dry_run, limit=min(budget[stage], left()), dali=dali, gpu=gpu)
-        for i, step in enumerate(steps):
-            # This step's limit: its share of the stage's time left, against the shares of
-            # the steps after it; time a step leaves unused flows on to the next ones.
-            later = sum(s.share for s in steps[i + 1:] if not s.skip)
-            limit = (stage_end - time.perf_counter()) * step.share / (step.share + later)
-            results.append({"stage": stage, **run_step(step, out, min(limit, left()))})
-    total = time.perf_counter() - t_start
-    env = None
-    if (out / "env.json").is_file():
+    def record() -> list[Path]:
+        """summary.json, summary.md and the bundle as they stand: rewritten after every
+        step, so a check stopped from outside still leaves what it measured."""
+        total = time.perf_counter() - t_start
+        env = None
+        if (out / "env.json").is_file():
+            try:
+                env = json.loads((out / "env.json").read_text())
+            except json.JSONDecodeError:
+                env = None
+        summary = summary_markdown(results, total=total, dry=args.dry_run, env=env, out=out)
+        (out / "summary.json").write_text(json.dumps(
+            {"dry_run": args.dry_run, "seconds": total, "steps": results}, indent=2) + "\n")
+        (out / "summary.md").write_text(summary + "\n")
+        return bundle(out, Path(args.bundle), results, summary) if args.bundle else []
+
+    stopped = None
+    with _signals_raise():
         try:
-            env = json.loads((out / "env.json").read_text())
-        except json.JSONDecodeError:
-            env = None
-    summary = summary_markdown(results, total=total, dry=args.dry_run, env=env, out=out)
-    (out / "summary.json").write_text(json.dumps({"dry_run": args.dry_run, "seconds": total,
-                                                  "steps": results}, indent=2) + "\n")
-    (out / "summary.md").write_text(summary + "\n")
+            for stage in stages:
+                stage_end = time.perf_counter() + min(budget[stage], max(0.0, left()))
+                steps = plan(stage, out=out, py=py, repo=repo, data_dir=data_dir,
+                             runs=args.runs, dry=args.dry_run,
+                             limit=min(budget[stage], left()), dali=dali, gpu=gpu,
+                             pytest=stage != "kernels" or _importable(py, "pytest"))
+                for i, step in enumerate(steps):
+                    # This step's limit: its share of the stage's time left, against the
+                    # shares of the steps after it; time a step leaves unused flows on.
+                    later = sum(s.share for s in steps[i + 1:] if not s.skip)
+                    limit = (stage_end - time.perf_counter()) * step.share / (step.share +
+                                                                                later)
+                    results.append({"stage": stage,
+                                    **run_step(step, out, min(limit, left()))})
+                    record()
+        except _Stopped as e:
+            stopped = e.signum
+            results.append({"stage": "-", "step": "(check stopped)",
+                            "rc": f"stopped by signal {e.signum}", "seconds": 0.0,
+                            "limit_s": 0.0, "log": "-", "cmd": "-"})
+    files = record()
+    total = time.perf_counter() - t_start
     print("\n== device check summary ==")
     for r in results:
         res = "ok" if _ok(r["rc"]) else str(r["rc"])
         print(f"  {r['stage']:<9} {r['step']:<17} {res:<44.44} {r['seconds']:>5.0f} s")
-    failed = [r["step"] for r in results if not _ok(r["rc"])
-              and not str(r["rc"]).startswith("skipped")]
-    print(f"  total {total:.0f} s of a {cap:.0f} s cap; "
-          f"{'all steps ok' if not failed else 'failed: ' + ', '.join(failed)}; logs in {out}")
+    print(f"  total {total:.0f} s of a {cap:.0f} s cap; {counts(results)}; logs in {out}")
     if args.bundle:
-        files = bundle(out, Path(args.bundle), results, summary)
         print(f"  bundle: {len(files)} files in {args.bundle}: "
               f"{', '.join(f.name for f in files)}")
+    if stopped is not None:
+        return 128 + stopped
+    failed = [r for r in results if not _ok(r["rc"]) and not _skipped(r["rc"])]
     return 0 if not failed else 1
+
+
+class _Stopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGTERM and SIGINT raise _Stopped in the main thread while the check runs: the
+    running step's process group is ended and the results so far are written."""
+    def handler(signum, frame):
+        raise _Stopped(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ from fastres.errors import FastresError
 KIT_FORMAT = 1
 MANIFEST = "MANIFEST.json"
 MARKER = ".fastres-dali-kit.json"      # written into an install target
+INSTALLING = ".fastres-dali-installing"  # present while an install replaces the kit
 PART_MIB = 60
 # DALI's runtime imports that a PyTorch image (numpy, six, packaging, typing_extensions)
 # lacks. DALI also lists nvtx, makefun and libcst: only its experimental dynamic mode
@@ -636,8 +637,10 @@ def install(kit, target: Path, *, any_python: bool = False, log=print) -> dict:
     if target.exists() and not target.is_dir():
         raise KitError(f"--target {target} exists and is not a folder")
     target.mkdir(parents=True, exist_ok=True)
-    existing = [p for p in target.iterdir() if p.name != MARKER]
-    if existing and not (target / MARKER).is_file():
+    for left in target.glob(".staging-*"):  # what a killed install left: never the kit
+        shutil.rmtree(left, ignore_errors=True)
+    existing = [p for p in target.iterdir() if p.name not in (MARKER, INSTALLING)]
+    if existing and not ((target / MARKER).is_file() or (target / INSTALLING).is_file()):
         raise KitError(f"--target {target} is not empty and holds no earlier kit "
                        f"({existing[0].name}, ...); give a new or empty folder")
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target))
@@ -654,6 +657,9 @@ def install(kit, target: Path, *, any_python: bool = False, log=print) -> dict:
                             member.isfile() or member.isdir()):
                         raise KitError(f"refusing kit member {member.name!r}")
                     tar.extract(member, staging)
+        # From here the folder holds a kit being replaced: a kill leaves INSTALLING behind,
+        # and the next install takes the folder as a kit's (and replaces it whole).
+        (target / INSTALLING).write_text("an install of the DALI kit started here\n")
         for old in existing:                          # an earlier kit: replaced whole
             shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
         for item in staging.iterdir():
@@ -666,6 +672,7 @@ def install(kit, target: Path, *, any_python: bool = False, log=print) -> dict:
     (target / MARKER).write_text(json.dumps({k: m[k] for k in (
         "dali", "dali_version", "python", "abi", "codecs", "whole", "files",
         "unpacked_bytes")}, indent=1) + "\n")
+    (target / INSTALLING).unlink(missing_ok=True)
     return m
 
 
