@@ -42,14 +42,25 @@ class Dist:
 
 def from_env(environ: Mapping[str, str]) -> Dist:
     """Read torchrun's variables from `environ` (pass os.environ); Dist() when absent."""
-    if "WORLD_SIZE" not in environ or int(environ["WORLD_SIZE"]) <= 1:
+    launch = "launch with `torchrun --nproc_per_node=N -m fastres train ...`"
+    if "WORLD_SIZE" not in environ:
         return Dist()
     try:
-        return Dist(rank=int(environ["RANK"]), world_size=int(environ["WORLD_SIZE"]),
+        world = int(environ["WORLD_SIZE"])
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={environ['WORLD_SIZE']!r} is not a process count; "
+                          f"{launch}") from None
+    if world <= 1:
+        return Dist()
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not set; {launch}")
+    try:
+        return Dist(rank=int(environ["RANK"]), world_size=world,
                     local_rank=int(environ.get("LOCAL_RANK", environ["RANK"])))
-    except (KeyError, ValueError) as e:
-        raise ConfigError(f"torchrun environment is incomplete or malformed ({e}); "
-                          "launch with `torchrun --nproc_per_node=N -m fastres train ...`")
+    except ValueError as e:
+        raise ConfigError(f"torchrun environment is malformed ({e}); {launch}") from None
 
 
 def device_for(d: Dist, requested: str) -> str:

@@ -160,3 +160,16 @@ def test_convert_sync_batchnorm_keeps_bn_act():
     assert all(not isinstance(m, torch.nn.BatchNorm2d) for m in synced.modules())
     after = synced.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("environ, words", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a process count"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR, MASTER_PORT are not set"),
+    ({"WORLD_SIZE": "2", "RANK": "x", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "malformed"),
+])
+def test_a_malformed_torchrun_environment_is_one_line(environ, words):
+    from fastres.distributed import from_env
+
+    with pytest.raises(ConfigError, match=words):
+        from_env(environ)
+    assert not from_env({"WORLD_SIZE": "1"}).enabled and not from_env({}).enabled

@@ -1208,6 +1208,45 @@ def test_run_out_dir_is_the_run_directory_or_refused(tmp_path, capsys, data_dir)
     assert not (tmp_path / "b").exists()
 
 
+def test_a_stopped_speedrun_keeps_the_runs_that_finished(tmp_path, capsys, data_dir,
+                                                         monkeypatch):
+    """SIGTERM during the second of three runs: the first run's row and speedrun.json
+    (marked stopped) are written, exit 128 + 15."""
+    import fastres.engine
+
+    real, calls = fastres.engine.train, []
+
+    def train(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in this thread before this returns
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastres.engine, "train", train)
+    out = tmp_path / "sr"
+    rc, printed, _ = cli(capsys, ["speedrun", "--preset", "smoke", "--data-dir", data_dir,
+                                  "--runs", "3", "--epochs", "1", "--no-plot",
+                                  "--set", "data.train_limit=128", "--set",
+                                  "data.test_limit=64", "--out", str(out)])
+    assert rc == 128 + signal.SIGTERM
+    assert "stopped by signal 15 after 1 of 3 runs" in printed
+    result = json.loads((out / "speedrun.json").read_text())
+    assert len(result["runs"]) == 1 and result["stopped"] == {
+        "signal": 15, "runs_finished": 1, "runs_planned": 3}
+
+
+def test_eval_refuses_what_it_cannot_do_as_asked(finished, capsys, data_dir):
+    run = str(finished[0])
+    for argv, words in ((["--device", "tpu"], "run.device must be auto, cpu, cuda or cuda:N"),
+                        (["--batch-size", "0"], "--batch-size: must be >= 1"),
+                        (["--repeats", "-1"], "--repeats: must be >= 0")):
+        rc, _, err = cli(capsys, ["eval", "--checkpoint", run, "--data-dir", data_dir, *argv])
+        assert rc == 2 and words in error_line(err, "eval"), err
+    rc, _, err = cli(capsys, ["eval", "--checkpoint", "/dev/null", "--data-dir", data_dir])
+    assert rc == 2 and "/dev/null is not a regular file" in error_line(err, "eval")
+
+
 def test_a_run_in_progress_is_not_called_stopped(tmp_path):
     """A run directory with config.json and no checkpoint yet: in progress while the
     process named in its lock lives, stopped once it is gone."""

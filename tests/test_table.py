@@ -293,6 +293,8 @@ def test_arguments(tmp_path, capsys, data_dir):
                             "--out", out, "--data-dir", data_dir], "unknown recipe 'fsat'")
     one_line_error(capsys, ["--recipes", "sed", "--models", "resnet20", "--out", out],
                    "unknown recipe 'sed' (did you mean 'seed'?)")  # without --train too
+    one_line_error(capsys, ["--models", "resnet20", "--set", "optim.lrr=2", "--out", out],
+                   "--set only shape rows that --train trains")
     assert not (tmp_path / "t").exists()
     one_line_error(capsys, ["--train", "--recipes", "fast", "--models", "airbench94",
                             "--out", out, "--data-dir", data_dir],

@@ -22,8 +22,10 @@ Kept small on purpose: anything one tool alone needs lives in that tool.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import statistics
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -98,6 +100,56 @@ def config_from(args: argparse.Namespace, **replace_sections):
         cfg = C.validate(C.replace(cfg, **replace_sections))
     check_model(cfg.model.name)
     return cfg
+
+
+def int_at_least(low: int):
+    """An argparse `type`: an integer >= `low` (argparse's error names the flag)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse `type`: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+class Stopped(Exception):
+    """A SIGTERM or SIGINT arrived while `signals_raise()` was on (`signum` says which)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_raise():
+    """SIGTERM and SIGINT raise `Stopped` in the main thread while the block runs, so a
+    tool stopped from outside (a time limit, Ctrl-C) can end its children and write what
+    it has before exiting with 128 + the signal."""
+    def handler(signum, frame):
+        raise Stopped(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def check_preset(name: str) -> None:

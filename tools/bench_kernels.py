@@ -44,6 +44,7 @@ from typing import Callable, Optional
 import torch
 
 from fastres._compat import foreach, reset_compiler
+from fastres.tools._common import int_at_least, positive_float
 
 GPU_SHAPES = [  # (N, C, H, W): CIFAR ResNet-20/56 stages, then ResNet-18-CIFAR stages
     (512, 16, 32, 32), (512, 32, 16, 16), (512, 64, 8, 8),
@@ -91,10 +92,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--sanitizer-timeout", type=float, default=120.0,
                    help="--decisive: seconds for the compute-sanitizer run (0 skips it)")
     p.add_argument("--decisive-once", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--reps", type=int, default=None,
+    p.add_argument("--reps", type=int_at_least(1), default=None,
                    help="timed repeats per figure (CPU default 5; --host default 300 samples "
                         "of 2 calls; GPU kernel tables use do_bench's 100 ms)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="CPU: torch threads (default: torch's own; on a shared, loaded CPU "
                         "1 avoids OpenMP threads waiting on each other)")
     p.add_argument("--quick", action="store_true",
@@ -108,7 +109,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="--quick at reduced sizes (batch 2, <= 4x4; parameters cut to 4,096 "
                         "elements each) and one repeat, on any device: the code path end to "
                         "end, no speed figure")
-    p.add_argument("--budget", type=float, default=None,
+    p.add_argument("--budget", type=positive_float, default=None,
                    help=f"--quick: seconds after which no new case starts (default "
                         f"{QUICK_BUDGET_S:.0f})")
     p.add_argument("--json", metavar="OUT", help="write all results to this JSON file")

@@ -46,6 +46,8 @@ import statistics
 import sys
 import time
 
+from fastres.tools._common import int_at_least
+
 DEFAULT_SEED = 0
 # The model of the legend's target (">= 10x ... with resnet18_cifar"): always timed on a GPU.
 TARGET_MODEL = "resnet18_cifar"
@@ -63,13 +65,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "sizes (default 512,2000)")
     p.add_argument("--torch-workers", default="auto", help="comma-separated worker counts for "
                    "the torch loader (auto: 0,2 on CPU, 4,8 on GPU)")
-    p.add_argument("--dali-threads", type=int, default=0,
+    p.add_argument("--dali-threads", type=int_at_least(0), default=0,
                    help="DALI CPU threads (0 = the machine's CPU count, at most 8)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda[:N]")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="loader output / training dtype (auto: bf16 on GPU, fp32 on CPU)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--synthetic", type=int, default=0, metavar="N",
+    src.add_argument("--synthetic", type=int_at_least(0), default=0, metavar="N",
                      help="N random uint8 32x32 images (the default source; default N: "
                           "50000 on GPU, 10000 on CPU)")
     src.add_argument("--data-dir", default="", metavar="D",
@@ -77,31 +79,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="cifar10", help="with --data-dir: cifar10 or cifar100")
     aug = p.add_argument_group("augmentation (the same for every loader)")
     aug.add_argument("--crop", default="pad_crop", help="pad_crop, translate or none")
-    aug.add_argument("--pad", type=int, default=4, help="padding / maximum shift (pixels)")
+    aug.add_argument("--pad", type=int_at_least(0), default=4, help="padding / maximum shift (pixels)")
     aug.add_argument("--pad-mode", default="reflect", help="reflect or zeros")
     aug.add_argument("--flip", default="random", help="random, alternate or none")
-    aug.add_argument("--cutout", type=int, default=0, help="cutout square side (0 = off)")
+    aug.add_argument("--cutout", type=int_at_least(0), default=0, help="cutout square side (0 = off)")
     t = p.add_argument_group("timing")
-    t.add_argument("--repeats", type=int, default=0,
+    t.add_argument("--repeats", type=int_at_least(0), default=0,
                    help="timed runs per measurement, median reported (0 = auto: 3 on CPU, 5 "
                         "on GPU)")
-    t.add_argument("--batches", type=int, default=0,
+    t.add_argument("--batches", type=int_at_least(0), default=0,
                    help="batches per timed loader run (0 = auto: enough for ~2k images on "
                         "CPU, ~16k on GPU, at least 2)")
-    t.add_argument("--warmup", type=int, default=0,
+    t.add_argument("--warmup", type=int_at_least(0), default=0,
                    help="untimed batches/steps first (0 = auto: 1 on CPU, 5 on GPU)")
     m = p.add_argument_group("trainer")
     m.add_argument("--model", default="auto",
                    help="comma-separated models whose training steps set the consumption "
                         "rate (auto: resnet18_cifar on GPU, resnet20 on CPU; on a GPU "
                         f"{TARGET_MODEL} is always added); 'none' skips them")
-    m.add_argument("--train-steps", type=int, default=0,
+    m.add_argument("--train-steps", type=int_at_least(0), default=0,
                    help="training steps per timed run (0 = auto: 1 on CPU, 20 on GPU)")
     m.add_argument("--compile", action="store_true", help="torch.compile the model first")
     m.add_argument("--steal", action=argparse.BooleanOptionalAction, default=None,
                    help="measure the time each loader adds to a training step (default: on "
                         "GPU only; slow on a CPU)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=int_at_least(0), default=0,
                    help="torch intra-op threads (0 = torch's default); the tensor loader's "
                         "CPU ops and the trainer use them")
     p.add_argument("--host", action="store_true",
@@ -320,6 +322,10 @@ def main(argv=None) -> int:
                   if args.model != "auto" else [TARGET_MODEL if gpu else "resnet20"])
         if not models:
             raise ConfigError("--model: name at least one model, or none")
+        from fastres.models import check_model
+
+        for m in models:  # a typo: refused now, not after the loaders were timed
+            check_model(m)
         if gpu and TARGET_MODEL not in models:
             models.append(TARGET_MODEL)            # the legend's target, always reported
     dali_threads = args.dali_threads or min(8, os.cpu_count() or 1)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from fastres import config as C
+from fastres.tools._common import int_at_least
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -35,8 +36,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("auto", "raw", "ema"), default="auto",
                    help="which weights to evaluate (default: the run's choice)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, help="evaluation batch size")
-    p.add_argument("--repeats", type=int, default=0, metavar="N",
+    p.add_argument("--batch-size", type=int_at_least(1), help="evaluation batch size")
+    p.add_argument("--repeats", type=int_at_least(0), default=0, metavar="N",
                    help="time N evaluations after an untimed one and report their median "
                         "(0, the default: the one evaluation, timed with its first-call "
                         "costs, such as cuDNN's autotuning on a GPU)")
@@ -55,8 +56,6 @@ def main(argv=None) -> int:
     from fastres.errors import CheckpointError, ConfigError
 
     args = get_args_parser().parse_args(argv)
-    if args.repeats < 0:
-        raise ConfigError(f"--repeats must be >= 0, got {args.repeats}")
     if args.tta_fraction is not None and not 0.0 < args.tta_fraction <= 1.0:
         raise ConfigError(f"--tta-fraction must be in (0, 1], got {args.tta_fraction:g}")
     path = Path(args.checkpoint)
@@ -82,7 +81,8 @@ def main(argv=None) -> int:
     data = {"data_dir": args.data_dir, "download": False}
     if args.batch_size:
         data["eval_batch_size"] = args.batch_size
-    cfg = C.replace(cfg, run=run, data=data, optim={"impl": "auto", "eval_weights": weights})
+    cfg = C.validate(C.replace(cfg, run=run, data=data,
+                               optim={"impl": "auto", "eval_weights": weights}))
     cfg = resolve_for(cfg)
     built = build(cfg)
     # The run's own Session: its model, device, memory format and evaluation weights (the

@@ -48,7 +48,7 @@ if __name__ == "__main__":  # run as a script: this folder must not shadow the s
     _here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
 
-from fastres.tools._common import (add_config_args, add_overwrite_arg, claim_output_dir,
+from fastres.tools._common import (add_config_args, int_at_least, positive_float, add_overwrite_arg, claim_output_dir,
                                    claim_output_file, config_from, csv_list, env_line, fmt,
                                    markdown_table, pct, write_json)
 
@@ -73,14 +73,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=("auto", "on", "step", "off"),
                    help="without --modes: torch.compile the model (on), the whole step "
                         "(step) or nothing (off); default: the preset's")
-    p.add_argument("--steps", type=int, default=0,
+    p.add_argument("--steps", type=int_at_least(0), default=0,
                    help="timed steps (0 = auto: 50 on GPU, 5 on CPU)")
-    p.add_argument("--warmup", type=int, default=-1,
+    p.add_argument("--warmup", type=int_at_least(-1), default=-1,
                    help="untimed steps first (-1 = auto: 10 on GPU, 1 on CPU, +2 compiled)")
-    p.add_argument("--images", type=int, default=0, metavar="N",
+    p.add_argument("--images", type=int_at_least(0), default=0, metavar="N",
                    help="random uint8 images the loader draws from (0 = auto: 50000 on GPU, "
                         "the larger of 2048 and 2 batches on CPU)")
-    p.add_argument("--peak-tflops", type=float, metavar="T",
+    p.add_argument("--peak-tflops", type=positive_float, metavar="T",
                    help="the device's peak TFLOP/s for this dtype (MFU on devices not known "
                         "here, or to override)")
     p.add_argument("--modes", metavar="LIST",
@@ -108,7 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="after the timed steps, profile --trace-steps more with torch.profiler, "
                         "write a Chrome trace (chrome://tracing, ui.perfetto.dev) into DIR and "
                         "print the top kernels by time and the host gaps between them")
-    p.add_argument("--trace-steps", type=int, default=5, help="steps in the trace (default 5)")
+    p.add_argument("--trace-steps", type=int_at_least(1), default=5, help="steps in the trace (default 5)")
     p.add_argument("--nvtx", action="store_true",
                    help="NVTX ranges around each phase of the timed steps (GPU; for Nsight)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")

@@ -33,9 +33,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from fastres.tools._common import (add_config_args, add_overwrite_arg, claim_output_dir,
-                                   config_from, env_line, fmt, fmt_pm, pct, save_figure,
-                                   summarize, write_json)
+from fastres.tools._common import (Stopped, add_config_args, add_overwrite_arg,
+                                   claim_output_dir, config_from, env_line, fmt, fmt_pm,
+                                   int_at_least, pct, save_figure, signals_raise, summarize,
+                                   write_json)
 
 SCHEMA = "fastres-speedrun-v1"
 
@@ -55,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve", action="store_true",
                    help="evaluate after every epoch (untimed) for the accuracy-vs-time plot "
                         "and the first epoch reaching the target")
-    p.add_argument("--warmup-steps", type=int, default=-1, metavar="N",
+    p.add_argument("--warmup-steps", type=int_at_least(-1), default=-1, metavar="N",
                    help="steps of the untimed warm-up run (-1 = auto: one epoch + 1 step on a "
                         "GPU or with compile on, none on a CPU in eager mode; 0 = none)")
     p.add_argument("--out", metavar="DIR",
@@ -290,8 +291,8 @@ def _speedrun(args, argv, cfg, claimed) -> int:
 
     print()
     print(table_header(), flush=True)
-    runs = []
-    for i in range(args.runs):
+    def one_run(i: int) -> dict:
+        nonlocal model
         seed = seed0 + i
         run_dir = out / "runs" / f"seed_{seed}"
         rcfg = C.replace(cfg, run={"seed": seed, "out_dir": str(run_dir) if args.records
@@ -310,8 +311,21 @@ def _speedrun(args, argv, cfg, claimed) -> int:
             recorder.close()
         if on_gpu:
             torch.cuda.synchronize()
-        runs.append(run_record(seed, result.final, result.epochs, time.perf_counter() - t0))
-        print(table_row(i, runs[-1]), flush=True)
+        return run_record(seed, result.final, result.epochs, time.perf_counter() - t0)
+
+    runs = []
+    stopped = None
+    with signals_raise():  # a stop (a time limit, Ctrl-C) keeps the runs that finished
+        try:
+            for i in range(args.runs):
+                runs.append(one_run(i))
+                print(table_row(i, runs[-1]), flush=True)
+        except Stopped as e:
+            stopped = e.signum
+            print(f"\nstopped by signal {e.signum} after {len(runs)} of {args.runs} runs",
+                  flush=True)
+    if not runs:
+        return 128 + stopped if stopped is not None else 0
 
     summary = summary_of(runs, r.target_acc)
     print()
@@ -327,13 +341,16 @@ def _speedrun(args, argv, cfg, claimed) -> int:
                   "CPU; compilation, warm-up and per-epoch evaluations excluded",
         "runs": runs, "summary": summary,
     }
+    if stopped is not None:
+        result["stopped"] = {"signal": stopped, "runs_finished": len(runs),
+                             "runs_planned": args.runs}
     json_path = write_json(out / "speedrun.json", result)
     png = None if args.no_plot else plot(result, out / "speedrun.png")
     wrote = f"{json_path}" + (f", {png}" if png else "")
     if png is None and not args.no_plot:
         wrote += " (no plot: matplotlib is not installed; pip install 'fastres[plot]')"
     print(f"\nwrote {wrote}")
-    return 0
+    return 128 + stopped if stopped is not None else 0
 
 
 if __name__ == "__main__":

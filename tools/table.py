@@ -876,6 +876,14 @@ def main(argv=None) -> int:
         check_model(m)
     for recipe in csv_list(args.recipes, "--recipes") if args.recipes else []:
         check_recipe(recipe, args.train)
+    if not args.train:  # the options of training: nothing would use them
+        given = [flag for flag, value in (("--set", args.overrides), ("--epochs", args.epochs),
+                                          ("--compile", args.compile),
+                                          ("--budget-min", args.budget_min))
+                 if value not in (None, [])]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only shape rows that --train trains; add "
+                              "--train, or leave them out to read the finished runs")
     # The table's folder, before any run is read or trained: location, lock, refusal.
     rundir.check_apart(args.out, args.data_dir)
     claimed = claim_output_dir(args.out, overwrite=args.overwrite, update=_is_table_dir)

@@ -302,13 +302,18 @@ def load_checkpoint(path: Path, map_location="cpu", *, check_finite: bool = True
     was written; resuming it would train on, and evaluating it would report chance."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} " + (
+            "is not a regular file" if path.exists() else "does not exist"))
     try:
         state = _load(path, map_location=map_location)
-    except pickle.UnpicklingError as e:  # an object other than tensors and plain values
-        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain "
-                              f"values, which fastres never writes and will not unpickle "
-                              f"(unpickling can run code){_unsupported(e)}") from None
+    except pickle.UnpicklingError as e:
+        if _unsupported(e):  # an object other than tensors and plain values
+            raise CheckpointError(f"checkpoint {path} holds objects other than tensors and "
+                                  f"plain values, which fastres never writes and will not "
+                                  f"unpickle (unpickling can run code){_unsupported(e)}") \
+                from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a fastres checkpoint "
+                              f"(not a readable pickle)") from None
     except Exception as e:  # truncated zip, not a torch file
         raise CheckpointError(f"checkpoint {path} is corrupt or not a fastres checkpoint "
                               f"({type(e).__name__}: {_first(e)})") from None

@@ -44,7 +44,6 @@ are decoded into OUT/data first. Accuracy on that copy is not CIFAR-10 accuracy:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
@@ -54,6 +53,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fastres.tools._common import Stopped, signals_raise
 
 STAGES = ("env", "speedrun", "step", "kernels", "loaders", "table")
 DEFAULT_STAGES = ("env", "speedrun", "step", "kernels", "loaders")  # the table runs alone
@@ -609,7 +610,7 @@ def _run(args, stages: list[str], budget: dict, cap: float, out: Path) -> int:
         return bundle(out, Path(args.bundle), results, summary) if args.bundle else []
 
     stopped = None
-    with _signals_raise():
+    with signals_raise():
         try:
             for stage in stages:
                 stage_end = time.perf_counter() + min(budget[stage], max(0.0, left()))
@@ -626,7 +627,7 @@ def _run(args, stages: list[str], budget: dict, cap: float, out: Path) -> int:
                     results.append({"stage": stage,
                                     **run_step(step, out, min(limit, left()))})
                     record()
-        except _Stopped as e:
+        except Stopped as e:
             stopped = e.signum
             results.append({"stage": "-", "step": "(check stopped)",
                             "rc": f"stopped by signal {e.signum}", "seconds": 0.0,
@@ -646,26 +647,6 @@ def _run(args, stages: list[str], budget: dict, cap: float, out: Path) -> int:
     failed = [r for r in results if not _ok(r["rc"]) and not _skipped(r["rc"])]
     return 0 if not failed else 1
 
-
-class _Stopped(Exception):
-    def __init__(self, signum: int):
-        super().__init__(f"signal {signum}")
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _signals_raise():
-    """SIGTERM and SIGINT raise _Stopped in the main thread while the check runs: the
-    running step's process group is ended and the results so far are written."""
-    def handler(signum, frame):
-        raise _Stopped(signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 if __name__ == "__main__":

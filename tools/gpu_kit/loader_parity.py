@@ -41,6 +41,8 @@ import math
 import sys
 import time
 
+from fastres.tools._common import int_at_least
+
 # Augmentation settings checked, by name: the speed-run's (translate 2, reflect,
 # alternating flips), hiverge's (the same with colour jitter), the paper's (zero-padded
 # crop 4, random flips), and cutout.
@@ -67,18 +69,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "cutout), on images built to be read back.",
         epilog="Exit status: 0 all checks pass, 1 a check failed, 2 bad arguments.")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda[:N]")
-    p.add_argument("--images", type=int, default=0,
+    p.add_argument("--images", type=int_at_least(0), default=0,
                    help="synthetic images (0 = auto: 25000 on GPU, 1024 on CPU; at most 65536)")
-    p.add_argument("--batch-size", type=int, default=0,
+    p.add_argument("--batch-size", type=int_at_least(0), default=0,
                    help="batch size (0 = auto: 1000 on GPU, 128 on CPU)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per case (default 2: the "
+    p.add_argument("--epochs", type=int_at_least(1), default=2, help="epochs per case (default 2: the "
                    "alternate flip needs two)")
     p.add_argument("--cases", default=",".join(CASES),
                    help=f"comma-separated augmentation settings from {', '.join(CASES)}")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="training dtype for the second same-batches pass (auto: bf16 on GPU, "
                         "fp32 on CPU)")
-    p.add_argument("--dali-threads", type=int, default=4, help="DALI CPU threads")
+    p.add_argument("--dali-threads", type=int_at_least(1), default=4, help="DALI CPU threads")
     p.add_argument("--seed", type=int, default=0, help="shuffle and augmentation seed")
     p.add_argument("--json", default="", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--overwrite", action="store_true",
