@@ -318,6 +318,10 @@ def _names(d: dict, key: str, where: str, count: int, title: str) -> list[str]:
             except UnicodeDecodeError:
                 n = n.decode("latin1")
         out.append(str(n))
+    twice = sorted({n for n in out if out.count(n) > 1})
+    if twice:
+        raise DataError(f"{where}: {key!r} names {', '.join(map(repr, twice))} more than once; "
+                        "the file is corrupt")
     return out
 
 

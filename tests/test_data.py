@@ -213,6 +213,8 @@ def test_wrong_dataset_hint(tmp_path, c10):
 @pytest.mark.parametrize("change, words", [
     (lambda f: f.__setitem__("batches.meta", {"label_names": [f"c{i}" for i in range(11)]}),
      "'label_names' names 11 classes, where CIFAR-10 has 10"),
+    (lambda f: f.__setitem__("batches.meta", {"label_names": ["cat"] * 2 + list("abcdefgh")}),
+     "names 'cat' more than once"),
     (lambda f: f.__setitem__("test_batch", {"data": np.zeros((0, 3072), np.uint8),
                                             "labels": []}), "holds no images"),
     (lambda f: f.__setitem__("data_batch_2", {"data": np.zeros((0, 3072), np.uint8),

@@ -638,7 +638,7 @@ def test_15_fastres_eval_tta_fraction(finished, data_dir, capsys):
     assert res["timing"] == "median of 2 after an untimed one" and res["seconds"] > 0
     rc, _, err = cli(capsys, ["eval", "--checkpoint", ckpt, "--data-dir", MISSING_DATA,
                               "--repeats", "-1"])
-    assert rc == 2 and "--repeats must be >= 0, got -1" in error_line(err, "eval")
+    assert rc == 2 and "--repeats: must be >= 0, got -1" in error_line(err, "eval")
     rc, _, err = cli(capsys, ["eval", "--checkpoint", ckpt, "--data-dir", MISSING_DATA,
                               "--tta-fraction", "0"])
     assert rc == 2

@@ -250,6 +250,13 @@ def test_busy_sampler_averages_its_window(tmp_path, monkeypatch):
     busy, n = sampler.mean(t0, time.monotonic())
     assert n > 0 and busy == pytest.approx(0.75)
     assert sampler.mean(0.0, t0 - 10) == (None, 0)
+    (tmp_path / "bin" / "nvidia-smi").write_text(
+        "#!/bin/sh\nwhile true; do echo '[N/A]'; sleep 0.05; done\n")  # no reading
+    silent = T.GpuBusySampler("0", period_ms=50)
+    time.sleep(0.3)
+    silent.stop()
+    assert silent.mean(0.0, time.monotonic()) == (None, 0)
+    assert silent.error == "nvidia-smi gave no readable sample"
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     missing = T.GpuBusySampler("0")
     assert missing.error and missing.mean(0.0, time.monotonic()) == (None, 0)

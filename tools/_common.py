@@ -117,6 +117,21 @@ def int_at_least(low: int):
     return parse
 
 
+def float_at_least(low: float):
+    """An argparse `type`: a finite number >= `low`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low <= value < float("inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {low:g}, got {text}")
+        return value
+
+    parse.__name__ = f"float >= {low:g}"
+    return parse
+
+
 def positive_float(text: str) -> float:
     """An argparse `type`: a finite number > 0."""
     try:

@@ -44,7 +44,7 @@ from typing import Callable, Optional
 import torch
 
 from fastres._compat import foreach, reset_compiler
-from fastres.tools._common import int_at_least, positive_float
+from fastres.tools._common import float_at_least, int_at_least
 
 GPU_SHAPES = [  # (N, C, H, W): CIFAR ResNet-20/56 stages, then ResNet-18-CIFAR stages
     (512, 16, 32, 32), (512, 32, 16, 16), (512, 64, 8, 8),
@@ -109,7 +109,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="--quick at reduced sizes (batch 2, <= 4x4; parameters cut to 4,096 "
                         "elements each) and one repeat, on any device: the code path end to "
                         "end, no speed figure")
-    p.add_argument("--budget", type=positive_float, default=None,
+    p.add_argument("--budget", type=float_at_least(0), default=None,
                    help=f"--quick: seconds after which no new case starts (default "
                         f"{QUICK_BUDGET_S:.0f})")
     p.add_argument("--json", metavar="OUT", help="write all results to this JSON file")

@@ -39,6 +39,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -388,6 +389,10 @@ class GpuBusySampler:
         self._proc = None
         cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
                "-i", gpu, "-lms", str(period_ms)]
+        # Into a pipe, nvidia-smi's stdio would buffer ~4 KB (minutes of 3-byte samples)
+        # before the first line arrives: line-buffer it where coreutils' stdbuf exists.
+        if shutil.which("stdbuf"):
+            cmd = ["stdbuf", "-oL", *cmd]
         try:
             self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                           stderr=subprocess.DEVNULL, text=True, bufsize=1)
@@ -417,6 +422,8 @@ class GpuBusySampler:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+        if self._proc is not None and not self.samples and self.error is None:
+            self.error = "nvidia-smi gave no readable sample"
 
 
 def rows_gpu(plan: list[dict]) -> str | None:
@@ -626,6 +633,8 @@ def train_rows(plan: list[dict], out: Path, budget_min: float | None,
     wall = time.monotonic() - t_start
     print(f"training: {wall / 60:.1f} min wall clock, up to {parallel} row"
           f"{'s' if parallel != 1 else ''} at a time", flush=True)
+    if sampler is not None and sampler.error:
+        print(f"GPU busy %: not measured ({sampler.error})", file=sys.stderr, flush=True)
     if terminated:
         raise KeyboardInterrupt  # stop the table too; the next call resumes the rows
     return wall

@@ -96,6 +96,8 @@ def evaluate(model: nn.Module, loader, tta: str = "none", *, tta_fraction: float
         raise ValueError(f"tta fraction must be in [0, 1], got {tta_fraction!r}")
     if progress is None or isinstance(progress, str):
         mode = progress if progress and dist.is_main else "none"
+        if dist.enabled:  # the counts shown are this process's shard
+            label += f" (rank {dist.rank}'s share of {dist.world_size} processes)"
         progress = EvalProgress(mode, total=getattr(loader, "num_examples", None), label=label)
     was_training = model.training
     model.eval()
