@@ -117,54 +117,24 @@ def int_at_least(low: int):
     return parse
 
 
-def float_at_least(low: float):
-    """An argparse `type`: a finite number >= `low`."""
+def float_at_least(low: float, *, exclusive: bool = False):
+    """An argparse `type`: a finite number >= `low` (> `low` when `exclusive`)."""
+    op = ">" if exclusive else ">="
+
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (low <= value < float("inf")):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {low:g}, got {text}")
+        if not ((value > low if exclusive else value >= low) and value < float("inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number {op} {low:g}, got {text}")
         return value
 
-    parse.__name__ = f"float >= {low:g}"
+    parse.__name__ = f"float {op} {low:g}"
     return parse
 
 
-def positive_float(text: str) -> float:
-    """An argparse `type`: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-class Stopped(Exception):
-    """A SIGTERM or SIGINT arrived while `signals_raise()` was on (`signum` says which)."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"signal {signum}")
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def signals_raise():
-    """SIGTERM and SIGINT raise `Stopped` in the main thread while the block runs, so a
-    tool stopped from outside (a time limit, Ctrl-C) can end its children and write what
-    it has before exiting with 128 + the signal."""
-    def handler(signum, frame):
-        raise Stopped(signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+positive_float = float_at_least(0, exclusive=True)
 
 
 def check_preset(name: str) -> None:
