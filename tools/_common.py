@@ -137,6 +137,30 @@ def float_at_least(low: float, *, exclusive: bool = False):
 positive_float = float_at_least(0, exclusive=True)
 
 
+class Stopped(Exception):
+    """A SIGTERM or SIGINT arrived while `signals_raise()` was on (`signum` says which)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_raise():
+    """SIGTERM and SIGINT raise `Stopped` in the main thread while the block runs, so a
+    tool stopped from outside (a time limit, Ctrl-C) can end its children and write what
+    it has before exiting with 128 + the signal."""
+    def handler(signum, frame):
+        raise Stopped(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def check_preset(name: str) -> None:
     """One-line ConfigError (with "did you mean") for a preset name that does not exist."""
     from fastres import config as C
