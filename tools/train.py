@@ -76,7 +76,7 @@ def out_from_args(out: str | None, overrides: list[str]) -> str | None:
              if item.split("=", 1)[0].strip() == "run.out_dir" and "=" in item]
     if not given:
         return out
-    if out is not None and any(g != out for g in given) or len(set(given)) > 1:
+    if len(set(given)) > 1 or (out is not None and given[-1] != out):
         raise ConfigError(f"--out {out} and --set run.out_dir={given[-1]} name two run "
                           "directories; give one (--out)")
     return given[-1] or None

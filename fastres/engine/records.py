@@ -307,11 +307,11 @@ def load_checkpoint(path: Path, map_location="cpu", *, check_finite: bool = True
     try:
         state = _load(path, map_location=map_location)
     except pickle.UnpicklingError as e:
-        if _unsupported(e):  # an object other than tensors and plain values
+        refused = _unsupported(e)
+        if refused:  # an object other than tensors and plain values
             raise CheckpointError(f"checkpoint {path} holds objects other than tensors and "
                                   f"plain values, which fastres never writes and will not "
-                                  f"unpickle (unpickling can run code){_unsupported(e)}") \
-                from None
+                                  f"unpickle (unpickling can run code){refused}") from None
         raise CheckpointError(f"checkpoint {path} is corrupt or not a fastres checkpoint "
                               f"(not a readable pickle)") from None
     except Exception as e:  # truncated zip, not a torch file

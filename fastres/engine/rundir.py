@@ -52,10 +52,10 @@ from .records import (CHECKPOINTS, CONFIG, ENV, LAST_JSON, LAST_PT, METRICS, REC
                       state_dict_mismatch)
 
 __all__ = ["LOCK_NAME", "RESUME_EXEMPT", "RunDir", "RunInfo", "RunPlan", "check_apart",
-           "check_compatible", "check_data_fits", "check_file_location", "check_step", "check_location", "check_resume",
-           "check_weights_fit", "claim", "config_diffs", "contents", "describe",
-           "ensure_free", "held", "inspect", "lock_info", "open_recorder", "plan_run",
-           "read_checkpoint", "running"]
+           "check_compatible", "check_data_fits", "check_file_location", "check_location",
+           "check_resume", "check_step", "check_weights_fit", "claim", "config_diffs",
+           "contents", "describe", "ensure_free", "held", "inspect", "lock_info",
+           "open_recorder", "plan_run", "read_checkpoint", "running"]
 
 LOCK_NAME = ".fastres.lock"
 # File systems that cannot hold a run, whatever the permissions say.
