@@ -59,6 +59,33 @@ INTERPRET_AT_IMPORT = HAS_TRITON and bool(
     triton.knobs.runtime.interpret if hasattr(triton, "knobs") else _interpret_now())
 
 
+def interpreter_clash(source: str | None = None, numpy_version: str | None = None
+                      ) -> str | None:
+    """Why Triton's interpreter cannot run here, or None. Triton <= 3.6's interpreter turns
+    a one-element block into a loop bound with ``int(array)``, which numpy >= 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars"); later Triton squeezes
+    it first. `source`/`numpy_version` stand in for the installed ones (tests)."""
+    import numpy
+
+    if source is None:
+        import inspect
+
+        from triton.runtime import interpreter
+
+        patch = getattr(interpreter, "_patch_lang_tensor", None)
+        source = inspect.getsource(patch) if patch is not None else ""
+    major, minor = (int(p) for p in (numpy_version or numpy.__version__).split(".")[:2])
+    if "int(self.handle.data)" in source and (major, minor) >= (2, 4):
+        return (f"Triton {getattr(triton, '__version__', '?')}'s interpreter "
+                f"(TRITON_INTERPRET=1) cannot run with numpy {numpy_version or numpy.__version__}"
+                ": install numpy<2.4, or a Triton newer than 3.6")
+    return None
+
+
+# Checked once, at the first launch under the interpreter ("" = checked, no clash).
+_clash: str | None = None
+
+
 def kernels_enabled() -> bool:
     """False when the ``FASTRES_KERNELS`` kill switch is set to 0/false/off/no."""
     return os.environ.get(KILL_SWITCH, "1").strip().lower() not in _OFF_VALUES
@@ -148,8 +175,13 @@ _stub_depth = 0  # > 0 inside `stub_launches`
 def launch(kernel, grid, *args, **meta) -> None:
     """Launch a Triton kernel (every fastres launch goes through here), or do nothing
     inside `stub_launches`."""
+    global _clash
     if _stub_depth:
         return
+    if INTERPRET_AT_IMPORT and _clash != "":
+        _clash = _clash or interpreter_clash() or ""
+        if _clash:
+            raise ConfigError(_clash)
     kernel.run(*args, grid=grid, warmup=False, **meta)
 
 

@@ -99,10 +99,11 @@ def test_gpu_plan_has_the_exact_commands():
     assert "bench-kernels --decisive --json /o/kernels_decisive.json" in cmd["kernels_decisive"]
     assert cmd["kernels_host"].endswith("bench-kernels --host --json /o/kernels_host.json")
     assert cmd["kernels_bench"].endswith("bench-kernels --quick --json /o/kernels.json")
-    assert "profile --preset speedrun --modes eager,step+graph,model,step --steps 30 --busy " \
+    assert "profile --preset speedrun --modes eager,step+graph,model,eager+fused --steps 30 " \
+           "--busy " \
            "--trace /o/traces --trace-steps 3 --json" in cmd["step_speedrun"]
     assert "profile --preset resnet-paper --model resnet18_cifar --batch-size 512 --modes " \
-           "eager,step+graph --steps 30 --json" in cmd["step_resnet18"]
+           "eager,eager+fused,step+graph --steps 30 --json" in cmd["step_resnet18"]
     assert "speedrun --preset speedrun --loader dali --runs 2 --data-dir /d --out " \
            "/o/speedrun_dali" in cmd["speedrun_dali"]
     assert "speedrun --preset speedrun --runs 3 --data-dir /d" in cmd["speedrun"]

@@ -108,6 +108,23 @@ def test_one_run_learns_and_records(tmp_path):
     assert (tmp_path / "checkpoints" / "last.pt").exists()
 
 
+def test_stop_at_step_runs_the_full_schedule_stopped_early(tmp_path):
+    """A warm-up run: the first k steps of the full-length schedule (the same learning
+    rates, the same compiled step), then the final evaluations; no records."""
+    full = run(toy_cfg())
+    short = run(toy_cfg(), stop_at_step=11)
+    assert short.final["steps"] == 11 and short.final["tta_top1"] is None
+    assert [m["epoch_steps"] for m in short.epochs] == [8, 3]
+    assert short.epochs[0]["lr_factor"] == full.epochs[0]["lr_factor"]  # not a shorter schedule
+    assert short.epochs[0]["train_loss"] == full.epochs[0]["train_loss"]
+    assert run(toy_cfg(), stop_at_step=10_000).final["steps"] == 32  # the schedule's end
+    with pytest.raises(ConfigError, match="keeps no records"):
+        run(toy_cfg(tmp_path), stop_at_step=2)
+    with pytest.raises(ConfigError, match=">= 1"):
+        run(toy_cfg(), stop_at_step=0)
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_error_inside_an_epoch_leaves_no_gc_counter_behind():
     import gc
 

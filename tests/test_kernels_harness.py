@@ -424,6 +424,26 @@ def test_triton_interpret_changed_after_import_raises():
     assert proc.stdout.strip().endswith("ok")
 
 
+def test_an_interpreter_numpy_cannot_feed_is_named_before_the_first_launch(monkeypatch):
+    """Triton 3.6's interpreter (torch 2.11's) with numpy >= 2.4 fails deep inside the first
+    kernel; the launch names the two versions instead."""
+    from fastres.errors import ConfigError
+    from fastres.kernels.bn_act import fused_bn_act
+
+    old = 'scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))'
+    new = 'scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))'
+    assert "numpy 2.4.0" in _env.interpreter_clash(old, "2.4.0")
+    assert _env.interpreter_clash(old, "2.3.5") is None
+    assert _env.interpreter_clash(new, "2.4.0") is None
+    assert _env.interpreter_clash("", "2.4.0") is None  # an interpreter without that patch
+    monkeypatch.setattr(_env, "_clash", None)
+    monkeypatch.setattr(_env, "interpreter_clash", lambda: "Triton 3.6's interpreter ...")
+    x = torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last)
+    w, b = torch.ones(4), torch.zeros(4)
+    with pytest.raises(ConfigError, match="Triton 3.6's interpreter"):
+        fused_bn_act(x, w, b, None, None, True, 0.1, 1e-5)
+
+
 CPU_WITHOUT_INTERPRETER = r"""
 import torch
 from fastres.kernels import FusedBatchNormAct2d, FusedSGD, use_triton

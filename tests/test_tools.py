@@ -191,6 +191,24 @@ def test_speedrun_smoke(data_dir, tmp_path, capsys):
     assert (out / "speedrun.json").read_bytes() == first
 
 
+@pytest.mark.slow
+def test_speedrun_compiles_the_step_once(data_dir, tmp_path, capsys):
+    """The warm-up run trains the timed runs' schedule (stopped early): the schedule's
+    length is part of the compiled step, so a shorter warm-up schedule compiled the whole
+    step a second time in run 1 (a dynamic-shape graph, not the one `--check-graph` traced)."""
+    import torch
+    from fastres.engine.step import TrainStep
+
+    torch._dynamo.reset()
+    rc = speedrun.main(smoke(data_dir, "--runs", "2", "--epochs", "2", "--set",
+                             "run.compile=step", "--out", str(tmp_path / "sr")))
+    assert rc == 0
+    assert "warm-up: 3 steps" in capsys.readouterr().out
+    entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(
+        TrainStep._phase1_step.__code__)
+    assert len(entries) == 1
+
+
 def test_speedrun_arguments(data_dir, capsys):
     one_line_error(capsys, "speedrun", speedrun.main, ["--preset", "nope"], "unknown preset")
     one_line_error(capsys, "speedrun", speedrun.main, smoke(data_dir, "--model", "resnet9000"),

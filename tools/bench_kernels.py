@@ -767,10 +767,12 @@ def _sanitizer(timeout: float) -> dict:
                             start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except BaseException as err:  # the timeout, or a stop (Ctrl-C, a caller's time limit)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing it started outlives it
         proc.communicate()
+        if not isinstance(err, subprocess.TimeoutExpired):
+            raise
         return {"status": f"timeout after {timeout:.0f} s", "command": " ".join(cmd)}
     tail = output[-2000:]
     return {"status": "clean" if proc.returncode == 0 else f"exit {proc.returncode}",

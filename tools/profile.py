@@ -391,8 +391,6 @@ def unavailable(mode: str, cfg) -> str | None:
         return f"torch {torch.__version__} cannot trace backward into a graph (needs >= 2.11)"
     if mode.startswith("step") and cfg.optim.impl == "triton":
         return "optim.impl=triton runs eagerly"
-    if mode.endswith("+fused") and on_gpu:
-        return "the fused BN-act kernels are refused on GPUs until verified (kernels/NOTES.md)"
     return None
 
 

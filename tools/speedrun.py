@@ -4,8 +4,8 @@
     fastres speedrun --data-dir data --runs 5 --curve --out runs/sr  # + accuracy-vs-time curves
     fastres speedrun --preset smoke --data-dir data --runs 3 --set schedule.epochs=1
 
-One warm-up run first (on a GPU, or whenever torch.compile is on): one epoch and a step of the
-same config, so that compilation, autotuning and the loader's first epoch boundary are paid
+One warm-up run first (on a GPU, or whenever torch.compile is on): the first epoch and a step
+of the same config (its full schedule, stopped early), so that compilation, autotuning and the loader's first epoch boundary are paid
 before any timed run; then N runs with seeds seed, seed+1, ... The data set is read once and
 the same model object is trained in every run, reset to that run's freshly seeded initial
 weights: torch.compile's cache is keyed on the module, so later runs reuse the compiled code
@@ -281,9 +281,10 @@ def _speedrun(args, argv, cfg, claimed) -> int:
         t0 = time.perf_counter()
         built = build(C.replace(cfg, run={"seed": seed0}), data=data)
         steps = args.warmup_steps if args.warmup_steps > 0 else len(built.loaders[0]) + 1
-        wcfg = C.replace(cfg, schedule={"steps": steps}, run={"progress": "none",
-                                                               "eval_every": 0.0})
-        train(wcfg, built.model, built.loaders, data_info=info)
+        # The timed runs' schedule, stopped early: its length is part of the compiled step,
+        # so a shorter warm-up schedule would compile the step a second time in run 1.
+        wcfg = C.replace(cfg, run={"progress": "none", "eval_every": 0.0})
+        train(wcfg, built.model, built.loaders, data_info=info, stop_at_step=steps)
         model = built.model
         warmup = {"steps": steps, "wall_s": time.perf_counter() - t0}
         print(f"  warm-up: {steps} steps in {warmup['wall_s']:.1f} s wall, not timed"

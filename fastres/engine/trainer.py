@@ -113,6 +113,7 @@ class _Run:
     epochs_log: list = field(default_factory=list)
     guard: FiniteGuard | None = None
     resumed_stage: str | None = None
+    end: int = 0  # the step training stops at: the schedule's total, or `stop_at_step`
     reached: dict = field(default_factory=lambda: {"at_s": None, "at_epoch": None})
 
     @property
@@ -157,7 +158,8 @@ class _Run:
 def train(cfg: Config, model: nn.Module, loaders, *, dist: Dist = Dist(),
           data_info: dict | None = None, resume: dict | None = None,
           handle_signals: bool = False, recorder: RunRecorder | None = None,
-          on_epoch: Callable[[dict], None] | None = None) -> RunResult:
+          on_epoch: Callable[[dict], None] | None = None,
+          stop_at_step: int | None = None) -> RunResult:
     """Train `model` on `loaders = (train_loader, test_loader)` as `cfg` says.
 
     `cfg` must be resolved (`fastres.config.resolve`). `resume` is a checkpoint dict from
@@ -165,20 +167,30 @@ def train(cfg: Config, model: nn.Module, loaders, *, dist: Dist = Dist(),
     run's. `handle_signals` (the CLI sets it) makes SIGTERM/Ctrl-C write a checkpoint and
     raise `Interrupted`. `recorder` writes the run's records (default: one for
     `cfg.run.out_dir`, or none when it is empty). `on_epoch` receives each epoch's metrics
-    dict.
+    dict. `stop_at_step` ends training after that many steps of the full schedule, then
+    runs the final evaluations: a warm-up or profiling run whose compiled step is the one
+    the full-length run uses (the schedule's length is part of the compiled graph). It
+    keeps no records (a run directory holds complete runs only).
     """
+    if stop_at_step is not None:
+        if stop_at_step < 1:
+            raise ConfigError(f"train(stop_at_step={stop_at_step}): the step must be >= 1")
+        if recorder is not None or cfg.run.out_dir:
+            raise ConfigError("train(stop_at_step=...) keeps no records: pass no recorder "
+                              "and leave run.out_dir empty")
     run = _setup(cfg, model, loaders, dist, data_info, resume, recorder)
+    run.end = min(run.step.total, stop_at_step or run.step.total)
     r = cfg.run
-    progress = Progress(r.progress, total=run.step.total, initial=run.step.step,
+    progress = Progress(r.progress, total=run.end, initial=run.step.step,
                         enabled=dist.is_main)
-    n_epochs = math.ceil(run.step.total / run.steps_per_epoch)
+    n_epochs = math.ceil(run.end / run.steps_per_epoch)
     with _SignalStop(handle_signals) as stopper, contextlib.ExitStack() as cleanup:
         cleanup.callback(run.timer.gc.stop)  # an error inside an epoch leaves the timer on
         for epoch in range(run.step.step // run.steps_per_epoch, n_epochs):
-            if run.step.step >= run.step.total:
+            if run.step.step >= run.end:
                 break
             metrics = train_one_epoch(run, epoch, progress, stopper)
-            last_epoch = run.step.step >= run.step.total
+            last_epoch = run.step.step >= run.end
             if r.eval_every > 0 and (epoch + 1) % max(1, round(r.eval_every)) == 0 \
                     and not last_epoch:
                 ev = run.evaluate("none")  # not timed: a logging evaluation
@@ -212,7 +224,7 @@ def train_one_epoch(run: _Run, epoch: int, progress: Progress, stopper: _SignalS
     for i, (x, y) in enumerate(loader):
         if i < skip:
             continue
-        if step.step >= step.total:
+        if step.step >= run.end:
             break
         step(x, y)
         progress.update()

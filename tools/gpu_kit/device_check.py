@@ -231,15 +231,20 @@ def plan(stage: str, *, out: Path, py: str, repo: Path, data_dir: str | None, ru
         dry_prof = ["--steps", "1", "--warmup", "0", "--batch-size", "8", "--images", "16",
                     "--trace-steps", "1"]
         steps = [
+            # What decides first: eager (the GPU default) against the whole step replayed
+            # as a CUDA graph; then compile=on (why it lost to eager: the kernel table) and
+            # the fused BN-GELU kernels in eager. step+graph's graph is the one the speedrun
+            # stage compiled (Inductor's on-disk cache may hold it). `step` without the CUDA
+            # graph is left out: the GPU-busy share of step+graph answers what it would.
             Step("step_speedrun", fr + ["profile", "--preset", "speedrun", "--modes",
-                                        "eager,step+graph,model,step", "--steps", "30",
+                                        "eager,step+graph,model,eager+fused", "--steps", "30",
                                         "--busy", "--trace", str(out / "traces"),
                                         "--trace-steps", "3", "--json",
                                         str(out / "step_speedrun.json")], 0.68,
                  dry=dry_prof),
             Step("step_resnet18", fr + ["profile", "--preset", "resnet-paper", "--model",
                                         "resnet18_cifar", "--batch-size", "512", "--modes",
-                                        "eager,step+graph", "--steps", "30", "--json",
+                                        "eager,eager+fused,step+graph", "--steps", "30", "--json",
                                         str(out / "step_resnet18.json")], 0.32, dry=dry_prof),
         ]
         for s in steps:
