@@ -514,7 +514,10 @@ def _parse_value(text: str, typ, where: str):
 
 
 def override(cfg: Config, assignments) -> Config:
-    """Apply `section.key=value` strings (the CLI's `--set`) to a config."""
+    """Apply `section.key=value` strings (the CLI's `--set`) to a config. A length given
+    as `schedule.epochs` replaces one the config had in steps (as `--epochs` does), unless
+    `schedule.steps` is set too."""
+    paths = set()
     for item in assignments:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
@@ -533,6 +536,9 @@ def override(cfg: Config, assignments) -> Config:
             raise unknown_choice(f"key in section {section!r}:", key, hints)
         value = _parse_value(text, hints[key], f"{section}.{key}")
         cfg = replace(cfg, **{section: {key: value}})
+        paths.add((section, key))
+    if ("schedule", "epochs") in paths and ("schedule", "steps") not in paths:
+        cfg = replace(cfg, schedule={"steps": 0})
     return cfg
 
 

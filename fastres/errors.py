@@ -60,12 +60,27 @@ def warn(message: str) -> None:
     print(f"fastres: warning: {message}", file=sys.stderr, flush=True)
 
 
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions)."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
 def did_you_mean(name: str, choices) -> str:
-    """' (did you mean X?)' when a close match exists, else ''."""
+    """' (did you mean X?)' when a close match exists, else ''. Among difflib's close
+    matches the fewest edits win (ties to difflib's order): 'resnet2O' is one letter off
+    'resnet20' and two off 'resnet32', which difflib scores alike."""
     import difflib
 
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = difflib.get_close_matches(name, list(choices), n=5)
+    if not close:
+        return ""
+    best = min(close, key=lambda c: (_edits(name.lower(), c.lower()), close.index(c)))
+    return f" (did you mean {best!r}?)"
 
 
 def unknown_choice(kind: str, name: str, choices) -> ConfigError:

@@ -86,6 +86,18 @@ def test_override_types():
     assert cfg.data.batch_size == 256 and isinstance(cfg.data.batch_size, int)
 
 
+def test_set_epochs_replaces_a_length_in_steps():
+    """resnet-paper counts its 64,000 steps: `--set schedule.epochs=1` used to be ignored
+    (steps win over epochs), the run lasting 32,000 epochs of a small data set."""
+    paper = C.preset("resnet-paper")
+    assert paper.schedule.steps == 64000
+    cfg = C.override(paper, ["schedule.epochs=1"])
+    assert cfg.schedule.epochs == 1.0 and cfg.schedule.steps == 0
+    both = C.override(paper, ["schedule.epochs=1", "schedule.steps=500"])
+    assert both.schedule.steps == 500  # both given: as given (steps win, as documented)
+    assert C.override(paper, ["optim.lr=0.2"]).schedule.steps == 64000
+
+
 @pytest.mark.parametrize("item, message", [
     ("data.batch_size=inf", "cannot read 'inf' as int"),
     ("optim.lrr=0.1", "unknown key in section 'optim': 'lrr'.*did you mean 'lr'"),

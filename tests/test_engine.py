@@ -125,6 +125,16 @@ def test_stop_at_step_runs_the_full_schedule_stopped_early(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_an_epoch_of_fewer_steps_says_so(capsys):
+    """After a mid-epoch resume (or in a fractional last epoch) the epoch line's loss and
+    accuracy cover fewer steps: the line says how many."""
+    run(toy_cfg(run={"progress": "plain", "eval_every": 0.0}), stop_at_step=11)
+    printed = capsys.readouterr()
+    lines = [l for l in (printed.out + printed.err).splitlines() if l.startswith("epoch ")]
+    assert lines[0].startswith("epoch 1/2  loss") and lines[1].startswith(
+        "epoch 2/2 (3 of 8 steps)  loss"), lines
+
+
 def test_an_error_inside_an_epoch_leaves_no_gc_counter_behind():
     import gc
 
@@ -179,6 +189,23 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(tmp_path):
     resumed = run(cfg, resume=state)
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_second_signal_stops_at_once_and_says_what_is_kept(tmp_path):
+    """The first signal asks for a checkpoint at the next step; a second one (Ctrl-C
+    twice) stops at once, saying which checkpoint stays and what --resume will do."""
+    cfg = toy_cfg(tmp_path, run={"checkpoint_every": 1})
+
+    def twice(m):
+        if m["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted, match=r"stopped at once by a second signal, before this "
+                       r"step's checkpoint; the last good checkpoint \(step 16\) is kept in "
+                       r".*last.pt; --resume continues from it"):
+        run(cfg, on_epoch=twice, handle_signals=True)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 16
 
 
 def test_resume_rejects_a_different_config(tmp_path):

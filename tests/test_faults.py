@@ -1245,6 +1245,26 @@ def test_eval_refuses_what_it_cannot_do_as_asked(finished, capsys, data_dir):
         assert rc == 2 and words in error_line(err, "eval"), err
     rc, _, err = cli(capsys, ["eval", "--checkpoint", "/dev/null", "--data-dir", data_dir])
     assert rc == 2 and "/dev/null is not a regular file" in error_line(err, "eval")
+    # a TTA fraction without TTA was accepted and ignored; refused before the data are read
+    rc, _, err = cli(capsys, ["eval", "--checkpoint", run, "--data-dir", MISSING_DATA,
+                              "--tta-fraction", "0.5"])
+    assert rc == 2 and "--tta-fraction 0.5 needs test-time augmentation" in \
+        error_line(err, "eval")
+
+
+def test_eval_says_it_scores_the_runs_test_subset(finished, capsys, data_dir):
+    """The run's data.test_limit subset was evaluated without a word; --test-limit 0
+    evaluates the whole test set."""
+    run = str(finished[0])
+    rc, printed, _ = cli(capsys, ["eval", "--checkpoint", run, "--data-dir", data_dir,
+                                  "--progress", "none"])
+    assert rc == 0 and "64 images in" in printed
+    assert "a fixed subset of the test set (the run's data.test_limit 64); --test-limit 0 " \
+        "evaluates all of it" in printed
+    rc, printed, _ = cli(capsys, ["eval", "--checkpoint", run, "--data-dir", data_dir,
+                                  "--progress", "none", "--test-limit", "0", "--json"])
+    res = json.loads(printed)
+    assert rc == 0 and res["n"] == res["data"]["test_size"] > 64
 
 
 def test_a_run_in_progress_is_not_called_stopped(tmp_path):
@@ -1327,3 +1347,42 @@ def test_23_records_does_not_import_rundir():
     imported = [(getattr(n, "module", "") or "") + ":" + ",".join(a.name for a in n.names)
                 for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert not [i for i in imported if "rundir" in i], imported
+
+
+# --------------------------------------------------------------------------- new-user probes
+
+def test_nproc_checks_the_config_before_torchrun_starts(data_dir, tmp_path, capsys,
+                                                        monkeypatch):
+    """A config error under --nproc was one line inside torchrun's traceback (exit 1), after
+    the data were read and the run directory written; now it comes before the launch."""
+    from fastres.tools import train as T
+
+    monkeypatch.setattr(T, "_launch_torchrun", lambda *a: pytest.fail("torchrun launched"))
+    out = tmp_path / "ddp"
+    rc, _, err = cli(capsys, smoke(data_dir, out, "--nproc", "2", "--compile", "step"))
+    assert rc == 2 and "compile=step does not support DDP" in error_line(err)
+    assert not out.exists()
+    # a 1-process run resumed with 2 processes: refused before the launch too
+    assert cli(capsys, smoke(data_dir, out, "--set", "run.checkpoint_every=1",
+                             "--epochs", "2"))[0] == 0
+    (out / "result.json").unlink()  # as if stopped before its end
+    rc, _, err = cli(capsys, smoke(data_dir, out, "--set", "run.checkpoint_every=1",
+                                   "--epochs", "2", "--resume", "--nproc", "2"))
+    assert rc == 2 and "written by 1 process(es) and this run has 2" in error_line(err)
+
+
+def test_resume_with_another_preset_is_refused(data_dir, tmp_path, capsys):
+    """`--resume --preset seed` on a smoke run trained the smoke run on, without a word."""
+    out = tmp_path / "run"
+    assert cli(capsys, smoke(data_dir, out, "--set", "run.checkpoint_every=1",
+                             "--epochs", "2"))[0] == 0
+    (out / "result.json").unlink()
+    argv = smoke(data_dir, out, "--set", "run.checkpoint_every=1", "--epochs", "2",
+                 "--resume")
+    rc, _, err = cli(capsys, [a if a != "smoke" else "seed" for a in argv])
+    assert rc == 2 and "cannot resume with --preset seed" in error_line(err)
+    rc, printed, _ = cli(capsys, argv)  # the run's own command again: resumes
+    assert rc == 0 and "done: top-1" in printed
+    (out / "result.json").unlink()
+    rc, printed, _ = cli(capsys, ["train", "--out", str(out), "--resume"])  # no preset named
+    assert rc == 0 and "done: top-1" in printed

@@ -397,6 +397,9 @@ def test_flops_match_reference_figures():
 def test_unknown_model_suggests_a_name():
     with pytest.raises(ConfigError, match=r"unknown model 'resnet_20'.*did you mean 'resnet20'"):
         create_model("resnet_20")
+    # a letter O for a zero: one edit from resnet20, two from resnet32 (difflib ties them)
+    with pytest.raises(ConfigError, match=r"did you mean 'resnet20'"):
+        create_model("resnet2O")
     with pytest.raises(ConfigError, match="unknown model"):
         model_info("nope")
 

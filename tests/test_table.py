@@ -4,8 +4,10 @@ What is checked, on a tiny synthetic CIFAR-10 in the real on-disk format: `--tra
 smoke` trains one run directory per (model, recipe) in its own process and writes table.md
 (conventions first), table.csv and table.png; a second call trains nothing; a partial row
 resumes, a failing row is reported while the others go on; rows trained with other
-settings are refused before anything trains; every row's command reproduces its config;
-the `fast` presets cover the article's model families and phase 2 scales with the run.
+settings are refused before anything trains, and a missing data set before any row starts;
+every row's command reproduces its config and is printed as it runs; runs read with --runs
+share a row only as repeats (seeds); the `fast` presets cover the article's model families
+and phase 2 scales with the run.
 Timings are never asserted.
 """
 import csv
@@ -155,6 +157,55 @@ def test_budget_spent_trains_nothing(data_dir, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "t" / "table.png").exists()   # nothing to plot
 
 
+def test_data_checked_once_before_any_row(data_dir, smoke_table, tmp_path, capsys,
+                                          monkeypatch):
+    """A missing or broken data set is one line, exit 2, before any row starts (not one
+    failed `fastres train` per row), and leaves no table folder behind; finished rows
+    need no data."""
+    no_training(monkeypatch)
+    out = tmp_path / "t"
+    one_line_error(capsys, smoke_argv(str(tmp_path / "nowhere"), out),
+                   f"data directory {tmp_path / 'nowhere'} does not exist")
+    (tmp_path / "empty").mkdir()
+    one_line_error(capsys, smoke_argv(str(tmp_path / "empty"), out), "no CIFAR-10 data in")
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    (broken / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
+    one_line_error(capsys, smoke_argv(str(broken), out), "test_batch")
+    assert not out.exists()
+    assert T.main(smoke_argv(str(tmp_path / "nowhere"), smoke_table)) == 0
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_printed_row_command_runs_as_shown(data_dir, tmp_path, capsys, monkeypatch):
+    """The `$ ...` line printed (and logged) for a row is the exact command the table
+    runs, interpreter included: pasted into a shell, it reproduces the row."""
+    import shlex
+    import sys
+
+    launched = []
+
+    class Failed:  # a row process that fails at once
+        returncode = 2
+
+        def __init__(self, cmd, **kwargs):
+            launched.append(cmd)
+            self.stdout = iter(["error\n"])
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(T.subprocess, "Popen", Failed)
+    out = tmp_path / "t"
+    assert T.main(smoke_argv(data_dir, out)) == 1
+    shown = [line.strip()[2:] for line in capsys.readouterr().out.splitlines()
+             if line.strip().startswith("$ ")]
+    assert [shlex.split(line) for line in shown] == launched and len(launched) == 2
+    assert launched[0][:4] == [sys.executable, "-m", "fastres", "train"]
+    for recipe, line in zip(("seed", "fast"), shown):
+        assert f": {line}\n" in (out / "logs" / f"resnet20-{recipe}.log").read_text()
+
+
 def fake_nvidia_smi(tmp_path, monkeypatch, busy: int) -> None:
     """An `nvidia-smi` on PATH that answers `busy` % every 50 ms, as the real one streams
     `--query-gpu=utilization.gpu -lms N`."""
@@ -291,6 +342,53 @@ def test_read_runs_beside_untrained_models(smoke_table, tmp_path, capsys, monkey
     assert pre["preset"] == "fast-preact" and pre["article_top1"] == "90.77"
     assert abs(float(pre["params_m"]) - 11.17) < 0.01
     assert "article prints 1.17 M params" in pre["notes"]
+
+
+def copy_run(src: Path, dst: Path, config: dict | None = None,
+             result: dict | None = None) -> None:
+    """A copy of the finished run `src` whose config.json ('section.key': value) and
+    result.json (key: value) say it was trained otherwise."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    for field, value in (config or {}).items():
+        sec, key = field.split(".")
+        cfg[sec][key] = value
+    (dst / "config.json").write_text(json.dumps(cfg))
+    res = {**json.loads((dst / "result.json").read_text()), **(result or {})}
+    (dst / "result.json").write_text(json.dumps(res))
+
+
+def test_runs_pool_only_as_repeats(smoke_table, tmp_path, capsys, monkeypatch):
+    """Runs of one model and recipe share a row (mean ± std) only when they differ in the
+    seed alone (or in how often they evaluate, or how progress shows); another length or
+    data limit is a row of its own, its recipe naming what differs."""
+    no_training(monkeypatch)
+    src, runs = smoke_table / "resnet20" / "seed", tmp_path / "runs"
+    copy_run(src, runs / "a")
+    copy_run(src, runs / "b", {"run.seed": 1, "run.eval_every": 1.0, "run.progress": "none"},
+             {"top1": 0.5})
+    copy_run(src, runs / "long", {"schedule.epochs": 6.0, "schedule.two_phase_epochs": 1.0},
+             {"epochs": 6.0})
+    copy_run(src, runs / "small", {"data.train_limit": 32})
+    out = tmp_path / "read"
+    assert T.main(["--runs", str(runs), "--out", str(out)]) == 0
+    with open(out / "table.csv", newline="") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    short = "train_limit=64, epochs=2, two_phase_epochs=0.333333"
+    long = "train_limit=64, epochs=6, two_phase_epochs=1"
+    small = "train_limit=32, epochs=2, two_phase_epochs=0.333333"
+    assert list(rows) == [short, long, small]
+    assert {r["model"] for r in rows.values()} == {"resnet20"}
+    assert {r["recipe"] for r in rows.values()} == {"seed"}
+    assert rows[short]["runs"] == "2" and rows[short]["status"] == "2 runs"
+    assert rows[short]["run_dirs"] == f"{runs / 'a'} {runs / 'b'}"
+    assert float(rows[short]["top1_std"]) > 0
+    assert rows[long]["runs"] == "1" and float(rows[long]["epochs"]) == 6
+    assert rows[small]["runs"] == "1" and "32-image subset of the training" in \
+        rows[small]["notes"]
+    md = (out / "table.md").read_text()
+    assert f"| seed ({long})" in md and f"| seed ({short})" in md
+    assert "2 runs" in capsys.readouterr().out
 
 
 def test_arguments(tmp_path, capsys, data_dir):

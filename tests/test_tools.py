@@ -329,6 +329,11 @@ def test_profile_arguments(capsys):
                    PROFILE_SMALL + ["--modes", "eagre"], "did you mean 'eager'")
     one_line_error(capsys, "profile", prof.main, ["--preset", "smoke", "--images", "16"],
                    "fewer than one batch")
+    # --compile was ignored beside --modes (each entry is a compile mode): refused
+    one_line_error(capsys, "profile", prof.main, PROFILE_SMALL + ["--modes", "eager",
+                   "--compile", "step"], "--compile step and --modes both choose")
+    one_line_error(capsys, "profile", prof.main, PROFILE_SMALL + ["--check-graph",
+                   "--compile", "on"], "--compile on contradicts it")
 
 
 def test_profile_script_help():

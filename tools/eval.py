@@ -37,6 +37,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="which weights to evaluate (default: the run's choice)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int_at_least(1), help="evaluation batch size")
+    p.add_argument("--test-limit", type=int_at_least(0), metavar="N",
+                   help="evaluate on N test images (the run's fixed subset when N is its "
+                        "data.test_limit), 0 = the whole test set (default: the run's "
+                        "data.test_limit)")
     p.add_argument("--repeats", type=int_at_least(0), default=0, metavar="N",
                    help="time N evaluations after an untimed one and report their median "
                         "(0, the default: the one evaluation, timed with its first-call "
@@ -70,6 +74,11 @@ def main(argv=None) -> int:
         cfg = C.from_dict(state["config"])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: its config cannot be read ({e})") from None
+    tta = args.tta or cfg.run.tta
+    if args.tta_fraction is not None and tta == "none":
+        raise ConfigError(f"--tta-fraction {args.tta_fraction:g} needs test-time augmentation"
+                          ", and this evaluation has none (the run's run.tta); add --tta "
+                          "flip or --tta flip_translate")
     weights = args.weights
     if weights == "auto":
         weights = "ema" if state.get("ema") is not None else "raw"
@@ -81,6 +90,8 @@ def main(argv=None) -> int:
     data = {"data_dir": args.data_dir, "download": False}
     if args.batch_size:
         data["eval_batch_size"] = args.batch_size
+    if args.test_limit is not None:
+        data["test_limit"] = args.test_limit
     cfg = C.validate(C.replace(cfg, run=run, data=data,
                                optim={"impl": "auto", "eval_weights": weights}))
     cfg = resolve_for(cfg)
@@ -90,7 +101,6 @@ def main(argv=None) -> int:
     session = Session(cfg, built.model, built.loaders[0], init=False)
     session.load_state_dict(state, what=f"{path} (for model {cfg.model.name!r})",
                             weights_only=True)
-    tta = args.tta or cfg.run.tta
     fraction = cfg.run.tta_fraction if args.tta_fraction is None else args.tta_fraction
     times = []
     for i in range(1 + args.repeats):  # with --repeats, the first is the untimed warm-up
@@ -114,6 +124,10 @@ def main(argv=None) -> int:
               f"{res['loss']:.4f}  ({res['n']} images in {res['seconds']:.3g} s"
               + (f" (median of {args.repeats})" if args.repeats else "") + ", weights "
               f"{weights}, tta {describe_tta(tta, fraction)}, step {state.get('step')})")
+        if cfg.data.test_limit:
+            whose = "the run's " if args.test_limit is None else ""
+            print(f"  a fixed subset of the test set ({whose}data.test_limit "
+                  f"{cfg.data.test_limit}); --test-limit 0 evaluates all of it")
     return 0
 
 

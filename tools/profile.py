@@ -584,6 +584,10 @@ def _main(args) -> int:
     from fastres.errors import ConfigError, unknown_choice
 
     run = {"progress": "none", "out_dir": ""}
+    if args.compile and (args.modes or args.compare):
+        raise ConfigError(f"--compile {args.compile} and --{'modes' if args.modes else 'compare'}"
+                          " both choose how the step is compiled: give one (a mode per "
+                          "--modes entry: eager, model, step, step+graph)")
     if args.memory_format:
         run["channels_last"] = args.memory_format == "channels_last"
     if args.compile:
@@ -591,6 +595,9 @@ def _main(args) -> int:
     if args.as_device and not args.check_graph:
         raise ConfigError("--as-device traces without running anything: use it with "
                           "--check-graph")
+    if args.check_graph and args.compile not in (None, "step"):
+        raise ConfigError(f"--check-graph traces the step compiled whole (compile=step); "
+                          f"--compile {args.compile} contradicts it")
     if args.check_graph:  # the check is about the step compiled whole: resolve it so
         run["compile"] = "step"
     cfg = config_from(args, run=run)

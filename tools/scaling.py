@@ -9,6 +9,14 @@ trainer's timed training time, compilation and warm-up excluded), timed seconds 
 accuracy, printed as speed-up and scaling efficiency against one process. On a CPU the
 processes share the machine's cores (each gets cores / N threads), so expect little or no
 gain there; the numbers that matter come from one GPU per process.
+
+Everything is checked before the first process starts: --nprocs (whole numbers >= 1, each
+once), the preset and --set, the batch against every process count, and the outputs. --out
+(records in OUT/nproc_N) is taken under the run-directory contract: a file, /proc, a
+read-only or unwritable place is one line and exit 2; a folder another process uses is
+refused naming it; a folder that holds anything (an earlier scaling run) is refused unless
+--overwrite, which moves it to OUT.old-<time> first (nothing is deleted). The same
+--overwrite moves an existing --json FILE to NAME.old-<time>.json.
 """
 from __future__ import annotations
 
@@ -20,6 +28,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fastres.tools._common import (add_overwrite_arg, check_output_file, claim_output_dir,
+                                   claim_output_file, config_from, csv_list, write_json)
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("fastres scaling", description=__doc__.split("\n\n")[0],
@@ -29,24 +40,42 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprocs", default="1,2", help="comma-separated process counts")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="config overrides for every run")
-    p.add_argument("--out", help="folder for the runs' records (default: a temporary one)")
+    p.add_argument("--out", metavar="DIR", help="folder for the runs' records, DIR/nproc_N "
+                   "(default: a new temporary one)")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
-    p.add_argument("--overwrite", action="store_true",
-                   help="--json FILE exists: move it to NAME.old-<time>.json first (nothing is "
-                        "deleted); without it an existing file is refused")
+    add_overwrite_arg(p, "--out (or --json FILE)")
     return p
 
 
 def _counts(text: str) -> list[int]:
+    """--nprocs '1,2,4' -> [1, 2, 4]; a one-line ConfigError for anything but whole numbers
+    >= 1, each given once (a repeated count would train into the same OUT/nproc_N)."""
     from fastres.errors import ConfigError
 
-    try:
-        counts = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        raise ConfigError(f"--nprocs must be positive integers like 1,2,4; got {text!r}")
+    counts = []
+    for item in csv_list(text, "--nprocs"):
+        try:
+            n = int(item)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ConfigError(f"--nprocs must be positive integers like 1,2,4; got {text!r}")
+        if n in counts:
+            raise ConfigError(f"--nprocs names {n} twice in {text!r}; give each process "
+                              "count once")
+        counts.append(n)
     return counts
+
+
+def _child_error(output: str) -> str:
+    """The failed run's own one-line error (`fastres train: [rank R/W] error: ...`) when it
+    printed one, else its last lines. Under torchrun the last lines are torchrun's summary,
+    and the trainer's message is above it."""
+    lines = output.strip().splitlines()
+    for line in lines:
+        if line.startswith("fastres train:") and " error: " in line:
+            return line
+    return " | ".join(lines[-3:])
 
 
 def run_once(n: int, args, out: Path) -> dict:
@@ -64,24 +93,39 @@ def run_once(n: int, args, out: Path) -> dict:
     if proc.returncode != 0:
         from fastres.errors import FastresError
 
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise FastresError(f"the {n}-process run failed (exit {proc.returncode}): "
-                           + " | ".join(tail))
+                           + _child_error(proc.stderr or proc.stdout))
     return json.loads((out / "result.json").read_text())
 
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    from fastres import config as C
+    from fastres.distributed import Dist
+    from fastres.engine import prepare_training, rundir
 
-    # A mistyped preset or --set: one line here, not a failed worker process later.
-    C.validate(C.override(C.preset(args.preset), args.overrides))
-    if args.json:  # checked (and claimed) before any work: the output contract
-        from fastres.tools._common import claim_output_file
-
-        args.json = str(claim_output_file(args.json, overwrite=args.overwrite))
+    # Every input, before any process starts: one line here, not a failed run later.
     counts = _counts(args.nprocs)
-    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fastres-scaling-"))
+    cfg = config_from(args)  # the preset, --set (run.out_dir refused: --out is ours), model
+    for n in counts:  # what `fastres train` checks before its data, as rank 0 of n
+        prepare_training(cfg, "", dist=Dist(rank=0, world_size=n))
+    if args.json:
+        check_output_file(args.json, overwrite=args.overwrite)  # reads only
+    # The output folder, then the file: location, lock, refusal (--overwrite moves aside).
+    out = args.out or tempfile.mkdtemp(prefix="fastres-scaling-")
+    rundir.check_apart(out, args.data_dir)
+    claimed = claim_output_dir(out, overwrite=args.overwrite)
+    try:
+        if claimed.moved_to is not None:
+            print(f"--overwrite: the previous contents of {claimed.path} are now in "
+                  f"{claimed.moved_to}", flush=True)
+        if args.json:
+            args.json = str(claim_output_file(args.json, overwrite=args.overwrite))
+        return _scaling(args, counts, claimed.path)
+    finally:
+        claimed.release()
+
+
+def _scaling(args, counts: list[int], root: Path) -> int:
     rows = []
     for n in counts:
         res = run_once(n, args, root / f"nproc_{n}")
@@ -101,8 +145,6 @@ def main(argv=None) -> int:
               f"{100 * r['efficiency']:.0f}% | {r['timed_s']:.1f} | {r['top1']:.4f} |")
     print(f"\nrecords in {root}")
     if args.json:
-        from fastres.tools._common import write_json
-
         write_json(args.json, {"preset": args.preset, "rows": rows})
     return 0
 

@@ -9,11 +9,17 @@
 
 One row per (model, recipe). A recipe is a preset, or `fast`, whose preset depends on the
 model's family (`fastres.config.FAMILY_RECIPES`: `fast` for He et al.'s CIFAR ResNets,
-`fast-preact`, `fast-googlenet`, `fast-vgg`). With --train, each row is a run directory
-OUT/MODEL/RECIPE trained by its own `python -m fastres train` process (so a failing row
-cannot take the others down): a finished row (result.json) is read, never re-trained; a
-partial one (a checkpoint, no result) continues with --resume; a row that failed is
-reported and the others go on. Running the same command again finishes what is left.
+`fast-preact`, `fast-googlenet`, `fast-vgg`). Runs of one (model, recipe) share a row
+(mean ± std) only as repeats, differing in the seed alone (or in NOT_TRAINING: how often
+they evaluate, log, checkpoint); runs of another length, data limit or config are rows of
+their own, the recipe column naming what differs ('smoke (epochs=6)'). With --train, each
+row is a run directory OUT/MODEL/RECIPE trained by its own `python -m fastres train`
+process (so a failing row cannot take the others down; the line printed and logged is the
+exact command, interpreter included): the data are checked first (once, as `fastres train`
+checks them: a missing data set is one line, exit 2), a finished row (result.json) is
+read, never re-trained; a partial one (a checkpoint, no result) continues with --resume; a
+row that failed is reported and the others go on. Running the same command again
+finishes what is left.
 
 --epochs sets every row's length, with each recipe's phase 2 kept at the same fraction of
 the run (`fastres.config.with_epochs`: seed's last 10 of 60 epochs become the last 10/6 of
@@ -75,9 +81,16 @@ ROW_RUN = {"checkpoint_every": 1}
 # What may be in a table folder besides the rows' MODEL/ directories: the table updates
 # such a folder in place; anything else there is the user's and refuses the folder.
 TABLE_FILES = ("table.md", "table.csv", "table.png", "logs")
+# Config fields in which runs of one model and recipe may differ and still be repeats,
+# pooled in one row (mean ± std): the seed, and what does not change what is trained (how
+# often the run evaluates, logs and checkpoints, the accuracy it reports aiming for). The
+# resume-exempt fields (run directory, data folder, progress, workers) are skipped too.
+# Any other difference (length, data limits, optimizer, device, ...) makes another row.
+NOT_TRAINING = (("run", "seed"), ("run", "eval_every"), ("run", "checkpoint_every"),
+                ("run", "log_every"), ("run", "target_acc"))
 JPEG_NOTE = ("a JPEG-75 copy of CIFAR-10 scores ~3 points below the official files")
-CSV_FIELDS = ("model", "recipe", "preset", "status", "runs", "top1", "top1_std", "top5",
-              "top5_std", "tta", "tta_top1", "article_top1", "article_top5", "delta_top1",
+CSV_FIELDS = ("model", "recipe", "variant", "preset", "status", "runs", "top1", "top1_std",
+              "top5", "top5_std", "tta", "tta_top1", "article_top1", "article_top5", "delta_top1",
               "train_min", "train_min_std", "img_per_s", "gpu_busy", "wall_min", "parallel",
               "epochs", "params", "params_m",
               "article_params_m", "flops", "gflops", "gmacs", "article_gflops", "device",
@@ -106,7 +119,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_overwrite_arg(p, "--out")
     p.add_argument("--runs", nargs="+", default=[], metavar="DIR",
                    help="also read finished runs from these run directories or folders "
-                        "(their recipe is recognised from their config, else 'custom')")
+                        "(their recipe is recognised from their config, else 'custom'; "
+                        "runs share a row only as repeats that differ in the seed)")
     tg = p.add_argument_group("training the missing rows")
     tg.add_argument("--train", action="store_true",
                     help="train every listed row OUT/MODEL/RECIPE that is not finished "
@@ -195,7 +209,7 @@ def recipe_of(cfg: dict) -> str:
     """The recipe a recorded config was trained with: the first recipe whose preset (for
     the model's family) has the same optimizer settings and schedule shape, else 'custom'.
     Lengths, data (limits, batch) and run settings may differ: a shorter run, or the smoke
-    scale's, is the same recipe."""
+    scale's, is the same recipe (in a row of its own: `repeat_groups`)."""
     from fastres import config as C
     from fastres.errors import ConfigError
     from fastres.models import list_models, model_info
@@ -237,6 +251,50 @@ def _differences(have: dict, want: dict, sections: dict) -> list[str]:
             if got != norm:
                 diffs.append(f"{sec}.{key}: {got!r} there, {norm!r} now")
     return diffs
+
+
+def training_settings(cfg: dict) -> dict:
+    """'section.key' -> value for every field of a recorded config that shapes what the run
+    trained: all but NOT_TRAINING and the resume-exempt fields (where the files are, how
+    progress shows). Runs with the same model, recipe and settings are repeats of one row."""
+    from fastres.engine.records import RESUME_EXEMPT
+
+    skip = RESUME_EXEMPT | set(NOT_TRAINING)
+    return {f"{sec}.{key}": value for sec, values in cfg.items() if isinstance(values, dict)
+            for key, value in values.items() if (sec, key) not in skip}
+
+
+def repeat_groups(runs: list[dict]) -> list[list[dict]]:
+    """`runs` (of one model and recipe) in groups of repeats, one per row: runs with the
+    same training settings (so they differ in the seed alone), in the order of their first
+    run."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        key = json.dumps(training_settings(r["config"]), sort_keys=True)
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
+
+
+def variant_labels(groups: list[list[dict]]) -> list[str]:
+    """What tells apart the rows of one model and recipe: for each group, the settings in
+    which the groups differ ('train_limit=64, epochs=2'); '' when there is one group. A
+    field is named by its key alone where no other section has that key."""
+    if len(groups) < 2:
+        return [""] * len(groups)
+    settings = [training_settings(g[0]["config"]) for g in groups]
+    fields = list(dict.fromkeys(k for s in settings for k in s))
+    differ = [k for k in fields if len({json.dumps(s.get(k, "?")) for s in settings}) > 1]
+    keys = [k.partition(".")[2] for k in fields]
+
+    def name(field: str) -> str:
+        key = field.partition(".")[2]
+        return key if keys.count(key) == 1 else field
+
+    def value(v) -> str:
+        return format(v, ".6g") if isinstance(v, float) else _set_value(v)
+
+    return [", ".join(f"{name(k)}={value(s[k]) if k in s else '?'}" for k in differ)
+            for s in settings]
 
 
 # --------------------------------------------------------------------------- planning rows
@@ -339,6 +397,25 @@ def train_command(preset_name: str, cfg, row_dir: Path, resume: bool,
     elif overwrite:
         cmd.append("--overwrite")
     return cmd
+
+
+def check_data(plan: list[dict]) -> None:
+    """Read the data of the rows to train, once per data set, before any row starts: the
+    check `fastres train` itself makes (`load_data`: the folder exists and holds a readable
+    data set in a layout fastres reads; with --download, the archive is fetched here, once).
+    A missing or broken data set is one DataError line (exit 2), not a failed process per
+    row."""
+    from fastres.engine.build import load_data
+
+    seen = set()
+    for row in plan:
+        cfg = row["cfg"]
+        if row["state"] == "finished" or cfg is None:
+            continue
+        key = (cfg.data.data_dir, cfg.data.dataset, cfg.data.download)
+        if key not in seen:
+            seen.add(key)
+            load_data(cfg)
 
 
 def row_state(row_dir: Path) -> str:
@@ -564,7 +641,7 @@ def train_rows(plan: list[dict], out: Path, budget_min: float | None,
         log = out / "logs" / f"{row['model']}-{row['recipe']}.log"
         row["log"] = str(log)
         print(f"[{i + 1}/{len(todo)}] {'resuming' if resume else 'training'} {name} "
-              f"(preset {row['preset']}) -> {row['dir']}\n    $ {shlex.join(cmd[1:])}",
+              f"(preset {row['preset']}) -> {row['dir']}\n    $ {shlex.join(cmd)}",
               flush=True)
         prefix = "    " if parallel == 1 else f"    [{row['model']}/{row['recipe']}] "
         running.append(_RowProcess(row, cmd, log, prefix, env))
@@ -662,10 +739,11 @@ def model_counts(name: str, num_classes: int, kwargs: dict) -> dict:
 
 def table_row(name: str, recipe: str, runs: list[dict], status: str | None = None,
               preset_name: str | None = None, counts: dict | None = None,
-              record: dict | None = None) -> dict:
-    """One row of the table from its runs; `record` is the table's own record of training
-    it (read_row_record: wall clock, rows beside it, GPU busy), empty for runs trained
-    elsewhere."""
+              record: dict | None = None, variant: str = "") -> dict:
+    """One row of the table from its runs (repeats: `repeat_groups`); `record` is the
+    table's own record of training it (read_row_record: wall clock, rows beside it, GPU
+    busy), empty for runs trained elsewhere; `variant` tells it apart from other rows of
+    the same model and recipe (`variant_labels`)."""
     from fastres.models import model_info
     from fastres.tools.models import reference_notes
 
@@ -700,7 +778,7 @@ def table_row(name: str, recipe: str, runs: list[dict], status: str | None = Non
     official = {r["official"] for r in runs}
     tta = sorted({r["tta"] for r in runs if r["tta"] != "none"})
     return {
-        "model": name, "recipe": recipe, "preset": preset_name or "",
+        "model": name, "recipe": recipe, "variant": variant, "preset": preset_name or "",
         "status": status or (f"{len(runs)} run{'s' if len(runs) != 1 else ''}" if runs
                              else "not trained"),
         "runs": len(runs), "top1": pct(top1["mean"]), "top1_std": pct(top1["std"]),
@@ -727,6 +805,12 @@ def table_row(name: str, recipe: str, runs: list[dict], status: str | None = Non
     }
 
 
+def _recipe_label(r: dict) -> str:
+    """The row's recipe, with what tells it apart from other rows of the same model and
+    recipe: 'smoke (epochs=6)'."""
+    return f"{r['recipe']} ({r['variant']})" if r["variant"] else r["recipe"]
+
+
 def _pm(mean, std, n: int, spec: str = ".2f") -> str:
     if mean is None:
         return "—"
@@ -735,7 +819,7 @@ def _pm(mean, std, n: int, spec: str = ".2f") -> str:
 
 def markdown(rows: list[dict]) -> str:
     data = {"yes": "official", "no": "not official", "mixed": "mixed", "": "—"}
-    cells = [[r["model"], r["recipe"], _pm(r["top1"], r["top1_std"], r["runs"]),
+    cells = [[r["model"], _recipe_label(r), _pm(r["top1"], r["top1_std"], r["runs"]),
               _pm(r["top5"], r["top5_std"], r["runs"]), fmt(r["tta_top1"], ".2f", "—"),
               f"{r['article_top1'] or '—'} / {r['article_top5'] or '—'}",
               fmt(r["delta_top1"], "+.2f", "—"),
@@ -800,7 +884,7 @@ def notes_text(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         if r["notes"]:
-            lines.append(textwrap.fill(f"- {r['model']} / {r['recipe']}: "
+            lines.append(textwrap.fill(f"- {r['model']} / {_recipe_label(r)}: "
                                        f"{'; '.join(r['notes'])}", width=100,
                                        subsequent_indent="  "))
     return "\n".join(lines)
@@ -824,9 +908,10 @@ def _recipe_order(recipe: str) -> tuple:
 
 
 def plot(path: Path, rows: list[dict], title: str) -> bool:
-    """Top-1 against training time: one marker per trained row (labelled with its model),
-    one colour per recipe. False when no row has both figures, or matplotlib is missing
-    (`pip install fastres[plot]`; the table itself does not need it)."""
+    """Top-1 against training time: one marker per trained row (labelled with its model,
+    and its variant where the model has several rows of one recipe), one colour per
+    recipe. False when no row has both figures, or matplotlib is missing (`pip install
+    fastres[plot]`; the table itself does not need it)."""
     try:
         import matplotlib
     except ImportError:
@@ -848,7 +933,8 @@ def plot(path: Path, rows: list[dict], title: str) -> bool:
         ax.scatter([r["train_min"] for r in mine], [r["top1"] for r in mine], s=40,
                    color=colours(i % 10), label=recipe, zorder=3)
         for r in mine:
-            ax.annotate(r["model"], (r["train_min"], r["top1"]), textcoords="offset points",
+            label = f"{r['model']} ({r['variant']})" if r["variant"] else r["model"]
+            ax.annotate(label, (r["train_min"], r["top1"]), textcoords="offset points",
                         xytext=(4, 3), fontsize=7)
     times = [r["train_min"] for r in done]
     if min(times) > 0 and max(times) / min(times) > 20:
@@ -940,6 +1026,7 @@ def _table(args, argv: list[str], out: Path) -> int:
                                          for o in args.overrides):
             print("note: no --data-dir given; the rows read the default 'data'",
                   file=sys.stderr)
+        check_data(plan)
         train_rows(plan, out, args.budget_min, args.parallel)
         for p in plan:
             if p["state"] == "finished" and (p["model"], p["recipe"]) not in own:
@@ -957,14 +1044,18 @@ def _table(args, argv: list[str], out: Path) -> int:
         status = p.get("status")
         if status is None and not runs and p["state"] == "partial":
             status = f"partial: {epochs_done(p['dir'])} epochs; --train resumes it"
-        classes = C.num_classes_for(runs[0]["dataset"] if runs else "cifar10")
-        kwargs = runs[0]["kwargs"] if runs else {}
-        ckey = (p["model"], classes, json.dumps(kwargs, sort_keys=True))
-        if ckey not in counts:  # counting builds the model: once per model
-            counts[ckey] = model_counts(p["model"], classes, kwargs)
-        record = read_row_record(out, *key) if key in own else {}
-        rows.append(table_row(p["model"], p["recipe"], runs, status, p["preset"],
-                              counts[ckey], record))
+        # One row per group of repeats (OUT/MODEL/RECIPE's group first, with the status
+        # of training it), so that runs of another length, data or config never pool.
+        groups = repeat_groups(runs) or [[]]
+        for i, (group, variant) in enumerate(zip(groups, variant_labels(groups))):
+            classes = C.num_classes_for(group[0]["dataset"] if group else "cifar10")
+            kwargs = group[0]["kwargs"] if group else {}
+            ckey = (p["model"], classes, json.dumps(kwargs, sort_keys=True))
+            if ckey not in counts:  # counting builds the model: once per model
+                counts[ckey] = model_counts(p["model"], classes, kwargs)
+            record = read_row_record(out, *key) if key in own and own[key] in group else {}
+            rows.append(table_row(p["model"], p["recipe"], group, status if i == 0 else None,
+                                  p["preset"], counts[ckey], record, variant))
     skipped = sorted({(r["model"], r["recipe"]) for r in found} -
                      {(p["model"], p["recipe"]) for p in plan})
     if skipped:
@@ -995,7 +1086,7 @@ def _table(args, argv: list[str], out: Path) -> int:
     failed = [r for r in rows if r["status"].startswith("failed")]
     if failed:
         print(f"{len(failed)} row{'s' if len(failed) != 1 else ''} failed: " +
-              ", ".join(f"{r['model']}/{r['recipe']}" for r in failed), file=sys.stderr)
+              ", ".join(f"{r['model']}/{_recipe_label(r)}" for r in failed), file=sys.stderr)
         return 1
     return 0
 

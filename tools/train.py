@@ -67,6 +67,21 @@ def config_from_args(args, base: C.Config | None = None) -> C.Config:
     return C.validate(cfg)
 
 
+def check_same_preset(name: str, recorded: dict, named: C.Config) -> None:
+    """CheckpointError when `--preset name` (with the flags) describes another training
+    than the one recorded: a resume continues the recorded run, never another recipe."""
+    from fastres.engine.build import resolve_for
+    from fastres.engine.records import config_diffs
+    from fastres.errors import CheckpointError
+
+    diffs = config_diffs(recorded, C.to_dict(resolve_for(named)))
+    if diffs:
+        shown = "; ".join(diffs[:3]) + (f"; {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        raise CheckpointError(f"cannot resume with --preset {name}: the run was trained "
+                              f"with another config ({shown}); resume without --preset, or "
+                              "start a new run")
+
+
 def out_from_args(out: str | None, overrides: list[str]) -> str | None:
     """The run directory: --out, or `--set run.out_dir=DIR` when that is how it was given
     (both naming different folders is refused)."""
@@ -116,18 +131,40 @@ def main(argv=None) -> int:
         return 0
     check_preset(args.preset)  # one line with "did you mean", also when resuming
     args.out = out_from_args(args.out, args.overrides)
+
+    # `--preset` named on a resume must be the run's: the recorded config is the base.
+    preset_named = any(len(k) >= 6 and "--preset".startswith(k)
+                       for k in (a.split("=", 1)[0] for a in argv))
+
+    def config_for(recorded: dict | None) -> C.Config:
+        if recorded is None:
+            return config_from_args(args)
+        cfg = config_from_args(args, C.from_dict(recorded))
+        if preset_named:
+            preset = C.preset(args.preset, epochs=args.epochs)
+            named = config_from_args(args, C.replace(
+                preset, data={"data_dir": cfg.data.data_dir}, run={"device": cfg.run.device}))
+            check_same_preset(args.preset, recorded, named)
+        return cfg
+
+    def prepare(dist):
+        # The library plans, checks and runs; the tool reads argv and the environment
+        # (torchrun's rank, restart count and job id: a --max-restarts restart of this job
+        # resumes by itself) and prints. A resume starts from the recorded config, then
+        # the flags.
+        return prepare_training(
+            config_for, args.out or None, resume=args.resume, overwrite=args.overwrite, dist=dist,
+            restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+            job_id=os.environ.get("TORCHELASTIC_RUN_ID"), check=not args.print_config)
+
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # Everything that needs no data is checked here, as rank 0 of N would: an error is
+        # one line before torchrun starts (changes nothing; the processes check again).
+        prepare(D.Dist(rank=0, world_size=args.nproc))
         return _launch_torchrun(argv, args.nproc)
 
     dist = D.from_env(os.environ)
-    # The library plans, checks and runs; the tool reads argv and the environment (torchrun's
-    # rank, restart count and job id: a --max-restarts restart of this job resumes by
-    # itself) and prints. A resume starts from the recorded config, then the flags.
-    prepared = prepare_training(
-        lambda recorded: config_from_args(args, C.from_dict(recorded) if recorded else None),
-        args.out or None, resume=args.resume, overwrite=args.overwrite, dist=dist,
-        restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
-        job_id=os.environ.get("TORCHELASTIC_RUN_ID"), check=not args.print_config)
+    prepared = prepare(dist)
     cfg = prepared.cfg
     if args.print_config:
         import json

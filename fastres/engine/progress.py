@@ -33,7 +33,9 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
 
-    def epoch_done(self, m: dict, n_epochs: int) -> None:
+    def epoch_done(self, m: dict, n_epochs: int, steps_per_epoch: int | None = None) -> None:
+        """One line per epoch; an epoch of fewer steps than `steps_per_epoch` (resumed
+        mid-epoch, or a schedule's fractional last epoch) says how many its figures cover."""
         if self.mode == "none":
             return
         ips = m.get("img_per_s")
@@ -41,8 +43,10 @@ class Progress:
         if ips:
             steps_left = self.total - m["step"]
             eta = steps_left * m["epoch_s"] / max(1, m["epoch_steps"])
-        parts = [f"epoch {m['epoch']}/{n_epochs}", f"loss {m['train_loss']:.4f}",
-                 f"train_acc {m['train_acc']:.4f}"]
+        epoch = f"epoch {m['epoch']}/{n_epochs}"
+        if steps_per_epoch and m["epoch_steps"] < steps_per_epoch:
+            epoch += f" ({m['epoch_steps']} of {steps_per_epoch} steps)"
+        parts = [epoch, f"loss {m['train_loss']:.4f}", f"train_acc {m['train_acc']:.4f}"]
         if "test_top1" in m:
             parts.append(f"test_acc {m['test_top1']:.4f}")
         if ips:

@@ -291,8 +291,12 @@ def _unsupported(e: BaseException) -> str:
 
 
 def _first(e: BaseException) -> str:
+    """The first sentence of an error's message (torch's go on for lines of advice)."""
     text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    first = re.split(r"(?<=[.!?])\s", text.splitlines()[0], maxsplit=1)[0].rstrip(".")
+    return first if len(first) <= 200 else first[:197] + "..."
 
 
 def load_checkpoint(path: Path, map_location="cpu", *, check_finite: bool = True) -> dict:

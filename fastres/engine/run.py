@@ -179,6 +179,7 @@ def prepare_training(cfg: ConfigArg, out=None, *, resume: bool = False,
     from fastres.models import check_model
 
     from .build import resolve_for
+    from .compile import check_step_compile
 
     dist = dist or Dist()
     if out is None and isinstance(cfg, C.Config):
@@ -195,6 +196,8 @@ def prepare_training(cfg: ConfigArg, out=None, *, resume: bool = False,
     rundir.check_apart(plan.out, cfg.data.data_dir)
     check_model(cfg.model.name)
     cfg = resolve_for(cfg, dist)
+    if cfg.run.compile == "step":
+        check_step_compile(cfg, dist)
     if check:
         rundir.check_data_fits(cfg, dist.world_size)
         rundir.check_resume(plan, cfg, dist.world_size)

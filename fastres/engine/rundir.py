@@ -661,7 +661,11 @@ def plan_run(out, *, resume: bool = False, overwrite: bool = False, restart_coun
                        world_size=info.result.get("world_size"), result=info.result,
                        note=note)
     if info.state == "checkpoint":
-        state = read_checkpoint(path / CHECKPOINTS / LAST_PT)
+        try:
+            state = read_checkpoint(path / CHECKPOINTS / LAST_PT)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot resume: {e}; --overwrite moves the run aside and "
+                                  "starts it again") from None
         return RunPlan(path, "resume", state=state, config=state.get("config"),
                        world_size=state.get("world_size", 1), note=note)
     if info.state == "started" and info.config is not None:

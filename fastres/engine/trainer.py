@@ -78,6 +78,7 @@ class _SignalStop:
         self.enabled = enabled
         self.signal = None
         self.interrupt: Exception | None = None  # set: a signal raises it at once
+        self.second: Callable[[], Exception] = KeyboardInterrupt  # a second signal raises it
         self._old = {}
 
     def __enter__(self):
@@ -91,7 +92,7 @@ class _SignalStop:
             self.signal = signum
             raise self.interrupt
         if self.signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+            raise self.second()
         self.signal = signum
 
     def __exit__(self, *exc):
@@ -185,6 +186,7 @@ def train(cfg: Config, model: nn.Module, loaders, *, dist: Dist = Dist(),
                         enabled=dist.is_main)
     n_epochs = math.ceil(run.end / run.steps_per_epoch)
     with _SignalStop(handle_signals) as stopper, contextlib.ExitStack() as cleanup:
+        stopper.second = lambda: Interrupted(_second_signal_note(run.recorder))
         cleanup.callback(run.timer.gc.stop)  # an error inside an epoch leaves the timer on
         for epoch in range(run.step.step // run.steps_per_epoch, n_epochs):
             if run.step.step >= run.end:
@@ -199,7 +201,7 @@ def train(cfg: Config, model: nn.Module, loaders, *, dist: Dist = Dist(),
                     run.reached.update(at_s=run.timer.total, at_epoch=epoch + 1)
             run.epochs_log.append(metrics)
             run.recorder.log(metrics)
-            progress.epoch_done(metrics, n_epochs)
+            progress.epoch_done(metrics, n_epochs, run.steps_per_epoch)
             if not last_epoch and r.checkpoint_every and (epoch + 1) % r.checkpoint_every == 0:
                 run.recorder.checkpoint(run.checkpoint_state(epoch + 1, 0))
             if on_epoch is not None:
@@ -210,6 +212,14 @@ def train(cfg: Config, model: nn.Module, loaders, *, dist: Dist = Dist(),
         except BaseException:
             run.recorder.close()
             raise
+
+
+def _second_signal_note(recorder: RunRecorder) -> str:
+    path = recorder.checkpoint_path
+    then = ("--resume continues from it" if path is not None and path.exists() else
+            "--resume starts the run again" if path is not None else "")
+    return (f"stopped at once by a second signal, before this step's checkpoint; "
+            f"{recorder.kept_note()}" + (f"; {then}" if then else ""))
 
 
 def train_one_epoch(run: _Run, epoch: int, progress: Progress, stopper: _SignalStop) -> dict:
