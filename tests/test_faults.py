@@ -1208,22 +1208,27 @@ def test_run_out_dir_is_the_run_directory_or_refused(tmp_path, capsys, data_dir)
     assert not (tmp_path / "b").exists()
 
 
-def test_a_stopped_speedrun_keeps_the_runs_that_finished(tmp_path, capsys, data_dir,
-                                                         monkeypatch):
-    """SIGTERM during the second of three runs: the first run's row and speedrun.json
-    (marked stopped) are written, exit 128 + 15."""
+def sigterm_at_train_call(monkeypatch, n: int) -> None:
+    """SIGTERM this process as `fastres.engine.train` is called the n-th time."""
     import fastres.engine
 
     real, calls = fastres.engine.train, []
 
     def train(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == n:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises in this thread before this returns
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fastres.engine, "train", train)
+
+
+def test_a_stopped_speedrun_keeps_the_runs_that_finished(tmp_path, capsys, data_dir,
+                                                         monkeypatch):
+    """SIGTERM during the second of three runs: the first run's row and speedrun.json
+    (marked stopped) are written, exit 128 + 15."""
+    sigterm_at_train_call(monkeypatch, 2)
     out = tmp_path / "sr"
     rc, printed, _ = cli(capsys, ["speedrun", "--preset", "smoke", "--data-dir", data_dir,
                                   "--runs", "3", "--epochs", "1", "--no-plot",
@@ -1234,6 +1239,23 @@ def test_a_stopped_speedrun_keeps_the_runs_that_finished(tmp_path, capsys, data_
     result = json.loads((out / "speedrun.json").read_text())
     assert len(result["runs"]) == 1 and result["stopped"] == {
         "signal": 15, "runs_finished": 1, "runs_planned": 3}
+
+
+def test_a_speedrun_stopped_in_its_warm_up_records_how_long_it_ran(tmp_path, capsys, data_dir,
+                                                                  monkeypatch):
+    """A time limit that ends a speed-run while it compiles (the warm-up) left no record;
+    the warm-up's length is the result then (e.g. a compile that takes too long)."""
+    sigterm_at_train_call(monkeypatch, 1)
+    out = tmp_path / "sr"
+    rc, printed, _ = cli(capsys, ["speedrun", "--preset", "smoke", "--data-dir", data_dir,
+                                  "--runs", "2", "--epochs", "1", "--warmup-steps", "2",
+                                  "--set", "data.train_limit=128", "--set",
+                                  "data.test_limit=64", "--out", str(out)])
+    assert rc == 128 + signal.SIGTERM
+    assert "stopped by signal 15 in the warm-up after" in printed
+    result = json.loads((out / "speedrun.json").read_text())
+    assert result["runs"] == [] and result["stopped"]["runs_finished"] == 0
+    assert result["warmup"]["steps"] == 2 and result["warmup"]["stopped_after_s"] > 0
 
 
 def test_eval_refuses_what_it_cannot_do_as_asked(finished, capsys, data_dir):

@@ -23,7 +23,8 @@ results, summary) and speedrun.png (accuracy against timed seconds) into --out. 
 taken under the run-directory contract before any data is read: a file, /proc, a read-only
 or unwritable place is one line and exit 2; a folder another process uses is refused
 naming it; a folder that holds anything (an earlier speed run) is refused unless
---overwrite, which moves it to OUT.old-<time> first (nothing is deleted).
+--overwrite, which moves it to OUT.old-<time> first (nothing is deleted). A stop (SIGTERM,
+Ctrl-C) keeps what finished: the runs done, or, in the warm-up, how long it had run.
 """
 from __future__ import annotations
 
@@ -277,21 +278,22 @@ def _speedrun(args, argv, cfg, claimed) -> int:
     model = None
     warmup = {"steps": 0, "wall_s": 0.0}
     on_gpu = r.device.startswith("cuda")
-    if args.warmup_steps != 0 and (args.warmup_steps > 0 or on_gpu or r.compile != "off"):
+
+    def warm_up() -> None:
+        nonlocal model
         t0 = time.perf_counter()
         built = build(C.replace(cfg, run={"seed": seed0}), data=data)
         steps = args.warmup_steps if args.warmup_steps > 0 else len(built.loaders[0]) + 1
+        warmup.update(steps=steps, started=t0)
         # The timed runs' schedule, stopped early: its length is part of the compiled step,
         # so a shorter warm-up schedule would compile the step a second time in run 1.
         wcfg = C.replace(cfg, run={"progress": "none", "eval_every": 0.0})
         train(wcfg, built.model, built.loaders, data_info=info, stop_at_step=steps)
         model = built.model
-        warmup = {"steps": steps, "wall_s": time.perf_counter() - t0}
+        warmup["wall_s"] = time.perf_counter() - warmup.pop("started")
         print(f"  warm-up: {steps} steps in {warmup['wall_s']:.1f} s wall, not timed"
               + (" (compilation included)" if r.compile != "off" else ""), flush=True)
 
-    print()
-    print(table_header(), flush=True)
     def one_run(i: int) -> dict:
         nonlocal model
         seed = seed0 + i
@@ -316,22 +318,25 @@ def _speedrun(args, argv, cfg, claimed) -> int:
 
     runs = []
     stopped = None
-    with signals_raise():  # a stop (a time limit, Ctrl-C) keeps the runs that finished
+    with signals_raise():  # a stop (a time limit, Ctrl-C) keeps what finished
         try:
+            if args.warmup_steps != 0 and (args.warmup_steps > 0 or on_gpu
+                                           or r.compile != "off"):
+                warm_up()
+            print()
+            print(table_header(), flush=True)
             for i in range(args.runs):
                 runs.append(one_run(i))
                 print(table_row(i, runs[-1]), flush=True)
         except Stopped as e:
             stopped = e.signum
-            print(f"\nstopped by signal {e.signum} after {len(runs)} of {args.runs} runs",
-                  flush=True)
-    if not runs:
-        return 128 + stopped if stopped is not None else 0
-
-    summary = summary_of(runs, r.target_acc)
-    print()
-    print(summary_text(summary))
-    result = {
+            if "started" in warmup:  # stopped in the warm-up: how long it had run
+                warmup["stopped_after_s"] = time.perf_counter() - warmup.pop("started")
+            print(f"\nstopped by signal {e.signum} "
+                  + (f"in the warm-up after {warmup['stopped_after_s']:.1f} s"
+                     if "stopped_after_s" in warmup else
+                     f"after {len(runs)} of {args.runs} runs"), flush=True)
+    record = {
         "schema": SCHEMA, "tool": "fastres speedrun", "created": datetime.now().isoformat(
             timespec="seconds"), "preset": args.preset, "argv": list(sys.argv[1:] if argv is
                                                                     None else argv),
@@ -340,11 +345,20 @@ def _speedrun(args, argv, cfg, claimed) -> int:
         "timing": "trainer's timed region: first training step (data-dependent init included) "
                   "to the final TTA evaluation; CUDA events on GPU, synchronised wall clock on "
                   "CPU; compilation, warm-up and per-epoch evaluations excluded",
-        "runs": runs, "summary": summary,
+        "runs": runs,
     }
     if stopped is not None:
-        result["stopped"] = {"signal": stopped, "runs_finished": len(runs),
+        record["stopped"] = {"signal": stopped, "runs_finished": len(runs),
                              "runs_planned": args.runs}
+    if not runs:  # stopped before a run finished: what the warm-up took is still a result
+        if stopped is not None:
+            print(f"\nwrote {write_json(out / 'speedrun.json', record)}")
+        return 128 + stopped if stopped is not None else 0
+
+    summary = summary_of(runs, r.target_acc)
+    print()
+    print(summary_text(summary))
+    result = {**record, "summary": summary}
     json_path = write_json(out / "speedrun.json", result)
     png = None if args.no_plot else plot(result, out / "speedrun.png")
     wrote = f"{json_path}" + (f", {png}" if png else "")
