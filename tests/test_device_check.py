@@ -103,7 +103,7 @@ def test_gpu_plan_has_the_exact_commands():
            "--busy " \
            "--trace /o/traces --trace-steps 3 --json" in cmd["step_speedrun"]
     assert "profile --preset resnet-paper --model resnet18_cifar --batch-size 512 --modes " \
-           "eager,eager+fused,step+graph --steps 30 --json" in cmd["step_resnet18"]
+           "eager,step+graph,eager+fused --steps 30 --json" in cmd["step_resnet18"]
     assert "speedrun --preset speedrun --loader dali --runs 2 --data-dir /d --out " \
            "/o/speedrun_dali" in cmd["speedrun_dali"]
     assert "speedrun --preset speedrun --runs 3 --data-dir /d" in cmd["speedrun"]

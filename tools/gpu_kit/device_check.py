@@ -236,6 +236,7 @@ def plan(stage: str, *, out: Path, py: str, repo: Path, data_dir: str | None, ru
             # the fused BN-GELU kernels in eager. step+graph's graph is the one the speedrun
             # stage compiled (Inductor's on-disk cache may hold it). `step` without the CUDA
             # graph is left out: the GPU-busy share of step+graph answers what it would.
+            # The Triton kernels come last in both: a kernel fault would end the process.
             Step("step_speedrun", fr + ["profile", "--preset", "speedrun", "--modes",
                                         "eager,step+graph,model,eager+fused", "--steps", "30",
                                         "--busy", "--trace", str(out / "traces"),
@@ -244,7 +245,7 @@ def plan(stage: str, *, out: Path, py: str, repo: Path, data_dir: str | None, ru
                  dry=dry_prof),
             Step("step_resnet18", fr + ["profile", "--preset", "resnet-paper", "--model",
                                         "resnet18_cifar", "--batch-size", "512", "--modes",
-                                        "eager,eager+fused,step+graph", "--steps", "30", "--json",
+                                        "eager,step+graph,eager+fused", "--steps", "30", "--json",
                                         str(out / "step_resnet18.json")], 0.32, dry=dry_prof),
         ]
         for s in steps:
