@@ -528,8 +528,7 @@ def override(cfg: Config, assignments) -> Config:
                               f"sections: {', '.join(SECTIONS)}")
         section, key = parts
         if section not in _SECTION_TYPES:
-            raise ConfigError(f"unknown config section {section!r}; choose from: "
-                              f"{', '.join(SECTIONS)}")
+            raise unknown_choice("config section", section, SECTIONS)
         cls = _SECTION_TYPES[section]
         hints = _hints(cls)
         if key not in hints:

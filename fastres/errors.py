@@ -71,16 +71,19 @@ def _edits(a: str, b: str) -> int:
 
 
 def did_you_mean(name: str, choices) -> str:
-    """' (did you mean X?)' when a close match exists, else ''. Among difflib's close
-    matches the fewest edits win (ties to difflib's order): 'resnet2O' is one letter off
-    'resnet20' and two off 'resnet32', which difflib scores alike."""
+    """' (did you mean X?)' when a close match exists (case aside), else ''. Among
+    difflib's close matches the fewest edits win (ties to difflib's order): 'resnet2O' is
+    one letter off 'resnet20' and two off 'resnet32', which difflib scores alike."""
     import difflib
 
-    close = difflib.get_close_matches(name, list(choices), n=5)
+    by_lower = {}
+    for c in choices:
+        by_lower.setdefault(str(c).lower(), c)
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=5)
     if not close:
         return ""
-    best = min(close, key=lambda c: (_edits(name.lower(), c.lower()), close.index(c)))
-    return f" (did you mean {best!r}?)"
+    best = min(close, key=lambda c: (_edits(name.lower(), c), close.index(c)))
+    return f" (did you mean {by_lower[best]!r}?)"
 
 
 def unknown_choice(kind: str, name: str, choices) -> ConfigError:

@@ -102,6 +102,7 @@ def test_set_epochs_replaces_a_length_in_steps():
     ("data.batch_size=inf", "cannot read 'inf' as int"),
     ("optim.lrr=0.1", "unknown key in section 'optim': 'lrr'.*did you mean 'lr'"),
     ("optimizer.lr=0.1", "unknown config section 'optimizer'"),
+    ("optm.lr=0.1", r"unknown config section 'optm' \(did you mean 'optim'\?\)"),
     ("optim.lr", "expected section.key=value"),
     ("data.batch_size=12.5", "cannot read '12.5' as int"),
     ("run.channels_last=maybe", "cannot read 'maybe' as bool"),

@@ -98,7 +98,8 @@ def test_torchrun_fastres_train_smoke(tmp_path, capsys):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert json.loads((out / "result.json").read_text())["world_size"] == 2
     assert main(["train", "--out", str(out), "--data-dir", str(data_dir), "--resume"]) == 2
-    assert "written by 2 process(es) and this run has 1" in capsys.readouterr().err
+    assert "the run was trained by 2 process(es) and this run has 1" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.slow

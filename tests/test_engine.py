@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,21 +175,49 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [m["epoch"] for m in read_metrics(tmp_path / "part")] == [1, 2, 3, 4]
 
 
-def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(tmp_path):
+class SignalAt(ToyLoader):
+    """Sends SIGTERM as it hands out its `at`-th batch (counted over all epochs)."""
+
+    def __init__(self, *args, at: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at, self.handed = at, 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.handed += 1
+            if self.handed == self.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+
+def stopped_at(cfg, at: int):
+    """Train with a SIGTERM during step `at`; the checkpoint it leaves."""
+    torch.manual_seed(0)
+    x, y = toy_data(256)
+    xt, yt = toy_data(128, seed=1)
+    loaders = (SignalAt(x, y, cfg.data.batch_size, seed=cfg.run.seed, at=at),
+               ToyLoader(xt, yt, 64, train=False))
+    with pytest.raises(Interrupted, match="continue with --resume"):
+        train(cfg, ToyNet(), loaders, handle_signals=True)
+    return load_checkpoint(Path(cfg.run.out_dir) / "checkpoints" / "last.pt")
+
+
+@pytest.mark.parametrize("at, epoch, epoch_step", [(10, 1, 2), (8, 1, 0)])
+def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, at, epoch, epoch_step):
+    """Mid-epoch (step 10: two steps into epoch 2), or on an epoch's last step (step 8),
+    where the epoch is finished and recorded first: its metrics row and evaluation were
+    lost before (the resume started at the next epoch)."""
     cfg = toy_cfg(tmp_path / "part")
     full = run(toy_cfg(tmp_path / "full"))
-
-    def send_term(m):
-        if m["epoch"] == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with pytest.raises(Interrupted, match="continue with --resume"):
-        run(cfg, on_epoch=send_term, handle_signals=True)
-    state = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
-    assert state["step"] == 9 and state["epoch_step"] == 1  # one step into epoch 2
+    state = stopped_at(cfg, at)
+    assert (state["step"], state["epoch"], state["epoch_step"]) == (at, epoch, epoch_step)
     resumed = run(cfg, resume=state)
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+    epochs = [m["epoch"] for m in read_metrics(tmp_path / "part") if "train_loss" in m]
+    assert epochs == [1, 2, 3, 4]
+    assert all("test_top1" in m for m in read_metrics(tmp_path / "part")
+               if m.get("epoch") in (1, 2, 3))
 
 
 def test_a_second_signal_stops_at_once_and_says_what_is_kept(tmp_path):

@@ -678,8 +678,10 @@ def test_resume_and_restart_detection(tmp_path):
     # A torchrun restart of the same job, before any checkpoint: again from step 0.
     plan = rundir.plan_run(out, restart_count=1, job_id="job-1")
     assert plan.action == "restart" and "torchrun restart 1" in plan.note
-    # ... of another job: the ordinary rules (a new run is refused when claimed).
-    assert rundir.plan_run(out, restart_count=1, job_id="job-2").action == "new"
+    # ... of another job: the ordinary rules (a new run into a folder holding one is
+    # refused, when planned: before torchrun starts, for `fastres train --nproc N`).
+    with pytest.raises(RunDirError, match="already holds a run in progress"):
+        rundir.plan_run(out, restart_count=1, job_id="job-2")
     save_checkpoint(out / "checkpoints" / "last.pt", {"config": {}, "model": {}, "step": 3,
                                                       "world_size": 1})
     plan = rundir.plan_run(out, restart_count=1, job_id="job-1")
@@ -1287,6 +1289,21 @@ def test_eval_says_it_scores_the_runs_test_subset(finished, capsys, data_dir):
                                   "--progress", "none", "--test-limit", "0", "--json"])
     res = json.loads(printed)
     assert rc == 0 and res["n"] == res["data"]["test_size"] > 64
+    rc, printed, _ = cli(capsys, ["eval", "--checkpoint", run, "--data-dir", data_dir,
+                                  "--progress", "none", "--test-limit", "100000"])
+    assert rc == 0 and "subset" not in printed  # a limit above the test set: all of it
+
+
+def test_the_warm_up_records_the_steps_it_trained(tmp_path, capsys, data_dir):
+    """--warmup-steps beyond the schedule's end: the warm-up stops at the end, and says
+    how many steps it trained, not how many were asked for."""
+    out = tmp_path / "sr"
+    rc, printed, _ = cli(capsys, ["speedrun", "--preset", "smoke", "--data-dir", data_dir,
+                                  "--runs", "1", "--epochs", "1", "--warmup-steps", "100",
+                                  "--no-plot", "--set", "data.train_limit=128", "--set",
+                                  "data.test_limit=64", "--batch-size", "64", "--out", str(out)])
+    assert rc == 0 and "warm-up: 2 steps" in printed
+    assert json.loads((out / "speedrun.json").read_text())["warmup"]["steps"] == 2
 
 
 def test_a_run_in_progress_is_not_called_stopped(tmp_path):
@@ -1384,6 +1401,11 @@ def test_nproc_checks_the_config_before_torchrun_starts(data_dir, tmp_path, caps
     rc, _, err = cli(capsys, smoke(data_dir, out, "--nproc", "2", "--compile", "step"))
     assert rc == 2 and "compile=step does not support DDP" in error_line(err)
     assert not out.exists()
+    rc, _, err = cli(capsys, smoke(data_dir, out, "--nproc", "0"))
+    assert rc == 2 and "--nproc: must be >= 1" in error_line(err)
+    rc, printed, _ = cli(capsys, smoke(data_dir, out, "--nproc", "2", "--print-config"))
+    assert rc == 0 and json.loads(printed)["data"]["train_limit"] == 128  # JSON, not launched
+    assert not out.exists()
     # a 1-process run resumed with 2 processes: refused before the launch too
     assert cli(capsys, smoke(data_dir, out, "--set", "run.checkpoint_every=1",
                              "--epochs", "2"))[0] == 0
@@ -1391,6 +1413,9 @@ def test_nproc_checks_the_config_before_torchrun_starts(data_dir, tmp_path, caps
     rc, _, err = cli(capsys, smoke(data_dir, out, "--set", "run.checkpoint_every=1",
                                    "--epochs", "2", "--resume", "--nproc", "2"))
     assert rc == 2 and "written by 1 process(es) and this run has 2" in error_line(err)
+    # a new run into a folder holding one: refused before the launch, not by rank 0
+    rc, _, err = cli(capsys, smoke(data_dir, out, "--nproc", "2"))
+    assert rc == 2 and "already holds an unfinished" in error_line(err)
 
 
 def test_resume_with_another_preset_is_refused(data_dir, tmp_path, capsys):

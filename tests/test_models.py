@@ -400,6 +400,8 @@ def test_unknown_model_suggests_a_name():
     # a letter O for a zero: one edit from resnet20, two from resnet32 (difflib ties them)
     with pytest.raises(ConfigError, match=r"did you mean 'resnet20'"):
         create_model("resnet2O")
+    with pytest.raises(ConfigError, match=r"did you mean 'resnet20'"):
+        create_model("RESNET20")  # case aside
     with pytest.raises(ConfigError, match="unknown model"):
         model_info("nope")
 

@@ -370,14 +370,17 @@ def test_runs_pool_only_as_repeats(smoke_table, tmp_path, capsys, monkeypatch):
     copy_run(src, runs / "long", {"schedule.epochs": 6.0, "schedule.two_phase_epochs": 1.0},
              {"epochs": 6.0})
     copy_run(src, runs / "small", {"data.train_limit": 32})
+    copy_run(src, runs / "ddp", result={"world_size": 2})  # same config, 2 processes
     out = tmp_path / "read"
     assert T.main(["--runs", str(runs), "--out", str(out)]) == 0
     with open(out / "table.csv", newline="") as f:
         rows = {r["variant"]: r for r in csv.DictReader(f)}
-    short = "train_limit=64, epochs=2, two_phase_epochs=0.333333"
-    long = "train_limit=64, epochs=6, two_phase_epochs=1"
-    small = "train_limit=32, epochs=2, two_phase_epochs=0.333333"
-    assert list(rows) == [short, long, small]
+    short = "train_limit=64, epochs=2, two_phase_epochs=0.333333, processes=1"
+    long = "train_limit=64, epochs=6, two_phase_epochs=1, processes=1"
+    small = "train_limit=32, epochs=2, two_phase_epochs=0.333333, processes=1"
+    ddp = "train_limit=64, epochs=2, two_phase_epochs=0.333333, processes=2"
+    assert list(rows) == [short, ddp, long, small]
+    assert rows[ddp]["runs"] == "1"
     assert {r["model"] for r in rows.values()} == {"resnet20"}
     assert {r["recipe"] for r in rows.values()} == {"seed"}
     assert rows[short]["runs"] == "2" and rows[short]["status"] == "2 runs"

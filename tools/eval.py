@@ -76,9 +76,10 @@ def main(argv=None) -> int:
         raise CheckpointError(f"{path}: its config cannot be read ({e})") from None
     tta = args.tta or cfg.run.tta
     if args.tta_fraction is not None and tta == "none":
+        why = "--tta none" if args.tta else "the run's run.tta is none"
         raise ConfigError(f"--tta-fraction {args.tta_fraction:g} needs test-time augmentation"
-                          ", and this evaluation has none (the run's run.tta); add --tta "
-                          "flip or --tta flip_translate")
+                          f", and this evaluation has none ({why}); use --tta flip or --tta "
+                          "flip_translate")
     weights = args.weights
     if weights == "auto":
         weights = "ema" if state.get("ema") is not None else "raw"
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
               f"{res['loss']:.4f}  ({res['n']} images in {res['seconds']:.3g} s"
               + (f" (median of {args.repeats})" if args.repeats else "") + ", weights "
               f"{weights}, tta {describe_tta(tta, fraction)}, step {state.get('step')})")
-        if cfg.data.test_limit:
+        if res["n"] < (built.data_info or {}).get("test_size", 0):
             whose = "the run's " if args.test_limit is None else ""
             print(f"  a fixed subset of the test set ({whose}data.test_limit "
                   f"{cfg.data.test_limit}); --test-limit 0 evaluates all of it")

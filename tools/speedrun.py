@@ -288,10 +288,11 @@ def _speedrun(args, argv, cfg, claimed) -> int:
         # The timed runs' schedule, stopped early: its length is part of the compiled step,
         # so a shorter warm-up schedule would compile the step a second time in run 1.
         wcfg = C.replace(cfg, run={"progress": "none", "eval_every": 0.0})
-        train(wcfg, built.model, built.loaders, data_info=info, stop_at_step=steps)
+        done = train(wcfg, built.model, built.loaders, data_info=info, stop_at_step=steps)
         model = built.model
+        warmup["steps"] = done.final["steps"]  # at most the schedule's length
         warmup["wall_s"] = time.perf_counter() - warmup.pop("started")
-        print(f"  warm-up: {steps} steps in {warmup['wall_s']:.1f} s wall, not timed"
+        print(f"  warm-up: {warmup['steps']} steps in {warmup['wall_s']:.1f} s wall, not timed"
               + (" (compilation included)" if r.compile != "off" else ""), flush=True)
 
     def one_run(i: int) -> dict:

@@ -11,8 +11,8 @@ One row per (model, recipe). A recipe is a preset, or `fast`, whose preset depen
 model's family (`fastres.config.FAMILY_RECIPES`: `fast` for He et al.'s CIFAR ResNets,
 `fast-preact`, `fast-googlenet`, `fast-vgg`). Runs of one (model, recipe) share a row
 (mean ± std) only as repeats, differing in the seed alone (or in NOT_TRAINING: how often
-they evaluate, log, checkpoint); runs of another length, data limit or config are rows of
-their own, the recipe column naming what differs ('smoke (epochs=6)'). With --train, each
+they evaluate, log, checkpoint); runs of another length, data limit, config or process
+count are rows of their own, the recipe column naming what differs ('smoke (epochs=6)'). With --train, each
 row is a run directory OUT/MODEL/RECIPE trained by its own `python -m fastres train`
 process (so a failing row cannot take the others down; the line printed and logged is the
 exact command, interpreter included): the data are checked first (once, as `fastres train`
@@ -264,13 +264,19 @@ def training_settings(cfg: dict) -> dict:
             for key, value in values.items() if (sec, key) not in skip}
 
 
+def run_settings(run: dict) -> dict:
+    """A finished run's training settings, with the number of processes it trained on
+    (not a config field: the world size) as 'run.processes'."""
+    return {**training_settings(run["config"]), "run.processes": run.get("world_size", 1)}
+
+
 def repeat_groups(runs: list[dict]) -> list[list[dict]]:
     """`runs` (of one model and recipe) in groups of repeats, one per row: runs with the
-    same training settings (so they differ in the seed alone), in the order of their first
-    run."""
+    same training settings on as many processes (so they differ in the seed alone), in the
+    order of their first run."""
     groups: dict[str, list[dict]] = {}
     for r in runs:
-        key = json.dumps(training_settings(r["config"]), sort_keys=True)
+        key = json.dumps(run_settings(r), sort_keys=True)
         groups.setdefault(key, []).append(r)
     return list(groups.values())
 
@@ -281,7 +287,7 @@ def variant_labels(groups: list[list[dict]]) -> list[str]:
     field is named by its key alone where no other section has that key."""
     if len(groups) < 2:
         return [""] * len(groups)
-    settings = [training_settings(g[0]["config"]) for g in groups]
+    settings = [run_settings(g[0]) for g in groups]
     fields = list(dict.fromkeys(k for s in settings for k in s))
     differ = [k for k in fields if len({json.dumps(s.get(k, "?")) for s in settings}) > 1]
     keys = [k.partition(".")[2] for k in fields]

@@ -23,7 +23,7 @@ import subprocess
 import sys
 
 from fastres import config as C
-from fastres.tools._common import add_config_args, check_preset
+from fastres.tools._common import add_config_args, check_preset, int_at_least
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                                 "--set (`--help-config` lists every field)")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="SyncBatchNorm across processes (GPUs only)")
-    p.add_argument("--nproc", type=int, default=0,
+    p.add_argument("--nproc", type=int_at_least(1), metavar="N",
                    help="launch N processes on this machine through torchrun")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as JSON and exit")
@@ -157,20 +157,21 @@ def main(argv=None) -> int:
             restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
             job_id=os.environ.get("TORCHELASTIC_RUN_ID"), check=not args.print_config)
 
-    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        # Everything that needs no data is checked here, as rank 0 of N would: an error is
-        # one line before torchrun starts (changes nothing; the processes check again).
-        prepare(D.Dist(rank=0, world_size=args.nproc))
-        return _launch_torchrun(argv, args.nproc)
-
-    dist = D.from_env(os.environ)
+    # --nproc N: everything that needs no data is checked here, as rank 0 of N would, so an
+    # error is one line before torchrun starts (this changes nothing; the processes check
+    # again and claim the run directory).
+    launch = (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ
+    dist = D.Dist(rank=0, world_size=args.nproc) if launch else D.from_env(os.environ)
     prepared = prepare(dist)
     cfg = prepared.cfg
     if args.print_config:
-        import json
+        if dist.is_main:
+            import json
 
-        print(json.dumps(C.to_dict(cfg), indent=2))
+            print(json.dumps(C.to_dict(cfg), indent=2))
         return 0
+    if launch:
+        return _launch_torchrun(argv, args.nproc)
     if dist.is_main:
         if not cfg.run.out_dir:
             print("note: no --out given; nothing will be recorded", file=sys.stderr)

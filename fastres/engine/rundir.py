@@ -461,6 +461,14 @@ def _refuse(path: Path, flag: str, resumable: bool) -> RunDirError:
         f"{path.name}.old-<time>, nothing is deleted), or choose another {flag}")
 
 
+def check_new(path: Path, *, flag: str = "--out", resumable: bool = True) -> None:
+    """RunDirError unless `path` may start a new run: missing, empty, or holding only what
+    a kill left half-written (a folder holding anything else is refused untouched)."""
+    leftovers = {p.name for p in records.stale_temps(path, TEMP_TARGETS)}
+    if [n for n in contents(path) if n not in leftovers]:
+        raise _refuse(path, flag, resumable)
+
+
 def claim(out, mode: str = "new", *, job: str | None = None, flag: str = "--out",
           resumable: bool = True) -> RunDir:
     """Take a run directory (or a tool's output folder): check the location, lock it,
@@ -482,10 +490,7 @@ def claim(out, mode: str = "new", *, job: str | None = None, flag: str = "--out"
     rd = held(path)
     if rd is None:
         if mode == "new" and not (path / LOCK_NAME).exists():
-            leftovers = {p.name for p in records.stale_temps(path, TEMP_TARGETS)}
-            if [n for n in contents(path) if n not in leftovers]:
-                # A folder holding anything but a kill's leftovers: refused untouched.
-                raise _refuse(path, flag, resumable)
+            check_new(path, flag=flag, resumable=resumable)
         created_dir = False
         if not path.exists():
             try:
@@ -645,6 +650,8 @@ def plan_run(out, *, resume: bool = False, overwrite: bool = False, restart_coun
     if overwrite:
         return RunPlan(path, "overwrite")
     if not resume:
+        if check_lock:  # (other ranks: their rank 0 may have claimed it by now)
+            check_new(path)
         return RunPlan(path, "new")
     info = inspect(path)
     if info.state in ("missing", "empty"):
@@ -680,8 +687,9 @@ def plan_run(out, *, resume: bool = False, overwrite: bool = False, restart_coun
 
 
 def check_compatible(saved_config: dict | None, saved_world_size: int | None, cfg,
-                     world_size: int) -> None:
-    """CheckpointError when a run cannot continue with `cfg` on `world_size` processes."""
+                     world_size: int, *, saved: str = "the checkpoint was written") -> None:
+    """CheckpointError when a run cannot continue with `cfg` on `world_size` processes.
+    `saved`: what recorded `saved_world_size` (for the message)."""
     from fastres.config import to_dict
 
     diffs = config_diffs(saved_config or {}, to_dict(cfg))
@@ -690,7 +698,7 @@ def check_compatible(saved_config: dict | None, saved_world_size: int | None, cf
                               "; ".join(diffs) + "); resume with the same settings")
     if saved_world_size is not None and saved_world_size != world_size:
         raise CheckpointError(
-            f"cannot resume: the checkpoint was written by {saved_world_size} process(es) and "
+            f"cannot resume: {saved} by {saved_world_size} process(es) and "
             f"this run has {world_size}; resume with the same world size (--nproc_per_node) so "
             "that shards and batches line up")
 
@@ -727,7 +735,9 @@ def check_resume(plan: RunPlan, cfg, world_size: int) -> None:
     for RESUME_EXEMPT), the same world size, and weights that fit the model."""
     if plan.config is None:
         return
-    check_compatible(plan.config, plan.world_size, cfg, world_size)
+    saved = {"restart": "the run (stopped before its first checkpoint) was started",
+             "finished": "the run was trained"}.get(plan.action, "the checkpoint was written")
+    check_compatible(plan.config, plan.world_size, cfg, world_size, saved=saved)
     if plan.state is not None:
         check_weights_fit(cfg, plan.state["model"], num_classes_of(plan.out, cfg),
                           f"checkpoint {plan.out / CHECKPOINTS / LAST_PT}")

@@ -206,12 +206,25 @@ def train(cfg: Config, model: nn.Module, loaders, *, dist: Dist = Dist(),
                 run.recorder.checkpoint(run.checkpoint_state(epoch + 1, 0))
             if on_epoch is not None:
                 on_epoch(metrics)
+            if stopper.signal is not None and not last_epoch:  # arrived in the last step
+                _stop(run, stopper, progress, epoch + 1, 0)
         progress.close()
         try:
             return _finish(run, n_epochs, stopper)
         except BaseException:
             run.recorder.close()
             raise
+
+
+def _stop(run: _Run, stopper: _SignalStop, progress: Progress, epoch: int,
+          epoch_step: int) -> None:
+    """Checkpoint where a signal stopped the run (`epoch_step` steps into `epoch`), then
+    raise Interrupted."""
+    run.recorder.checkpoint(run.checkpoint_state(epoch, epoch_step))
+    progress.close()
+    raise Interrupted(f"stopped by signal {stopper.signal} at step {run.step.step}; "
+                      f"checkpoint written to {run.recorder.checkpoint_path}; continue "
+                      "with --resume")
 
 
 def _second_signal_note(recorder: RunRecorder) -> str:
@@ -245,16 +258,13 @@ def train_one_epoch(run: _Run, epoch: int, progress: Progress, stopper: _SignalS
                 totals.steps * loader.batch_size
             run.recorder.log({"step": step.step, "epoch": epoch, "lr_factor": step.lr_factor(),
                               "train_loss_running": totals.loss_sum / max(denom, 1)})
-        if stopper.signal is not None:
+        done = step.step - epoch * run.steps_per_epoch
+        if stopper.signal is not None and done < run.steps_per_epoch and step.step < run.end:
+            # (on an epoch's last step the epoch is finished and recorded first: train())
             run.timer.stop()
             _checked_totals(run)                 # a NaN loss: say at which step
             run.guard.check(step.step)           # NaN/inf weights or buffers
-            run.recorder.checkpoint(run.checkpoint_state(epoch,
-                                                         step.step - epoch * run.steps_per_epoch))
-            progress.close()
-            raise Interrupted(f"stopped by signal {stopper.signal} at step {step.step}; "
-                              f"checkpoint written to {run.recorder.checkpoint_path}; continue "
-                              "with --resume")
+            _stop(run, stopper, progress, epoch, done)
     epoch_time = run.timer.stop()
     totals = _checked_totals(run)
     run.guard.check(step.step)  # parameters and buffers too, not only the loss
