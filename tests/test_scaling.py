@@ -1,6 +1,5 @@
 """`fastres scaling`: runs `fastres train` at 1 and 2 processes and tabulates img/s."""
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -48,18 +47,23 @@ def test_scaling_checks_the_preset_and_overrides_before_any_process(tmp_path, ca
 def fake_train(monkeypatch, *, returncode=0, stderr=""):
     calls = []
 
-    def run(cmd, **kwargs):
-        calls.append(cmd)
-        if returncode == 0:
-            out = Path(cmd[cmd.index("--out") + 1])
-            out.mkdir(parents=True)
-            n = next((int(a.split("=")[1]) for a in cmd if a.startswith("--nproc_per_node=")), 1)
-            (out / "result.json").write_text(json.dumps(
-                {"img_per_s": 100.0 * n, "timed_s": 1.0, "top1": 0.5, "world_size": n,
-                 "device": "cpu"}))
-        return subprocess.CompletedProcess(cmd, returncode, "", stderr)
+    class Run:  # subprocess.Popen, as scaling uses it
+        def __init__(self, cmd, **kwargs):
+            calls.append(cmd)
+            self.pid, self.returncode = -1, returncode
+            if returncode == 0:
+                out = Path(cmd[cmd.index("--out") + 1])
+                out.mkdir(parents=True)
+                n = next((int(a.split("=")[1]) for a in cmd
+                          if a.startswith("--nproc_per_node=")), 1)
+                (out / "result.json").write_text(json.dumps(
+                    {"img_per_s": 100.0 * n, "timed_s": 1.0, "top1": 0.5, "world_size": n,
+                     "device": "cpu"}))
 
-    monkeypatch.setattr(scaling.subprocess, "run", run)
+        def communicate(self):
+            return "", stderr
+
+    monkeypatch.setattr(scaling.subprocess, "Popen", Run)
     return calls
 
 
@@ -146,3 +150,33 @@ def test_scaling_shows_the_failed_runs_own_error(tmp_path, monkeypatch, capsys):
     assert main(["scaling", "--data-dir", str(tmp_path), "--nprocs", "1",
                  "--out", str(tmp_path / "sc")]) == 2
     assert "(exit 1): Traceback |   ... | RuntimeError: boom" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_stopped_scaling_stops_the_run_it_was_training(tmp_path):
+    """SIGTERM to `fastres scaling` left its `fastres train` child training into OUT; now the
+    child's process group is stopped too (SIGINT first: it checkpoints), exit 128 + 15."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    synthetic_dir(tmp_path / "data", 512, 128)
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastres", "scaling", "--preset", "smoke", "--data-dir",
+         str(tmp_path / "data"), "--nprocs", "1", "--set", "schedule.epochs=200",
+         "--set", "data.train_limit=512", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "nproc_1" / "config.json").exists():  # the child has started training
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    child = json.loads((out / "nproc_1" / ".fastres.lock").read_text())["pid"]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by signal 15" in err
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # gone

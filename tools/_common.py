@@ -161,6 +161,34 @@ def signals_raise():
             signal.signal(s, h)
 
 
+def kill_group(proc, grace: float = 10) -> None:
+    """End the process group `proc` leads (started with `start_new_session=True`): SIGINT
+    (a fastres tool writes what it has), SIGKILL after `grace` seconds, then nothing of the
+    group left."""
+    import subprocess
+
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)    # the group this child started, nothing else
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    sweep_group(proc.pid)
+
+
+def sweep_group(pgid: int) -> None:
+    """SIGKILL what is left of a process group (a grandchild that ignored SIGINT, a
+    background process): its leader has exited, so nothing outside the group is hit."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def check_preset(name: str) -> None:
     """One-line ConfigError (with "did you mean") for a preset name that does not exist."""
     from fastres import config as C

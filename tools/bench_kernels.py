@@ -33,10 +33,7 @@ forward (3 + r) s + 1/8 (the 1-bit ReLU mask), backward relu + res 6 s + 2/8.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from typing import Callable, Optional
@@ -44,7 +41,7 @@ from typing import Callable, Optional
 import torch
 
 from fastres._compat import foreach, reset_compiler
-from fastres.tools._common import float_at_least, int_at_least
+from fastres.tools._common import float_at_least, int_at_least, kill_group
 
 GPU_SHAPES = [  # (N, C, H, W): CIFAR ResNet-20/56 stages, then ResNet-18-CIFAR stages
     (512, 16, 32, 32), (512, 32, 16, 16), (512, 64, 8, 8),
@@ -768,8 +765,7 @@ def _sanitizer(timeout: float) -> dict:
     try:
         output, _ = proc.communicate(timeout=timeout)
     except BaseException as err:  # the timeout, or a stop (Ctrl-C, a caller's time limit)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # nothing it started outlives it
+        kill_group(proc, grace=0)  # nothing it started outlives it
         proc.communicate()
         if not isinstance(err, subprocess.TimeoutExpired):
             raise

@@ -16,7 +16,8 @@ once), the preset and --set, the batch against every process count, and the outp
 read-only or unwritable place is one line and exit 2; a folder another process uses is
 refused naming it; a folder that holds anything (an earlier scaling run) is refused unless
 --overwrite, which moves it to OUT.old-<time> first (nothing is deleted). The same
---overwrite moves an existing --json FILE to NAME.old-<time>.json.
+--overwrite moves an existing --json FILE to NAME.old-<time>.json. A stop (SIGTERM, Ctrl-C)
+ends the run being trained too (it checkpoints into OUT/nproc_N first); exit 128 + signal.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fastres.tools._common import (add_overwrite_arg, check_output_file, claim_output_dir,
-                                   claim_output_file, config_from, csv_list, write_json)
+from fastres.tools._common import (Stopped, add_overwrite_arg, check_output_file,
+                                   claim_output_dir, claim_output_file, config_from, csv_list,
+                                   kill_group, signals_raise, write_json)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -89,12 +91,20 @@ def run_once(n: int, args, out: Path) -> dict:
          f"--nproc_per_node={n}", *train]
     # Processes on one machine split its cores instead of each taking all of them.
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // n)))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    # Its own process group: a stop (SIGTERM, Ctrl-C) ends the run and its ranks (SIGINT
+    # first: the run checkpoints), never leaving one training into OUT.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate()
+    except BaseException:
+        kill_group(proc)
+        raise
     if proc.returncode != 0:
         from fastres.errors import FastresError
 
         raise FastresError(f"the {n}-process run failed (exit {proc.returncode}): "
-                           + _child_error(proc.stderr or proc.stdout))
+                           + _child_error(stderr or stdout))
     return json.loads((out / "result.json").read_text())
 
 
@@ -120,7 +130,12 @@ def main(argv=None) -> int:
                   f"{claimed.moved_to}", flush=True)
         if args.json:
             args.json = str(claim_output_file(args.json, overwrite=args.overwrite))
-        return _scaling(args, counts, claimed.path)
+        with signals_raise():
+            return _scaling(args, counts, claimed.path)
+    except Stopped as e:
+        print(f"fastres scaling: stopped by signal {e.signum}; the run it was training is "
+              "stopped too (its checkpoint stays in OUT/nproc_N)", file=sys.stderr)
+        return 128 + e.signum
     finally:
         claimed.release()
 

@@ -47,14 +47,13 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastres.tools._common import Stopped, signals_raise
+from fastres.tools._common import Stopped, kill_group, signals_raise, sweep_group
 
 STAGES = ("env", "speedrun", "step", "kernels", "loaders", "table")
 DEFAULT_STAGES = ("env", "speedrun", "step", "kernels", "loaders")  # the table runs alone
@@ -350,15 +349,15 @@ def run_step(step: Step, out: Path, limit: float) -> dict:
         try:
             rc = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            kill_group(proc)
             rc = "timeout"
         except BaseException:  # device-check itself stopped (a signal): end the step too
-            _kill_group(proc, grace=2)
+            kill_group(proc, grace=2)
             with open(log, "a") as g:
                 g.write("\n[device-check] stopped by a signal\n")
             raise
         finally:
-            _sweep_group(proc.pid)  # whatever the step left running in its group
+            sweep_group(proc.pid)  # whatever the step left running in its group
     dt = time.perf_counter() - t0
     if rc == "timeout":
         with open(log, "a") as f:
@@ -366,31 +365,6 @@ def run_step(step: Step, out: Path, limit: float) -> dict:
     print("\n".join(f"    {line}" for line in _tail(log, 12)), flush=True)
     print(f"[{step.name}] rc={rc} in {dt:.0f} s", flush=True)
     return {**rec, "rc": rc, "seconds": round(dt, 1)}
-
-
-def _kill_group(proc: subprocess.Popen, grace: float = 10) -> None:
-    """SIGINT to the step's process group (a tool writes what it has), SIGKILL after
-    `grace` seconds, then nothing of the group left."""
-    for sig in (signal.SIGINT, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)    # the group this step started, nothing else
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    _sweep_group(proc.pid)
-
-
-def _sweep_group(pgid: int) -> None:
-    """SIGKILL what is left of a step's process group (a grandchild that ignored SIGINT, a
-    background process): its leader has exited, so nothing outside the group is hit."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _importable(py: str, module: str) -> bool:
