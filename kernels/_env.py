@@ -82,8 +82,7 @@ def interpreter_clash(source: str | None = None, numpy_version: str | None = Non
     return None
 
 
-# Checked once, at the first launch under the interpreter ("" = checked, no clash).
-_clash: str | None = None
+_interpreter_ok = False  # set by the first launch under the interpreter that finds no clash
 
 
 def kernels_enabled() -> bool:
@@ -175,13 +174,14 @@ _stub_depth = 0  # > 0 inside `stub_launches`
 def launch(kernel, grid, *args, **meta) -> None:
     """Launch a Triton kernel (every fastres launch goes through here), or do nothing
     inside `stub_launches`."""
-    global _clash
+    global _interpreter_ok
     if _stub_depth:
         return
-    if INTERPRET_AT_IMPORT and _clash != "":
-        _clash = _clash or interpreter_clash() or ""
-        if _clash:
-            raise ConfigError(_clash)
+    if INTERPRET_AT_IMPORT and not _interpreter_ok:
+        clash = interpreter_clash()
+        if clash:
+            raise ConfigError(clash)
+        _interpreter_ok = True
     kernel.run(*args, grid=grid, warmup=False, **meta)
 
 

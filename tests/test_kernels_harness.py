@@ -436,7 +436,7 @@ def test_an_interpreter_numpy_cannot_feed_is_named_before_the_first_launch(monke
     assert _env.interpreter_clash(old, "2.3.5") is None
     assert _env.interpreter_clash(new, "2.4.0") is None
     assert _env.interpreter_clash("", "2.4.0") is None  # an interpreter without that patch
-    monkeypatch.setattr(_env, "_clash", None)
+    monkeypatch.setattr(_env, "_interpreter_ok", False)
     monkeypatch.setattr(_env, "interpreter_clash", lambda: "Triton 3.6's interpreter ...")
     x = torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last)
     w, b = torch.ones(4), torch.zeros(4)

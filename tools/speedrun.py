@@ -279,19 +279,22 @@ def _speedrun(args, argv, cfg, claimed) -> int:
     warmup = {"steps": 0, "wall_s": 0.0}
     on_gpu = r.device.startswith("cuda")
 
+    warm_t0 = None  # when the warm-up started, while it runs
+
     def warm_up() -> None:
-        nonlocal model
-        t0 = time.perf_counter()
+        nonlocal model, warm_t0
+        warm_t0 = time.perf_counter()
         built = build(C.replace(cfg, run={"seed": seed0}), data=data)
         steps = args.warmup_steps if args.warmup_steps > 0 else len(built.loaders[0]) + 1
-        warmup.update(steps=steps, started=t0)
+        warmup["steps"] = steps
         # The timed runs' schedule, stopped early: its length is part of the compiled step,
         # so a shorter warm-up schedule would compile the step a second time in run 1.
         wcfg = C.replace(cfg, run={"progress": "none", "eval_every": 0.0})
         done = train(wcfg, built.model, built.loaders, data_info=info, stop_at_step=steps)
         model = built.model
-        warmup["steps"] = done.final["steps"]  # at most the schedule's length
-        warmup["wall_s"] = time.perf_counter() - warmup.pop("started")
+        # the steps it trained: at most the schedule's length
+        warmup.update(steps=done.final["steps"], wall_s=time.perf_counter() - warm_t0)
+        warm_t0 = None
         print(f"  warm-up: {warmup['steps']} steps in {warmup['wall_s']:.1f} s wall, not timed"
               + (" (compilation included)" if r.compile != "off" else ""), flush=True)
 
@@ -331,12 +334,13 @@ def _speedrun(args, argv, cfg, claimed) -> int:
                 print(table_row(i, runs[-1]), flush=True)
         except Stopped as e:
             stopped = e.signum
-            if "started" in warmup:  # stopped in the warm-up: how long it had run
-                warmup["stopped_after_s"] = time.perf_counter() - warmup.pop("started")
-            print(f"\nstopped by signal {e.signum} "
-                  + (f"in the warm-up after {warmup['stopped_after_s']:.1f} s"
-                     if "stopped_after_s" in warmup else
-                     f"after {len(runs)} of {args.runs} runs"), flush=True)
+            if warm_t0 is not None:  # stopped in the warm-up: how long it had run
+                warmup["stopped_after_s"] = time.perf_counter() - warm_t0
+                print(f"\nstopped by signal {e.signum} in the warm-up after "
+                      f"{warmup['stopped_after_s']:.1f} s", flush=True)
+            else:
+                print(f"\nstopped by signal {e.signum} after {len(runs)} of {args.runs} runs",
+                      flush=True)
     record = {
         "schema": SCHEMA, "tool": "fastres speedrun", "created": datetime.now().isoformat(
             timespec="seconds"), "preset": args.preset, "argv": list(sys.argv[1:] if argv is
